@@ -1,0 +1,170 @@
+"""The ``study`` command line. Thin: each command parses its options and calls one module.
+
+Every user mistake is a :class:`~study.errors.UserError`: one line on stderr, exit code 2, no
+traceback. Heavy packages (torch, Ray, matplotlib) are imported inside the commands that need
+them, so ``study table`` and ``study status`` start fast and never start Ray or touch a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import StudyInterrupted, UserError
+
+DEFAULT_RESULTS = "results"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _fmt_pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .config import PROTOCOL_PRESETS, build, check_protocol
+    from .config import DataConfig
+    from .data import DATASETS, describe
+
+    values = {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[args.protocol].items() if k.startswith("data.")}
+    values["dataset"] = args.dataset
+    for key in ("imbalance_factor", "profile", "subset", "val_per_class", "many_threshold", "few_threshold"):
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
+    try:
+        cfg = build(DataConfig, values, "")
+        check_protocol(args.protocol, cfg)
+    except UserError as e:
+        raise UserError(f"study data: {e}") from None
+    info = describe(cfg)
+    info["protocol"] = args.protocol
+    info["selection_split"] = "val" if cfg.val_per_class else "test"
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    spec = DATASETS[args.dataset]
+    con = Console()
+    con.print(f"[bold]{info['dataset']}[/bold]  imbalance factor {info['imbalance_factor']:g} ({info['profile']}), "
+              f"subset rule {info['subset']}, protocol {args.protocol} (selection on {info['selection_split']})")
+    t = Table(show_header=True, header_style="bold", box=None)
+    t.add_column("class", justify="right")
+    t.add_column("train", justify="right")
+    t.add_column("group")
+    from .data import shot_groups
+
+    groups = shot_groups(info["train_counts"], cfg.resolved_many, cfg.resolved_few)
+    for c, (n, g) in enumerate(zip(info["train_counts"], groups)):
+        t.add_row(str(c), str(n), str(g))
+    if len(info["train_counts"]) <= 20 or args.verbose:
+        con.print(t)
+    else:
+        counts = info["train_counts"]
+        con.print(f"train counts: {', '.join(map(str, counts[:6]))}, ..., {', '.join(map(str, counts[-4:]))} "
+                  f"(all {len(counts)} with -v)")
+    g = info["groups"]
+    con.print(f"total train {info['total_train']}  |  val {info['val_per_class']}/class "
+              f"({info['val_per_class'] * info['num_classes']})  |  test {info['test_per_class']}/class "
+              f"({info['test_per_class'] * info['num_classes']})")
+    con.print(f"groups: many (>{cfg.resolved_many}) {g['many']}, medium ({cfg.resolved_few}-{cfg.resolved_many}) "
+              f"{g['medium']}, few (<{cfg.resolved_few}) {g['few']} classes")
+    if spec.note:
+        con.print(f"note: {spec.note}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .spaces import load_space
+    from .train import summary_rows, train_once
+
+    space = load_space(args.space, args.set, seeds=args.seeds)
+    out = Path(args.out or Path(args.results_dir) / f"{space.name}-train")
+    metrics = train_once(space, out, data_dir=args.data_dir, method=args.method, device=args.device,
+                         console=lambda s: print(s, flush=True))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{metrics['dataset']} · protocol {metrics['protocol']} · "
+                    f"{len(metrics['runs'])} seed(s) · mean ± std, %", box=None, header_style="bold")
+    for col in ("model", "split", "Many", "Medium", "Few", "All"):
+        t.add_column(col, justify="left" if col in ("model", "split") else "right")
+    for label, split, m, s in summary_rows(metrics):
+        cells = []
+        for g in ("many", "medium", "few", "all"):
+            cells.append("–" if m[g] is None else f"{100 * m[g]:.2f} ± {100 * (s[g] or 0):.2f}")
+        t.add_row(label, split, *cells)
+    Console().print(t)
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="study", description="Hyperparameter-search studies for long-tailed recognition "
+                                          "by weight balancing.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("data", help="per-class training counts, split sizes and groups of a dataset")
+    d.add_argument("dataset", help="cifar10-lt, cifar100-lt or digits-lt")
+    d.add_argument("--imbalance-factor", type=float, dest="imbalance_factor")
+    d.add_argument("--protocol", default="honest", choices=("honest", "wb-parity"))
+    d.add_argument("--profile", choices=("exp", "step"))
+    d.add_argument("--subset", choices=("shuffle", "first"))
+    d.add_argument("--val-per-class", type=int, dest="val_per_class")
+    d.add_argument("--many-threshold", type=int, dest="many_threshold")
+    d.add_argument("--few-threshold", type=int, dest="few_threshold")
+    d.add_argument("--format", choices=("table", "json"), default="table")
+    d.add_argument("-v", "--verbose", action="store_true", help="list every class")
+    d.set_defaults(func=cmd_data)
+
+    def space_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("space", help="a name in search_spaces/ (e.g. digits-lt) or a path to a .yaml file")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the space, e.g. --set stage1.epochs=5 (repeatable)")
+        q.add_argument("--seeds", type=int, help="use seeds 0..K-1 instead of the space's seeds")
+        q.add_argument("--data-dir", default=os.environ.get("STUDY_DATA_DIR"),
+                       help="folder holding cifar-100-python/ or cifar-10-batches-py/ (default ./data "
+                            "or $STUDY_DATA_DIR)")
+        q.add_argument("--results-dir", default=DEFAULT_RESULTS, help="parent folder of results (default results/)")
+
+    t = sub.add_parser("train", help="one stage-1 + stage-2 run at the space's fixed/default values")
+    space_options(t)
+    t.add_argument("--out", help="output folder (default RESULTS_DIR/SPACE-train)")
+    t.add_argument("--method", help="stage-2 method (default: the space's train_method, usually wb)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as e:
+        msg = str(e).replace("\n", " ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except StudyInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

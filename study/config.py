@@ -1,0 +1,432 @@
+"""Configuration: frozen dataclasses, one docstring per field.
+
+The dataclasses are the single source of truth for what can be set. Search-space files
+(``search_spaces/*.yaml``) and ``--set KEY=VALUE`` are validated against them: an unknown key, a
+wrong type or an out-of-range value is a :class:`~study.errors.ConfigError` naming the key and the
+valid choices. Values are checked in ``__post_init__``, so every way of building a config (YAML,
+CLI, tests) goes through the same checks; the search-space loader also builds a config at both
+ends of every searched range, so an out-of-range *bound* is caught before any trial runs.
+
+Defaults are the honest protocol with the reference recipes (see ``../shared/notes/reference.md``
+§4–5). :data:`PROTOCOL_PRESETS` holds what the ``wb-parity`` protocol changes; a search-space file
+may still override each value, and every output records the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError, unknown
+
+PROTOCOLS = ("honest", "wb-parity")
+"""``honest``: hyperparameters and best epochs are selected on a validation split carved from the
+training images, and the test set is evaluated once per final configuration.
+``wb-parity``: no validation split; selection on the test set, exactly as the weight-balancing demo
+notebooks do. Kept for reproducing the reference numbers; every output says which protocol it used."""
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"'{value}' is not valid; choose one of: {', '.join(choices)}")
+
+
+def _range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False, what: str = "") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    bad = ((lo is not None and (value < lo or (lo_open and value == lo)))
+           or (hi is not None and (value > hi or (hi_open and value == hi))))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        extra = f" ({what})" if what else ""
+        raise ConfigError(key, f"{value:g} is out of range; must be in {left}{lo_s}, {hi_s}{right}{extra}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which long-tailed dataset to build and how."""
+
+    dataset: str = "cifar100-lt"
+    """Registered dataset name: ``cifar10-lt``, ``cifar100-lt`` or ``digits-lt``."""
+
+    imbalance_factor: float | None = None
+    """n_max / n_min of the training counts (>= 1; 1 = balanced). None: the dataset's default
+    (100 for CIFAR-LT, see ``study data DATASET``)."""
+
+    profile: str = "exp"
+    """Count profile over classes: ``exp`` (n_c = floor(n_max * IF^(-c/(C-1))), Cao et al.) or
+    ``step`` (the first half of the classes get n_max, the rest n_max / IF)."""
+
+    subset: str = "shuffle"
+    """Which images make up each class's subset: ``shuffle`` (per-class seeded shuffle, as LDAM-DRW)
+    or ``first`` (the first n_c images in file order, as the WB and ICLR'24 repos)."""
+
+    subset_seed: int = 0
+    """Seed of the per-class shuffle when ``subset: shuffle`` (LDAM-DRW uses 0). Independent of the
+    run seeds, so every seed of a study trains on the same images."""
+
+    val_per_class: int = 20
+    """Images per class reserved for the balanced validation split before the long-tailed subset
+    is drawn (so n_max becomes n_per_class - val_per_class). 0 means no validation split, which is
+    only allowed under the ``wb-parity`` protocol."""
+
+    many_threshold: int | None = None
+    """A class is Many-shot when it has more than this many training images. None: the dataset's
+    default (100 for CIFAR-LT)."""
+
+    few_threshold: int | None = None
+    """A class is Few-shot when it has fewer than this many training images; classes in between
+    (boundaries included) are Medium. None: the dataset's default (20 for CIFAR-LT)."""
+
+    def __post_init__(self) -> None:
+        from .data import DATASETS  # lazy: keeps `import study.config` light
+
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", unknown("dataset", self.dataset, DATASETS))
+        if self.imbalance_factor is not None:
+            _range("imbalance_factor", self.imbalance_factor, 1.0,
+                   what="1 is balanced; 100 means the largest class has 100x the smallest")
+        _choice("profile", self.profile, ("exp", "step"))
+        _choice("subset", self.subset, ("shuffle", "first"))
+        _range("val_per_class", self.val_per_class, 0)
+        spec = DATASETS[self.dataset]
+        if self.val_per_class >= spec.train_per_class:
+            raise ConfigError("val_per_class", f"{self.val_per_class} leaves no training images "
+                              f"({self.dataset} has {spec.train_per_class} per class)")
+        if self.many_threshold is not None:
+            _range("many_threshold", self.many_threshold, 0)
+        if self.few_threshold is not None:
+            _range("few_threshold", self.few_threshold, 0)
+        if self.resolved_many < self.resolved_few:
+            raise ConfigError("few_threshold", f"few_threshold {self.resolved_few} is larger than "
+                              f"many_threshold {self.resolved_many}")
+
+    @property
+    def resolved_imbalance_factor(self) -> float:
+        from .data import DATASETS
+
+        return float(self.imbalance_factor if self.imbalance_factor is not None
+                     else DATASETS[self.dataset].default_imbalance_factor)
+
+    @property
+    def resolved_many(self) -> int:
+        from .data import DATASETS
+
+        return self.many_threshold if self.many_threshold is not None else DATASETS[self.dataset].many_threshold
+
+    @property
+    def resolved_few(self) -> int:
+        from .data import DATASETS
+
+        return self.few_threshold if self.few_threshold is not None else DATASETS[self.dataset].few_threshold
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How accuracies are computed."""
+
+    tta_flip: bool = False
+    """Average the logits of each image and its horizontal flip (the WB notebooks' final numbers
+    do this). Ignored for datasets where a flip changes the class (digits)."""
+
+    batch_size: int = 1000
+    """Images per forward pass during evaluation (memory only; results do not depend on it)."""
+
+    def __post_init__(self) -> None:
+        _range("batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields shared by both training stages (optimizer, schedule, loss, MaxNorm)."""
+
+    epochs: int = 200
+    """Passes over the long-tailed training set."""
+
+    batch_size: int = 64
+    """Images per SGD step."""
+
+    lr: float = 0.01
+    """Peak learning rate of SGD."""
+
+    momentum: float = 0.9
+    """SGD momentum."""
+
+    nesterov: bool = False
+    """Nesterov momentum."""
+
+    weight_decay: float = 5e-3
+    """Coupled L2 weight decay (PyTorch SGD ``weight_decay``) on every trained tensor, biases and
+    batch-norm parameters included, as in the reference. Searched on a log scale."""
+
+    warmup_epochs: int = 0
+    """Linear learning-rate warm-up over this many epochs (LDAM-DRW uses 5; the WB recipe 0)."""
+
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: ``cosine`` (to 0) or ``constant``."""
+
+    schedule_step: str = "step"
+    """When the schedule advances: ``step`` (every SGD step, smooth) or ``epoch-start`` (once per
+    epoch, before the epoch, as the WB code does: the first epoch runs just below the peak and the
+    last one runs with lr = 0)."""
+
+    loss: str = "ce"
+    """``ce`` (cross-entropy) or ``cb`` (class-balanced: per-class weights from the effective number
+    of samples, Cui et al. 2019)."""
+
+    cb_beta: float = 0.9999
+    """beta of the effective number E_c = (1 - beta^n_c)/(1 - beta); 1 gives inverse frequency."""
+
+    cb_form: str = "weighted-ce"
+    """How the class-balanced weights enter the loss: ``weighted-ce`` (w_y * CE, mean over the
+    batch, as the ICLR'24 code) or ``bce`` (the WB code's binary cross-entropy between softmax and
+    one-hot, rows weighted by w_y, mean over batch x classes)."""
+
+    maxnorm: bool = False
+    """Constrain each class's classifier weight row to a norm ball by projected gradient descent.
+    The bias is never constrained."""
+
+    maxnorm_threshold: float = 0.1
+    """MaxNorm radius. ``relative`` mode: r = min + t * (max - min) of the classifier's row norms at
+    the start of the stage, t in [0, 1] (0.1 puts the ball near the smallest norm, as WB does); the
+    radius is relative because raw norms depend on backbone, init and dataset, so a relative t is
+    comparable across studies. ``absolute`` mode: r = t."""
+
+    maxnorm_mode: str = "relative"
+    """``relative`` (the WB definition) or ``absolute``."""
+
+    pgd_every: str = "step"
+    """When MaxNorm projects: after every SGD ``step`` (the paper) or once per ``epoch`` after the
+    epoch's steps (the WB code; see WB issue #5)."""
+
+    augment: bool = True
+    """Random crop (dataset-specific padding) and horizontal flip (where the dataset allows it),
+    applied per batch on the trial's device."""
+
+    select_best_epoch: bool = True
+    """Keep the epoch with the best selection-split accuracy (validation under ``honest``);
+    False keeps the last epoch."""
+
+    amp: bool = False
+    """bfloat16 autocast on CUDA devices (ignored on CPU). Faster on recent GPUs; off by default
+    so that results match fp32 references."""
+
+    def __post_init__(self) -> None:
+        _range("epochs", self.epochs, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("lr", self.lr, 0.0, lo_open=True)
+        _range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"{self.weight_decay:g} is negative; weight decay must be >= 0")
+        _range("weight_decay", self.weight_decay, 0.0)
+        _range("warmup_epochs", self.warmup_epochs, 0)
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError("warmup_epochs", f"{self.warmup_epochs} must be smaller than epochs ({self.epochs})")
+        _choice("schedule", self.schedule, ("cosine", "constant"))
+        _choice("schedule_step", self.schedule_step, ("step", "epoch-start"))
+        _choice("loss", self.loss, ("ce", "cb"))
+        _range("cb_beta", self.cb_beta, 0.0, 1.0)
+        _choice("cb_form", self.cb_form, ("weighted-ce", "bce"))
+        _choice("maxnorm_mode", self.maxnorm_mode, ("relative", "absolute"))
+        if self.maxnorm_mode == "relative":
+            _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, 1.0,
+                   what="relative: r = min + t*(max - min) of the initial row norms")
+        else:
+            _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, lo_open=True,
+                   what="absolute radius")
+        _choice("pgd_every", self.pgd_every, ("step", "epoch"))
+
+
+@dataclass(frozen=True)
+class Stage1Config(TrainConfig):
+    """Stage 1: train backbone and classifier jointly with cross-entropy under a (searched) weight
+    decay. Defaults: the WB demo recipe (SGD lr 0.01, momentum 0.9, batch 64, cosine) with the
+    paper's 200 epochs."""
+
+    backbone: str = "resnet32"
+    """Registered backbone: ``resnet32`` (true CIFAR ResNet-32, 0.47 M parameters), ``resnet34-wb``
+    (the WB code's torchvision ResNet-34 with a 3x3 stem, 21 M), ``digits-cnn``, ``resnetN``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .models import MODELS, known_model
+
+        if not known_model(self.backbone):
+            raise ConfigError("backbone", unknown("backbone", self.backbone, MODELS))
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    """Stage 2: a new classifier on the frozen stage-1 backbone. Defaults: the WB demo's stage 2
+    (10 epochs, lr 0.01, batch 64, cosine) with the weight decay and MaxNorm off; each method
+    (``methods.METHODS``) sets its own loss, MaxNorm and sampler on top."""
+
+    method: str = "wb"
+    """Registered stage-2 method (see ``study.methods``)."""
+
+    epochs: int = 10
+    weight_decay: float = 0.0
+
+    bn_mode: str = "eval"
+    """Batch-norm layers of the frozen backbone: ``eval`` (frozen running statistics; the backbone
+    is bit-identical after stage 2) or ``train`` (batch statistics, running statistics updated, as
+    the WB and decoupling code do)."""
+
+    classifier_init: str = "continue"
+    """``continue`` from the stage-1 classifier (WB) or ``reinit`` it (cRT)."""
+
+    sampler: str = "instance"
+    """``instance`` (every image once per epoch) or ``class-balanced`` (the decoupling paper's
+    class-aware sampler: classes in reshuffled cycles, 4 images per class draw)."""
+
+    posthoc_bias: str = "drop"
+    """For L2- and tau-normalisation: ``drop`` the bias (Kang et al.) or ``keep`` it (WB demo)."""
+
+    tau: float | None = None
+    """Fixed tau for tau-normalisation / logit adjustment. None: pick tau on the selection split
+    from the grid 0, tau_step, ..., tau_max."""
+
+    tau_max: float = 2.0
+    """Upper end of the tau grid."""
+
+    tau_step: float = 0.1
+    """Spacing of the tau grid."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError("method", unknown("stage-2 method", self.method, METHODS))
+        _choice("bn_mode", self.bn_mode, ("eval", "train"))
+        _choice("classifier_init", self.classifier_init, ("continue", "reinit"))
+        _choice("sampler", self.sampler, ("instance", "class-balanced"))
+        _choice("posthoc_bias", self.posthoc_bias, ("drop", "keep"))
+        if self.tau is not None:
+            _range("tau", self.tau, 0.0)
+        _range("tau_max", self.tau_max, 0.0, lo_open=True)
+        _range("tau_step", self.tau_step, 0.0, lo_open=True)
+
+    def tau_grid(self) -> list[float]:
+        """The tau values tried on the selection split (just ``tau`` when it is fixed)."""
+        if self.tau is not None:
+            return [float(self.tau)]
+        n = int(round(self.tau_max / self.tau_step))
+        return [round(i * self.tau_step, 10) for i in range(n + 1)]
+
+
+PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
+    "honest": {},
+    # What the WB demo notebooks do (reference.md §4-5, §9). A space file may still override any of
+    # these; the resolved values are written to study.yaml / metrics.json.
+    "wb-parity": {
+        "data.subset": "first",
+        "data.val_per_class": 0,
+        "eval.tta_flip": True,
+        "stage1.schedule_step": "epoch-start",
+        "stage2.schedule_step": "epoch-start",
+        "stage2.pgd_every": "epoch",
+        "stage2.cb_form": "bce",
+        "stage2.bn_mode": "train",
+        "stage2.posthoc_bias": "keep",
+    },
+}
+
+
+def check_protocol(protocol: str, data: DataConfig) -> None:
+    """The protocol and the validation split must agree."""
+    _choice("protocol", protocol, PROTOCOLS)
+    if protocol == "honest" and data.val_per_class == 0:
+        raise ConfigError("data.val_per_class", "the honest protocol needs a validation split "
+                          "(val_per_class > 0); use protocol wb-parity to select on the test set")
+    if protocol == "wb-parity" and data.val_per_class != 0:
+        raise ConfigError("data.val_per_class", "the wb-parity protocol selects on the test set and "
+                          "has no validation split; set val_per_class: 0 or use protocol honest")
+
+
+# --- building dataclasses from plain data, with typed, named errors ---------------------------------
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming ``key``.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings are accepted for numbers.
+    """
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Construct ``cls`` from ``values``: unknown keys, wrong types and range errors become
+    ConfigErrors whose key is ``prefix.field``."""
+    types = field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"{prefix}.{key}" if prefix else key, unknown("key", key, types))
+        kwargs[key] = coerce(f"{prefix}.{key}" if prefix else key, value, types[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.at(prefix) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a plain dict (for YAML/JSON provenance)."""
+    return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "PROTOCOLS", "PROTOCOL_PRESETS", "DataConfig", "EvalConfig", "TrainConfig", "Stage1Config",
+    "Stage2Config", "check_protocol", "build", "coerce", "field_types", "to_dict", "field",
+]

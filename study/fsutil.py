@@ -1,0 +1,257 @@
+"""Files that survive crashes: atomic writes, JSON without NaN, the study lock, checksummed
+checkpoints that fall back to the previous good one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: readers see
+    the old file or the new one, never a torn one (also when the disk fills up mid-write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def clean_json(obj: Any) -> Any:
+    """NaN and infinities become null (standard JSON has no NaN); numpy scalars become Python ones."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return clean_json(obj.item())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(clean_json(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one JSON line (a torn last line after a crash is skipped by ``read_jsonl``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean_json(obj)) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    out = []
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def check_writable(folder: str | os.PathLike, need_mb: int = 50) -> None:
+    """Fail before a study starts when its folder cannot be written or the disk is nearly full."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"results path {folder} is a file, not a folder; pass --results-dir DIR with a folder")
+    probe_dir = folder
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {probe_dir} (permission denied); choose another --results-dir")
+    free_mb = shutil.disk_usage(probe_dir).free / 2**20
+    if free_mb < need_mb:
+        raise UserError(f"only {free_mb:.0f} MB free on the disk holding {probe_dir}; free some space "
+                        f"(a study needs at least {need_mb} MB) or choose another --results-dir")
+
+
+# --- the study lock -----------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StudyLock:
+    """``<study>/.lock`` holding the owner's pid, host and start time.
+
+    A second ``study run`` on the same folder refuses while the owner lives; a lock whose process is
+    gone (a crash, SIGKILL) is stale and is taken over. Released on normal exit and on Ctrl-C.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".lock"
+        self.held = False
+
+    def owner(self) -> dict | None:
+        try:
+            return read_json(self.path)
+        except (OSError, ValueError):
+            return None
+
+    def is_stale(self, info: dict | None) -> bool:
+        if not info:
+            return True
+        if info.get("host") != socket.gethostname():
+            return False  # cannot check another machine's process: assume it is alive
+        return not _pid_alive(int(info.get("pid", -1)))
+
+    def acquire(self, command: str = "") -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": command}
+        for _ in range(2):
+            try:
+                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.owner()
+                if self.is_stale(info):
+                    try:
+                        os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("started", 0)))
+                raise UserError(f"{self.path.parent} is in use by another study run (pid {info.get('pid')} on "
+                                f"{info.get('host')}, started {started}); wait for it to finish or stop it, "
+                                f"or use another --name") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise UserError(f"could not take the lock {self.path}; remove it if no study is running")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                info = self.owner()
+                if info and info.get("pid") == os.getpid():
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "StudyLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(folder: str | os.PathLike, epoch: int, state: dict, keep: int = 2) -> Path:
+    """Save ``state`` as ``epoch-NNNN.pt`` with a sha256 sidecar; keep the newest ``keep``."""
+    import io
+
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path = folder / f"epoch-{epoch:04d}.pt"
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
+    for old in sorted(folder.glob("epoch-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint in ``folder`` whose checksum matches and which loads, with notes on
+    any newer ones that were skipped as corrupt. Loads with ``weights_only=True`` (no pickled code)."""
+    import torch
+
+    folder = Path(folder)
+    notes: list[str] = []
+    for path in sorted(folder.glob("epoch-*.pt"), reverse=True):
+        side = path.with_suffix(".sha256")
+        try:
+            expected = side.read_text().strip() if side.exists() else None
+            if expected is not None and _sha256(path) != expected:
+                raise ValueError("checksum mismatch (truncated or modified)")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError("not a checkpoint dictionary")
+            return state, notes
+        except Exception as e:  # a bad file must never stop the study: fall back and say so
+            notes.append(f"checkpoint {path.name} is unusable ({type(e).__name__}: {str(e)[:100]})")
+            bad = path.with_name(path.name + ".corrupt")
+            try:
+                path.rename(bad)
+            except OSError:
+                pass
+    return None, notes
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)

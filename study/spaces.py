@@ -1,0 +1,560 @@
+"""Search-space files: YAML data, validated against the config dataclasses.
+
+A space file says which dataset and protocol, which seeds, and per stage the fixed values, the
+searched parameters with their distributions, and the trial budget::
+
+    dataset: cifar100-lt
+    protocol: honest            # honest | wb-parity
+    seeds: 3                    # or a list: [0, 1, 2]
+    data: {imbalance_factor: 100}
+    stage1:
+      backbone: resnet32
+      epochs: 200
+      weight_decay: {loguniform: [1.0e-4, 2.0e-2], default: 5.0e-3}
+      budget: 16                # configurations tried; each trains every seed
+      baseline: true            # also train the naive model (weight_decay 0)
+    stage2:
+      epochs: 10                # values shared by every method
+      methods:
+        wb:
+          weight_decay: {loguniform: [1.0e-3, 1.0]}
+          maxnorm_threshold: {uniform: [0.0, 1.0]}
+          budget: 16
+        tau-norm: {}
+
+A value is either fixed (``epochs: 10``) or a distribution: ``{loguniform: [lo, hi]}``,
+``{uniform: [lo, hi]}``, ``{int: [lo, hi]}`` or ``{choice: [a, b, ...]}``, with an optional
+``default`` (what ``study train`` uses). Every fixed value and both ends of every range are checked
+by building the dataclass, so ``maxnorm_threshold: {uniform: [0, 1.5]}`` fails before any trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .config import (PROTOCOL_PRESETS, PROTOCOLS, DataConfig, EvalConfig, Stage1Config, Stage2Config,
+                     build, check_protocol, coerce, field_types, to_dict)
+from .errors import ConfigError, UserError, nearest, unknown
+from .methods import METHODS
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+TOP_KEYS = {"description": "free text", "dataset": "", "protocol": "", "seeds": "", "data": "",
+            "eval": "", "search": "", "stage1": "", "stage2": ""}
+STAGE1_KEYS = {"budget", "baseline", "scheduler"}
+STAGE2_KEYS = {"methods", "train_method"}
+METHOD_KEYS = {"budget", "scheduler"}
+SEARCH_KEYS = {"sampler_seed", "startup_trials", "retries", "max_concurrent"}
+DIST_KINDS = ("loguniform", "uniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """A searched parameter's distribution."""
+
+    kind: str
+    low: Any = None
+    high: Any = None
+    choices: tuple = ()
+    default: Any = None
+
+    def to_optuna(self):
+        import optuna.distributions as od
+
+        if self.kind == "loguniform":
+            return od.FloatDistribution(float(self.low), float(self.high), log=True)
+        if self.kind == "uniform":
+            return od.FloatDistribution(float(self.low), float(self.high))
+        if self.kind == "int":
+            return od.IntDistribution(int(self.low), int(self.high))
+        return od.CategoricalDistribution(list(self.choices))
+
+    @property
+    def log(self) -> bool:
+        return self.kind == "loguniform"
+
+    def to_yaml(self) -> dict:
+        d: dict[str, Any] = {self.kind: list(self.choices) if self.kind == "choice" else [self.low, self.high]}
+        if self.default is not None:
+            d["default"] = self.default
+        return d
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """Optional early stopping of poor trials (ASHA, on the per-epoch objective)."""
+
+    kind: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    sampler_seed: int = 0
+    """Seed of Optuna's TPE sampler (the same seed and completion order give the same trials)."""
+    startup_trials: int = 10
+    """Random trials before TPE starts modelling (Optuna's default 10)."""
+    retries: int = 1
+    """A trial that raises is re-run from its last checkpoint this many times, then recorded failed."""
+    max_concurrent: int | None = None
+    """At most this many trials of a stage at once (None: as many as the resources allow)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One Ray Tune experiment of a study."""
+
+    name: str
+    """Folder and Optuna study name: ``stage1``, ``stage1-naive``, ``stage2-<method>``, ``stage2-fixed``."""
+    stage: str
+    methods: tuple[str, ...]
+    configs: dict[str, Any]
+    """Method -> base config (searched parameters at their defaults)."""
+    params: dict[str, Dist]
+    budget: int
+    scheduler: Scheduler | None = None
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.params)
+
+
+@dataclass(frozen=True)
+class StudySpace:
+    """A validated search space: everything ``study run`` and ``study train`` need."""
+
+    name: str
+    source: str
+    protocol: str
+    seeds: tuple[int, ...]
+    data: DataConfig
+    eval: EvalConfig
+    search: SearchSettings
+    stage1: Stage1Config
+    stage1_params: dict[str, Dist]
+    stage1_budget: int
+    stage1_scheduler: Scheduler | None
+    baseline: bool
+    stage2: dict[str, Stage2Config]
+    stage2_params: dict[str, dict[str, Dist]]
+    stage2_budget: dict[str, int]
+    stage2_scheduler: dict[str, Scheduler | None]
+    train_method: str
+    description: str = ""
+
+    # -- derived
+    def experiments(self) -> list[Experiment]:
+        """The study's Tune experiments, in the order they run."""
+        out = []
+        if self.baseline:
+            out.append(Experiment("stage1-naive", "stage1", ("naive",),
+                                  {"naive": replace(self.stage1, weight_decay=0.0)}, {}, 1))
+        out.append(Experiment("stage1", "stage1", ("tuned",), {"tuned": self.stage1}, self.stage1_params,
+                              self.stage1_budget, self.stage1_scheduler))
+        fixed = [m for m in self.stage2 if not self.stage2_params[m]]
+        for m in self.stage2:
+            if self.stage2_params[m]:
+                out.append(Experiment(f"stage2-{m}", "stage2", (m,), {m: self.stage2[m]},
+                                      self.stage2_params[m], self.stage2_budget[m], self.stage2_scheduler[m]))
+        if fixed:
+            out.append(Experiment("stage2-fixed", "stage2", tuple(fixed), {m: self.stage2[m] for m in fixed}, {},
+                                  len(fixed)))
+        return out
+
+    def to_dict(self) -> dict:
+        """The resolved space as plain data (written to study.yaml; its hash identifies the study)."""
+
+        def params(p: dict[str, Dist]) -> dict:
+            return {k: v.to_yaml() for k, v in p.items()}
+
+        def sched(s: Scheduler | None) -> dict | None:
+            return None if s is None else {s.kind: {"grace_period": s.grace_period,
+                                                    "reduction_factor": s.reduction_factor}}
+
+        return {
+            "space": self.name, "protocol": self.protocol, "seeds": list(self.seeds),
+            "data": to_dict(self.data), "eval": to_dict(self.eval), "search": to_dict(self.search),
+            "stage1": {"config": to_dict(self.stage1), "search": params(self.stage1_params),
+                       "budget": self.stage1_budget, "scheduler": sched(self.stage1_scheduler),
+                       "baseline": self.baseline},
+            "stage2": {m: {"config": to_dict(self.stage2[m]), "search": params(self.stage2_params[m]),
+                           "budget": self.stage2_budget[m], "scheduler": sched(self.stage2_scheduler[m])}
+                       for m in self.stage2},
+            "train_method": self.train_method,
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- locating and reading files -------------------------------------------------------------------------
+
+def available_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space_path(space: str) -> Path:
+    """A space name in ``search_spaces/`` or a path to a YAML file."""
+    p = Path(space)
+    if p.suffix in (".yaml", ".yml") or os.sep in space or p.exists():
+        if not p.is_file():
+            raise UserError(f"search-space file {space} not found")
+        return p
+    cand = SPACES_DIR / f"{space}.yaml"
+    if cand.is_file():
+        return cand
+    names = available_spaces()
+    guess = nearest(space, names)
+    hint = f" (did you mean '{guess}'?)" if guess else ""
+    raise UserError(f"unknown search space '{space}'{hint}; available: {', '.join(names)} "
+                    f"(or pass a path to a .yaml file)")
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)  # safe loader: no arbitrary Python objects from a space file
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty; start from one of search_spaces/*.yaml")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys (dataset, protocol, seeds, stage1, stage2, ...), "
+                        f"got a {type(raw).__name__}")
+    return raw
+
+
+# --- --set KEY=VALUE --------------------------------------------------------------------------------------
+
+def _check_set_path(parts: list[str]) -> None:
+    """Raise ConfigError if a dotted --set key cannot exist in a space file."""
+    top = parts[0]
+    if top not in TOP_KEYS:
+        raise ConfigError(top, unknown("key", top, TOP_KEYS))
+    if len(parts) == 1:
+        return
+    sub = parts[1]
+    if top == "data":
+        _known(sub, field_types(DataConfig), "data")
+    elif top == "eval":
+        _known(sub, field_types(EvalConfig), "eval")
+    elif top == "search":
+        _known(sub, SEARCH_KEYS, "search")
+    elif top == "stage1":
+        _known(sub, set(field_types(Stage1Config)) | STAGE1_KEYS, "stage1")
+    elif top == "stage2":
+        if sub == "methods":
+            if len(parts) >= 3:
+                _known(parts[2], METHODS, "stage2.methods", kind="stage-2 method")
+            if len(parts) >= 4:
+                _known(parts[3], set(field_types(Stage2Config)) - {"method"} | METHOD_KEYS,
+                       f"stage2.methods.{parts[2]}")
+        else:
+            _known(sub, set(field_types(Stage2Config)) - {"method"} | STAGE2_KEYS, "stage2")
+    elif len(parts) > 1:
+        raise ConfigError(".".join(parts), f"'{top}' has no sub-keys")
+
+
+def _known(key: str, valid, where: str, kind: str = "key") -> None:
+    if key not in valid:
+        raise ConfigError(f"{where}.{key}", unknown(kind, key, valid))
+
+
+def apply_sets(raw: dict, sets: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML) to a raw space mapping."""
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set stage1.epochs=3")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: cannot parse the value '{text}'") from None
+        parts = [p for p in key.split(".") if p]
+        if not parts:
+            raise UserError(f"--set {item}: empty key")
+        try:
+            _check_set_path(parts)
+        except ConfigError as e:
+            raise UserError(f"--set {item}: {e}") from None
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+def _parse_dist(key: str, spec: dict, tp: Any) -> Dist:
+    kinds = [k for k in spec if k in DIST_KINDS]
+    extra = [k for k in spec if k not in DIST_KINDS and k != "default"]
+    if len(kinds) != 1 or extra:
+        bad = extra[0] if extra else None
+        if bad is not None:
+            raise ConfigError(key, f"unknown distribution '{bad}'" + (
+                f" (did you mean '{nearest(bad, DIST_KINDS)}'?)" if nearest(bad, DIST_KINDS) else "")
+                + f"; use one of: {', '.join(DIST_KINDS)} (e.g. {{loguniform: [1.0e-4, 1.0e-2]}})")
+        raise ConfigError(key, f"a distribution needs exactly one of: {', '.join(DIST_KINDS)}")
+    kind = kinds[0]
+    arg = spec[kind]
+    default = spec.get("default")
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(key, "choice needs a non-empty list, e.g. {choice: [0.01, 0.1]}")
+        choices = tuple(coerce(key, v, tp) for v in arg)
+        if default is not None:
+            default = coerce(key, default, tp)
+        return Dist("choice", choices=choices, default=default)
+    if not isinstance(arg, list) or len(arg) != 2:
+        raise ConfigError(key, f"{kind} needs [low, high], e.g. {{{kind}: [1.0e-4, 1.0e-2]}}")
+    base = typing_base(tp)
+    if base not in (int, float):
+        raise ConfigError(key, f"{kind} ranges need a numeric parameter; use {{choice: [...]}}")
+    num = int if kind == "int" else float
+    lo, hi = (coerce(key, v, num) for v in arg)
+    if not lo < hi:
+        raise ConfigError(key, f"range [{lo:g}, {hi:g}] is inverted or empty; low must be below high")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(key, f"loguniform needs low > 0, got {lo:g} (use uniform for ranges that include 0)")
+    if default is not None:
+        default = coerce(key, default, num)
+        if not lo <= default <= hi:
+            raise ConfigError(key, f"default {default:g} is outside [{lo:g}, {hi:g}]")
+    return Dist(kind, lo, hi, default=default)
+
+
+def typing_base(tp: Any) -> Any:
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _split_values(section: dict, cls: type, special: set[str], where: str, allow_search: bool = True,
+                  forbid: set[str] = frozenset()) -> tuple[dict, dict[str, Dist], dict]:
+    """Split a stage mapping into fixed values, distributions and special keys (budget, ...)."""
+    types = field_types(cls)
+    fixed, params, extra = {}, {}, {}
+    for key, value in section.items():
+        if key in special:
+            extra[key] = value
+            continue
+        if key not in types or key in forbid:
+            valid = (set(types) - set(forbid)) | special
+            raise ConfigError(f"{where}.{key}", unknown("key", key, valid))
+        if isinstance(value, dict):
+            if not allow_search:
+                raise ConfigError(f"{where}.{key}", "search distributions go under stage2.methods.<method>, "
+                                  "not in the values shared by every method")
+            params[key] = _parse_dist(f"{where}.{key}", value, types[key])
+        else:
+            fixed[key] = value
+    return fixed, params, extra
+
+
+def _budget(value: Any, key: str, searched: bool) -> int:
+    if value is None:
+        if searched:
+            raise ConfigError(key, "missing; say how many configurations to try (e.g. budget: 16)")
+        return 1
+    b = coerce(key, value, int)
+    if b <= 0:
+        raise ConfigError(key, f"{b} must be at least 1 (the number of configurations to try)")
+    if not searched and b != 1:
+        raise ConfigError(key, f"{b} configurations requested but nothing is searched here; "
+                          "add a distribution or set budget: 1")
+    return b
+
+
+def _scheduler(value: Any, key: str, epochs: int) -> Scheduler | None:
+    if value in (None, "none", False):
+        return None
+    if not isinstance(value, dict) or list(value) != ["asha"]:
+        raise ConfigError(key, "expected null or {asha: {grace_period: N, reduction_factor: F}}")
+    body = value["asha"] or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{key}.asha", "expected a mapping {grace_period: N, reduction_factor: F}")
+    for k in body:
+        if k not in ("grace_period", "reduction_factor"):
+            raise ConfigError(f"{key}.asha.{k}", unknown("key", k, ("grace_period", "reduction_factor")))
+    g = coerce(f"{key}.asha.grace_period", body.get("grace_period", 1), int)
+    r = coerce(f"{key}.asha.reduction_factor", body.get("reduction_factor", 2), float)
+    if not 1 <= g <= epochs:
+        raise ConfigError(f"{key}.asha.grace_period", f"{g} must be between 1 and the number of epochs ({epochs})")
+    if r <= 1:
+        raise ConfigError(f"{key}.asha.reduction_factor", f"{r:g} must be greater than 1")
+    return Scheduler("asha", g, r)
+
+
+def _check_searchable(cls: type, fixed: dict, params: dict[str, Dist], where: str) -> Any:
+    """Build the base config and one config per range end / choice, so bad bounds fail now."""
+    base_values = dict(fixed)
+    for k, d in params.items():
+        if d.default is not None:
+            base_values[k] = d.default
+    base = build(cls, base_values, where)
+    for k, d in params.items():
+        ends = d.choices if d.kind == "choice" else (d.low, d.high)
+        for v in ends:
+            build(cls, {**base_values, k: v}, where)
+    return base
+
+
+def _presets(protocol: str, section: str) -> dict:
+    return {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[protocol].items() if k.startswith(section + ".")}
+
+
+def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
+    """Validate a raw space mapping; ConfigErrors carry the offending key."""
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(key, unknown("key", key, TOP_KEYS))
+    protocol = coerce("protocol", raw.get("protocol", "honest"), str)
+    if protocol not in PROTOCOLS:
+        raise ConfigError("protocol", unknown("protocol", protocol, PROTOCOLS))
+    if "dataset" not in raw:
+        raise ConfigError("dataset", "missing; name a dataset (cifar10-lt, cifar100-lt, digits-lt)")
+
+    def section(key: str) -> dict:
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return value
+
+    data_raw = {**_presets(protocol, "data"), **section("data"), "dataset": raw["dataset"]}
+    data = build(DataConfig, data_raw, "data")
+    if data.dataset != raw["dataset"]:
+        raise ConfigError("data.dataset", "set the dataset at the top level only")
+    check_protocol(protocol, data)
+    eval_cfg = build(EvalConfig, {**_presets(protocol, "eval"), **section("eval")}, "eval")
+    search_raw = section("search")
+    for k in search_raw:
+        if k not in SEARCH_KEYS:
+            raise ConfigError(f"search.{k}", unknown("key", k, SEARCH_KEYS))
+    search = build(SearchSettings, search_raw, "search")
+    if search.startup_trials < 0:
+        raise ConfigError("search.startup_trials", "must be >= 0")
+    if search.retries < 0:
+        raise ConfigError("search.retries", "must be >= 0")
+    if search.max_concurrent is not None and search.max_concurrent < 1:
+        raise ConfigError("search.max_concurrent", "must be at least 1 (or null)")
+
+    seeds_raw = raw.get("seeds", 1)
+    if isinstance(seeds_raw, list):
+        seeds = tuple(coerce("seeds", s, int) for s in seeds_raw)
+    else:
+        k = coerce("seeds", seeds_raw, int)
+        if k < 1:
+            raise ConfigError("seeds", f"{k} seeds requested; use at least 1 (or a list like [0, 1, 2])")
+        seeds = tuple(range(k))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", "needs at least one seed and no repeats")
+
+    # stage 1
+    s1_fixed, s1_params, s1_extra = _split_values(section("stage1"), Stage1Config, STAGE1_KEYS, "stage1")
+    s1_fixed = {**_presets(protocol, "stage1"), **s1_fixed}
+    stage1 = _check_searchable(Stage1Config, s1_fixed, s1_params, "stage1")
+    s1_budget = _budget(s1_extra.get("budget"), "stage1.budget", bool(s1_params))
+    s1_sched = _scheduler(s1_extra.get("scheduler"), "stage1.scheduler", stage1.epochs)
+    baseline = coerce("stage1.baseline", s1_extra.get("baseline", True), bool)
+
+    # stage 2
+    s2 = section("stage2")
+    common, _, s2_extra = _split_values(s2, Stage2Config, STAGE2_KEYS, "stage2", allow_search=False,
+                                        forbid={"method"})
+    # the shared values alone must be valid, so their errors name stage2.<key>
+    build(Stage2Config, {**_presets(protocol, "stage2"), **common, "method": "none"}, "stage2")
+    methods_raw = s2_extra.get("methods") or {"wb": {}}
+    if not isinstance(methods_raw, dict):
+        raise ConfigError("stage2.methods", "expected a mapping of method name -> settings")
+    stage2, params2, budget2, sched2 = {}, {}, {}, {}
+    for m, body in methods_raw.items():
+        where = f"stage2.methods.{m}"
+        if m not in METHODS:
+            raise ConfigError(where, unknown("stage-2 method", str(m), METHODS))
+        body = body or {}
+        if not isinstance(body, dict):
+            raise ConfigError(where, "expected a mapping of settings (or {} for the defaults)")
+        fixed, params, extra = _split_values(body, Stage2Config, METHOD_KEYS, where, forbid={"method"})
+        values = {**_presets(protocol, "stage2"), **common, **METHODS[m].preset, **fixed, "method": m}
+        cfg = _check_searchable(Stage2Config, values, params, where)
+        if METHODS[m].kind != "trained" and params and set(params) - {"tau"}:
+            bad = sorted(set(params) - {"tau"})[0]
+            raise ConfigError(f"{where}.{bad}", f"'{m}' does not train, so only tau can be searched "
+                              "(or leave tau unset to pick it on the selection split)")
+        if METHODS[m].head == "lws" and cfg.maxnorm:
+            raise ConfigError(f"{where}.maxnorm", "LWS learns per-class scales; MaxNorm does not apply")
+        stage2[m], params2[m] = cfg, params
+        budget2[m] = _budget(extra.get("budget"), f"{where}.budget", bool(params))
+        sched2[m] = _scheduler(extra.get("scheduler"), f"{where}.scheduler", cfg.epochs)
+    train_method = coerce("stage2.train_method", s2_extra.get("train_method", "wb" if "wb" in stage2 else next(iter(stage2))), str)
+    if train_method not in stage2:
+        raise ConfigError("stage2.train_method", f"'{train_method}' is not among this space's methods: "
+                          f"{', '.join(stage2)}")
+    return StudySpace(
+        name=name, source=source, protocol=protocol, seeds=seeds, data=data, eval=eval_cfg, search=search,
+        stage1=stage1, stage1_params=s1_params, stage1_budget=s1_budget, stage1_scheduler=s1_sched,
+        baseline=baseline, stage2=stage2, stage2_params=params2, stage2_budget=budget2,
+        stage2_scheduler=sched2, train_method=train_method,
+        description=str(raw.get("description", "")).strip())
+
+
+def load_space(space: str, sets: list[str] | None = None, seeds: int | None = None,
+               num_samples: int | None = None) -> StudySpace:
+    """Read, override and validate a space. Errors name the file and the key."""
+    path = resolve_space_path(space)
+    raw = read_yaml(path)
+    raw = apply_sets(raw, sets or [])
+    if seeds is not None:
+        if seeds < 1:
+            raise UserError(f"--seeds {seeds}: use at least 1")
+        raw["seeds"] = seeds
+    try:
+        sp = parse_space(raw, name=path.stem, source=str(path))
+    except ConfigError as e:
+        raise UserError(f"{path}: {e}") from None
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UserError(f"--num-samples {num_samples}: use at least 1")
+        sp = replace(sp, stage1_budget=num_samples if sp.stage1_params else 1,
+                     stage2_budget={m: (num_samples if sp.stage2_params[m] else 1) for m in sp.stage2})
+    return sp
+
+
+def diff_dicts(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested mappings (``key: old -> new``)."""
+    out: list[str] = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{p} added ({new[k]!r})")
+            elif k not in new:
+                out.append(f"{p} removed (was {old[k]!r})")
+            else:
+                out.extend(diff_dicts(old[k], new[k], p))
+    elif old != new:
+        out.append(f"{prefix}: {old!r} -> {new!r}")
+    return out

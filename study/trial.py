@@ -1,0 +1,232 @@
+"""One configuration, every seed: the unit that ``study train`` runs and that a Tune trial wraps.
+
+Seeds run *inside* a trial, interleaved epoch by epoch, rather than as separate trials: the
+searcher's objective is the mean over seeds (what a paper reports), Optuna sees one number per
+configuration instead of K noisy ones, an early-stopping scheduler compares configurations on
+their seed-mean at equal epochs, and a configuration is never half-evaluated when the budget runs out.
+
+A trial folder holds::
+
+    events.jsonl       start (with the epoch it resumed from), epochs, fallbacks, the end
+    ckpt/epoch-N.pt    every seed's full trainer state after epoch N (+ .sha256), newest two kept
+    record.json        the outcome: status, objective, per-seed selection metrics and norms
+    final-seed<S>.pt   the selected weights per seed (stage 1: the model; stage 2: the head)
+
+Running a trial whose ``record.json`` exists returns that record without training, so a trial
+that Tune restarts after a crash costs nothing when it had already finished.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .fsutil import (append_jsonl, atomic_write_json, load_latest_checkpoint, read_json, read_jsonl,
+                     safe_torch_load, save_checkpoint)
+
+RUNNING = "running"
+COMPLETED = "completed"
+DIVERGED = "diverged"
+FAILED = "failed"
+
+
+@dataclass
+class TrialSpec:
+    stage: str
+    """``stage1`` or ``stage2``."""
+    config: Any
+    """Stage1Config or Stage2Config."""
+    seeds: tuple[int, ...]
+    eval_cfg: Any
+    trial_dir: Path
+    backbone: str
+    stage1_dir: Path | None = None
+    """Stage 2: the folder with the selected stage-1 weights ``final-seed<S>.pt``."""
+    experiment: str = ""
+    trial_index: int = 0
+    params: dict = field(default_factory=dict)
+
+
+def _make_trainer(spec: TrialSpec, data, seed: int, device):
+    from .fsutil import safe_torch_load as load
+    from .stages import Stage1Trainer, Stage2Trainer
+
+    if spec.stage == "stage1":
+        return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg)
+    state = load(Path(spec.stage1_dir) / f"final-seed{seed}.pt")
+    return Stage2Trainer(spec.config, data, seed, state, spec.backbone, device, spec.eval_cfg)
+
+
+def _maybe_inject_fault(spec: TrialSpec, epoch: int) -> None:
+    """Test hook: ``STUDY_FAULT=raise:<experiment>:<trial index>:<epoch>:<times>`` raises inside
+    that trial at the start of that epoch, at most ``times`` times (counted on disk, across
+    retries). Used by the fault tests to show that a raising trial is retried from its checkpoint."""
+    fault = os.environ.get("STUDY_FAULT", "")
+    if not fault.startswith("raise:"):
+        return
+    try:
+        _, exp, idx, ep, times = fault.split(":")
+    except ValueError:
+        return
+    if exp != spec.experiment or int(idx) != spec.trial_index or int(ep) != epoch:
+        return
+    counter = Path(spec.trial_dir) / ".fault-count"
+    n = int(counter.read_text()) if counter.exists() else 0
+    if n < int(times):
+        counter.write_text(str(n + 1))
+        raise RuntimeError(f"injected fault at epoch {epoch} (STUDY_FAULT)")
+
+
+def trial_metrics(records: dict[int, dict], epoch: int, start_epoch: int) -> dict:
+    """What a trial reports each epoch: seed means of the current and best-so-far selection accuracy.
+    ``objective`` (mean over seeds of each seed's best epoch so far) is what the searcher maximises."""
+    cur = [r["rec"] for r in records.values()]
+    best = [r["best_all"] for r in records.values()]
+
+    def m(key):
+        vals = [c.get(key) for c in cur if c.get(key) is not None and not _isnan(c.get(key))]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {"epoch": epoch, "objective": float(np.mean(best)), "sel_all": m("sel_all"),
+            "sel_many": m("sel_many"), "sel_medium": m("sel_medium"), "sel_few": m("sel_few"),
+            "train_loss": m("train_loss"), "start_epoch": start_epoch, "trial_status": RUNNING}
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _seed_summary(res: dict) -> dict:
+    keep = ("best_epoch", "epochs_run", "selection", "weight_norms", "balance", "maxnorm_radius", "tau",
+            "tau_curve", "history")
+    return {k: res.get(k) for k in keep}
+
+
+def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None] | None = None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume, or return the finished record of) one trial. Returns its record.
+
+    ``report(metrics)`` is called after every epoch (the Tune adapter forwards it to
+    ``tune.report``) and once more with the final status. Exceptions other than divergence
+    propagate, so the caller (Tune) can retry from the last checkpoint.
+    """
+    from .stages import Diverged, pick_device
+
+    report = report or (lambda m: None)
+    log = log or (lambda s: None)
+    tdir = Path(spec.trial_dir)
+    tdir.mkdir(parents=True, exist_ok=True)
+    record_path = tdir / "record.json"
+    events = tdir / "events.jsonl"
+    if record_path.exists():
+        try:
+            record = read_json(record_path)
+            report(final_metrics(record))
+            return record
+        except (OSError, ValueError):
+            record_path.unlink(missing_ok=True)
+
+    device = pick_device(device)
+    seeds = list(spec.seeds)
+    trainers = {s: _make_trainer(spec, data, s, device) for s in seeds}
+    state, notes = load_latest_checkpoint(tdir / "ckpt")
+    for note in notes:
+        log(f"{spec.experiment} trial {spec.trial_index}: {note}; using the previous good one")
+        append_jsonl(events, {"t": time.time(), "event": "fallback", "note": note})
+    start_epoch = 0
+    if state is not None and set(state.get("seeds", {})) == {str(s) for s in seeds}:
+        for s in seeds:
+            trainers[s].load_state_dict(state["seeds"][str(s)])
+        start_epoch = int(state["epoch"])
+    elif notes:
+        log(f"{spec.experiment} trial {spec.trial_index}: no usable checkpoint; restarting from epoch 0")
+    attempt = sum(1 for e in read_jsonl(events) if e.get("event") == "start") + 1
+    append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": start_epoch, "attempt": attempt,
+                          "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
+    if start_epoch:
+        log(f"{spec.experiment} trial {spec.trial_index}: resumed from epoch {start_epoch}")
+
+    epochs = trainers[seeds[0]].epochs
+    per_seed: dict[int, dict] = {}
+    try:
+        while not trainers[seeds[0]].done:
+            epoch = trainers[seeds[0]].epoch
+            _maybe_inject_fault(spec, epoch + 1)
+            for s in seeds:
+                rec = trainers[s].run_epoch()
+                per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}
+            metrics = trial_metrics(per_seed, epoch + 1, start_epoch)
+            save_checkpoint(tdir / "ckpt", epoch + 1,
+                            {"epoch": epoch + 1, "seeds": {str(s): t.state_dict() for s, t in trainers.items()}})
+            append_jsonl(events, {"t": time.time(), "event": "epoch", **metrics})
+            if epoch + 1 < epochs:
+                report(metrics)
+    except Diverged as e:
+        record = {"status": DIVERGED, "reason": str(e), "stage": spec.stage, "experiment": spec.experiment,
+                  "trial_index": spec.trial_index, "params": spec.params, "seeds": seeds,
+                  "objective": None, "epochs_run": trainers[seeds[0]].epoch,
+                  "config": _config_dict(spec.config), "per_seed": {}}
+        atomic_write_json(record_path, record)
+        append_jsonl(events, {"t": time.time(), "event": DIVERGED, "reason": str(e)})
+        shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+        report(final_metrics(record))
+        return record
+
+    import torch
+
+    results = {s: trainers[s].result() for s in seeds}
+    for s, res in results.items():
+        path = tdir / f"final-seed{s}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(res["state"], tmp)
+        os.replace(tmp, path)
+    objective = float(np.mean([res["selection"]["all"] for res in results.values()]))
+    record = {"status": COMPLETED, "reason": None, "stage": spec.stage, "experiment": spec.experiment,
+              "trial_index": spec.trial_index, "params": spec.params, "seeds": seeds, "objective": objective,
+              "epochs_run": epochs, "config": _config_dict(spec.config),
+              "selection_split": data.selection_split,
+              "per_seed": {str(s): _seed_summary(res) for s, res in results.items()}}
+    atomic_write_json(record_path, record)
+    append_jsonl(events, {"t": time.time(), "event": COMPLETED, "objective": objective})
+    shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+    report(final_metrics(record))
+    return record
+
+
+def final_metrics(record: dict) -> dict:
+    """The last report of a trial: the objective, or no objective with the failure status."""
+    m: dict[str, Any] = {"trial_status": record["status"], "epoch": record.get("epochs_run", 0)}
+    if record["status"] == COMPLETED:
+        m["objective"] = record["objective"]
+        sel = [ps["selection"] for ps in record["per_seed"].values()]
+        for g in ("all", "many", "medium", "few"):
+            vals = [s[g] for s in sel if s[g] is not None and not _isnan(s[g])]
+            m[f"sel_{g}"] = float(np.mean(vals)) if vals else float("nan")
+    else:
+        m["reason"] = record.get("reason")
+    return m
+
+
+def _config_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def load_final_state(trial_dir: Path, seed: int) -> dict:
+    return safe_torch_load(Path(trial_dir) / f"final-seed{seed}.pt")
+
+
+def resumed_from(trial_dir: Path) -> int:
+    """The largest epoch this trial was ever resumed from (0: never resumed)."""
+    starts = [e.get("start_epoch", 0) for e in read_jsonl(Path(trial_dir) / "events.jsonl")
+              if e.get("event") == "start"]
+    return max(starts, default=0)

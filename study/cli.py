@@ -109,6 +109,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .spaces import load_space
+
+    space = load_space(args.space, args.set, seeds=args.seeds, num_samples=args.num_samples)
+    from .search import run_study  # imports Ray: only here
+
+    run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,
+              gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, data_dir=args.data_dir,
+              fresh=args.fresh, verbose=args.verbose, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .records import study_status
+
+    st = study_status(args.study)
+    if args.format == "json":
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    state = "complete" if st["complete"] else ("running" if st["running"] else "interrupted (run the same "
+                                                                                  "command again to resume)")
+    print(f"study {st['study']}: {state}  [{st['root']}]")
+    for e in st["experiments"]:
+        print(f"  {e['name']}: {'finished' if e['finished'] else 'not finished'}")
+        for method, m in e["methods"].items():
+            c = m["counts"]
+            parts = [f"{c['completed']} completed"]
+            for k in ("diverged", "failed", "stopped", "running", "interrupted", "pending"):
+                if c.get(k):
+                    parts.append(f"{c[k]} {k}")
+            best = ""
+            if m["best"]:
+                b = m["best"]
+                params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in b["params"].items())
+                best = f"  best {100 * b['objective']:.2f}% (trial {b['trial']}{'; ' + params if params else ''})"
+            print(f"    {method:<12} {m['budget']:>3} budgeted: {', '.join(parts)}{best}")
+    if st["final_evaluations"]:
+        print(f"  final test evaluations: {len(st['final_evaluations'])}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .analysis import table_command
+
+    return table_command(args.study, kind=args.kind, fmt=args.format, out=args.out)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_command
+
+    return plot_command(args.study, out=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="study", description="Hyperparameter-search studies for long-tailed recognition "
                                           "by weight balancing.")
@@ -144,6 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", help="stage-2 method (default: the space's train_method, usually wb)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="run or resume a search study (Ray Tune + Optuna)")
+    space_options(r)
+    r.add_argument("--name", help="study folder name under RESULTS_DIR (default: the space name)")
+    r.add_argument("--num-samples", type=int, dest="num_samples",
+                   help="budget of every searched experiment (overrides the space's budgets)")
+    r.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or 'auto'); RESULTS_DIR must "
+                                     "then be on storage shared by every node")
+    r.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial",
+                   help="GPU fraction per trial, in (0, 1] (default 0.25 when the cluster has GPUs)")
+    r.add_argument("--cpus-per-trial", type=float, dest="cpus_per_trial", help="CPUs per trial (default 1)")
+    r.add_argument("--fresh", action="store_true",
+                   help="start over: the existing study folder is moved aside (never deleted)")
+    r.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output too")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="progress of a study, read from disk (no Ray)")
+    s.add_argument("study", help="a study folder, e.g. results/digits-lt")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(func=cmd_status)
+
+    tb = sub.add_parser("table", help="paper-style tables from a study's results (no Ray, no GPU)")
+    tb.add_argument("study", help="a study folder, e.g. results/digits-lt")
+    tb.add_argument("--kind", choices=("main", "ablation", "seeds", "search"), default="main")
+    tb.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    tb.add_argument("--out", help="write to FILE instead of stdout")
+    tb.set_defaults(func=cmd_table)
+
+    pl = sub.add_parser("plot", help="weight-norm, per-class accuracy and search-history plots (PNG)")
+    pl.add_argument("study", help="a study folder, e.g. results/digits-lt")
+    pl.add_argument("--out", help="folder for the PNGs (default STUDY/plots)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -108,22 +108,39 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
-class Experiment:
-    """One Ray Tune experiment of a study."""
+class MethodPlan:
+    """What a stage runs for one method: its base config, searched parameters and budget."""
 
-    name: str
-    """Folder and Optuna study name: ``stage1``, ``stage1-naive``, ``stage2-<method>``, ``stage2-fixed``."""
-    stage: str
-    methods: tuple[str, ...]
-    configs: dict[str, Any]
-    """Method -> base config (searched parameters at their defaults)."""
+    method: str
+    config: Any
+    """Stage1Config / Stage2Config with searched parameters at their defaults."""
     params: dict[str, Dist]
     budget: int
     scheduler: Scheduler | None = None
 
+
+@dataclass(frozen=True)
+class Experiment:
+    """One Ray Tune experiment: a stage, with one Optuna study and budget per method.
+
+    Stage 1 has the methods ``naive`` (weight decay 0, when ``baseline``) and ``tuned`` (the searched
+    stage-1 space); stage 2 has one method per entry of ``stage2.methods``. All trials of a stage run
+    in one Tuner, so methods share workers (and a GPU) instead of waiting for each other."""
+
+    name: str
+    stage: str
+    plans: tuple[MethodPlan, ...]
+
     @property
-    def searched(self) -> bool:
-        return bool(self.params)
+    def methods(self) -> tuple[str, ...]:
+        return tuple(p.method for p in self.plans)
+
+    @property
+    def budget(self) -> int:
+        return sum(p.budget for p in self.plans)
+
+    def plan(self, method: str) -> MethodPlan:
+        return next(p for p in self.plans if p.method == method)
 
 
 @dataclass(frozen=True)
@@ -151,22 +168,14 @@ class StudySpace:
 
     # -- derived
     def experiments(self) -> list[Experiment]:
-        """The study's Tune experiments, in the order they run."""
-        out = []
+        """The study's two Tune experiments, in the order they run."""
+        s1 = []
         if self.baseline:
-            out.append(Experiment("stage1-naive", "stage1", ("naive",),
-                                  {"naive": replace(self.stage1, weight_decay=0.0)}, {}, 1))
-        out.append(Experiment("stage1", "stage1", ("tuned",), {"tuned": self.stage1}, self.stage1_params,
-                              self.stage1_budget, self.stage1_scheduler))
-        fixed = [m for m in self.stage2 if not self.stage2_params[m]]
-        for m in self.stage2:
-            if self.stage2_params[m]:
-                out.append(Experiment(f"stage2-{m}", "stage2", (m,), {m: self.stage2[m]},
-                                      self.stage2_params[m], self.stage2_budget[m], self.stage2_scheduler[m]))
-        if fixed:
-            out.append(Experiment("stage2-fixed", "stage2", tuple(fixed), {m: self.stage2[m] for m in fixed}, {},
-                                  len(fixed)))
-        return out
+            s1.append(MethodPlan("naive", replace(self.stage1, weight_decay=0.0), {}, 1))
+        s1.append(MethodPlan("tuned", self.stage1, self.stage1_params, self.stage1_budget, self.stage1_scheduler))
+        s2 = [MethodPlan(m, self.stage2[m], self.stage2_params[m], self.stage2_budget[m], self.stage2_scheduler[m])
+              for m in self.stage2]
+        return [Experiment("stage1", "stage1", tuple(s1)), Experiment("stage2", "stage2", tuple(s2))]
 
     def to_dict(self) -> dict:
         """The resolved space as plain data (written to study.yaml; its hash identifies the study)."""
@@ -343,6 +352,14 @@ def _parse_dist(key: str, spec: dict, tp: Any) -> Dist:
         if not lo <= default <= hi:
             raise ConfigError(key, f"default {default:g} is outside [{lo:g}, {hi:g}]")
     return Dist(kind, lo, hi, default=default)
+
+
+def dist_from_yaml(d: dict) -> Dist:
+    """Inverse of ``Dist.to_yaml`` (for reading study.yaml)."""
+    kind = next(k for k in d if k in DIST_KINDS)
+    if kind == "choice":
+        return Dist("choice", choices=tuple(d[kind]), default=d.get("default"))
+    return Dist(kind, d[kind][0], d[kind][1], default=d.get("default"))
 
 
 def typing_base(tp: Any) -> Any:

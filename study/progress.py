@@ -1,0 +1,145 @@
+"""The compact live view of a running study (instead of Ray's log stream).
+
+It reads the study folder once a second — the same files ``study status`` reads — so it shows
+exactly what is on disk: per experiment, trials done / running / failed of the budget, the best
+objective so far with its parameters, and the elapsed time. On a terminal it is a live panel; in a
+log file (CI, nohup) it prints one line whenever an experiment's counts change.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable
+
+
+def _fmt_params(params: dict) -> str:
+    parts = []
+    for k, v in (params or {}).items():
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressView:
+    """Context manager: ``with ProgressView(paths, space, live=True) as view: view.log("...")``."""
+
+    def __init__(self, paths, space, log: Callable[[str], None] = print, live: bool = True, interval: float = 1.0):
+        self.paths = paths
+        self.experiments = space.experiments()
+        self._print = log
+        self.interval = interval
+        self.tty = live and sys.stdout.isatty()
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: dict[str, tuple] = {}
+        self._live = None
+
+    # -- state
+    def snapshot(self) -> list[dict]:
+        from .records import experiment_trials
+
+        rows = []
+        for exp in self.experiments:
+            trials = experiment_trials(self.paths, exp.name, live=True)
+            finished = self.paths.stage_marker(exp.name).exists()
+            for plan in exp.plans:
+                c = {"completed": 0, "running": 0, "failed": 0}
+                best = None
+                for t in trials:
+                    if t["method"] != plan.method:
+                        continue
+                    s = t["status"]
+                    if s in ("completed", "stopped"):
+                        c["completed"] += 1
+                    elif s in ("diverged", "failed"):
+                        c["failed"] += 1
+                    elif s in ("running", "interrupted"):
+                        c["running"] += 1
+                    if s == "completed" and t["objective"] is not None and (best is None or t["objective"] > best[0]):
+                        best = (t["objective"], t["params"])
+                rows.append({"name": f"{exp.name} {plan.method}", "budget": plan.budget, **c, "best": best,
+                             "finished": finished})
+        return rows
+
+    def _line(self, r: dict) -> str:
+        best = ""
+        if r["best"]:
+            obj, params = r["best"]
+            extra = _fmt_params(params)
+            best = f" · best {100 * obj:.2f}%" + (f" ({extra})" if extra else "")
+        return (f"{r['name']:<19} {r['completed']}/{r['budget']} done · {r['running']} running · "
+                f"{r['failed']} failed{best}")
+
+    # -- rendering
+    def _render(self):
+        from rich.table import Table
+
+        t = Table.grid(padding=(0, 1))
+        t.add_column()
+        t.add_column()
+        for r in self.snapshot():
+            active = r["completed"] + r["running"] + r["failed"] > 0
+            n = r["budget"]
+            filled = int(round(10 * (r["completed"] + r["failed"]) / n)) if n else 0
+            bar = "█" * filled + "░" * (10 - filled)
+            style = "green" if r["finished"] else ("bold" if active else "dim")
+            t.add_row(f"[{style}]{bar}[/{style}]", f"[{style}]{self._line(r)}[/{style}]")
+        t.add_row("", f"[dim]elapsed {_fmt_time(time.time() - self.t0)} · {self.paths.root}[/dim]")
+        return t
+
+    def _poll_lines(self) -> None:
+        for r in self.snapshot():
+            key = (r["completed"], r["failed"], r["finished"])
+            if r["completed"] + r["failed"] + r["running"] == 0:
+                continue
+            if self._last.get(r["name"]) != key:
+                self._last[r["name"]] = key
+                self._print(f"[{_fmt_time(time.time() - self.t0)}] {self._line(r)}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self._live is not None:
+                    self._live.update(self._render())
+                else:
+                    self._poll_lines()
+            except Exception:  # a half-written file between polls: try again next second
+                pass
+
+    def log(self, message: str) -> None:
+        if self._live is not None:
+            self._live.console.print(message)
+        else:
+            self._print(message)
+
+    def __enter__(self) -> "ProgressView":
+        if self.tty:
+            from rich.live import Live
+
+            self._live = Live(self._render(), refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        self._thread = threading.Thread(target=self._run, name="study-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if self._live is not None:
+                self._live.update(self._render())
+                self._live.__exit__(*exc)
+                self._live = None
+            else:
+                self._poll_lines()
+        except Exception:
+            pass

@@ -101,15 +101,26 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def check_writable(folder: str | os.PathLike, need_mb: int = 50) -> None:
-    """Fail before a study starts when its folder cannot be written or the disk is nearly full."""
+    """Fail before a study starts when its folder cannot be written or the disk is nearly full.
+
+    Probes the nearest existing ancestor by creating and removing a file (permission bits alone say
+    nothing for root or read-only mounts), so a refused study leaves nothing behind."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"results path {folder} is a file, not a folder; pass --results-dir DIR with a folder")
     probe_dir = folder
     while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
         probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {probe_dir} (permission denied); choose another --results-dir")
+    if not probe_dir.is_dir():
+        raise UserError(f"results path {folder}: {probe_dir} is a file, not a folder; choose another --results-dir")
+    try:
+        fd, probe = tempfile.mkstemp(dir=str(probe_dir), prefix=".study-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {probe_dir} ({e.strerror or e}); choose another --results-dir") from None
     free_mb = shutil.disk_usage(probe_dir).free / 2**20
     if free_mb < need_mb:
         raise UserError(f"only {free_mb:.0f} MB free on the disk holding {probe_dir}; free some space "
@@ -166,15 +177,24 @@ class StudyLock:
                     except FileNotFoundError:
                         pass
                     continue
-                started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("started", 0)))
-                raise UserError(f"{self.path.parent} is in use by another study run (pid {info.get('pid')} on "
-                                f"{info.get('host')}, started {started}); wait for it to finish or stop it, "
-                                f"or use another --name") from None
+                raise UserError(self._busy(info)) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
             return
         raise UserError(f"could not take the lock {self.path}; remove it if no study is running")
+
+    def check(self) -> None:
+        """Raise the one-line 'in use' error if a live process holds the lock (takes nothing)."""
+        info = self.owner()
+        if self.path.exists() and info is not None and not self.is_stale(info):
+            raise UserError(self._busy(info))
+
+    @staticmethod
+    def _busy(info: dict) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("started", 0)))
+        return (f"this study is in use by another 'study run' (pid {info.get('pid')} on {info.get('host')}, "
+                f"started {started}); wait for it to finish or stop it, or use another --name")
 
     def release(self) -> None:
         if self.held:

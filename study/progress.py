@@ -97,7 +97,7 @@ class ProgressView:
 
     def _poll_lines(self) -> None:
         for r in self.snapshot():
-            key = (r["completed"], r["failed"], r["finished"])
+            key = (r["completed"], r["failed"])
             if r["completed"] + r["failed"] + r["running"] == 0:
                 continue
             if self._last.get(r["name"]) != key:

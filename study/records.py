@@ -173,6 +173,8 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             m = TRIAL_DIR_RE.match(tdir.name)
             if not m or not tdir.is_dir():
                 continue
+            if tune_state and not live and m.group(2) not in tune_state:
+                continue  # started after Tune's last snapshot before a hard kill: will not be resumed
             t: dict[str, Any] = {"trial_index": int(m.group(1)), "trial_id": m.group(2), "dir": tdir,
                                  "method": None, "params": {}, "record": None, "reason": None}
             info = _read(tdir / "trial.json")

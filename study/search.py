@@ -45,7 +45,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .errors import StudyInterrupted, UserError
 from .fsutil import StudyLock, atomic_write_json, check_writable, read_json
 from .records import (TRIAL_DIR_RE, StudyPaths, check_name, experiment_trials, finish_study, read_yaml_file,
-                      trial_index_of)
+                      trial_index_of, tune_trials)
 from .spaces import Experiment, StudySpace, diff_dicts
 from .trial import COMPLETED, DIVERGED, FAILED, TrialSpec, run_trial
 
@@ -90,7 +90,31 @@ def study_trainable(config: dict, data=None) -> None:
                      eval_cfg=build(EvalConfig, st["eval"]), trial_dir=tdir, backbone=st["backbone"],
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
                      experiment=st["experiment"], trial_index=index, params=params)
-    run_trial(spec, data, report=lambda metrics: tune.report(metrics))
+    run_trial(spec, data, report=SnapshotReporter())
+
+
+class SnapshotReporter:
+    """``tune.report`` with a tiny Tune checkpoint on the first report, the last one, and at most
+    every ``every_s`` seconds in between. Each reported checkpoint makes Tune snapshot its
+    experiment state (``CheckpointConfig(num_to_keep=1)``), so after a hard kill Tune knows every
+    trial that ran at least one epoch; the trial's real state is in its own checkpoints."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s = every_s
+        self.last: float | None = None
+
+    def __call__(self, metrics: dict) -> None:
+        import json
+        import tempfile
+
+        now = time.time()
+        if self.last is None or now - self.last >= self.every_s or metrics.get("trial_status") != "running":
+            self.last = now
+            with tempfile.TemporaryDirectory(prefix="study-ckpt-") as d:
+                Path(d, "progress.json").write_text(json.dumps({"epoch": metrics.get("epoch")}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
 
 
 # --- search algorithm and scheduler -------------------------------------------------------------------
@@ -360,6 +384,7 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
     has_state = any(exp_dir.glob("experiment_state-*.json"))
     if exp_dir.exists() and has_state and tune.Tuner.can_restore(str(exp_dir)):
         log(f"{exp.name}: resuming")
+        set_aside_orphans(paths, exp.name, log)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
@@ -374,6 +399,23 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
     if len(statuses) < exp.budget or ended < exp.budget:
         raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
                                f"run the same command again to resume")
+
+
+def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], None]) -> None:
+    """Trial folders that Tune's last snapshot does not know were started just before a hard kill;
+    Tune will not resume them (it suggests new trials in their place, keeping the budget exact), so
+    they are moved to ``trials/<stage>/.orphaned/`` rather than being counted."""
+    known = set(tune_trials(paths, experiment))
+    folder = paths.trials / experiment
+    if not known or not folder.is_dir():
+        return
+    for tdir in folder.iterdir():
+        m = TRIAL_DIR_RE.match(tdir.name)
+        if m and m.group(2) not in known:
+            dest = folder / ".orphaned" / tdir.name
+            dest.parent.mkdir(exist_ok=True)
+            tdir.rename(dest)
+            log(f"{experiment}: trial {tdir.name} started after Tune's last snapshot; set aside in {dest.parent}")
 
 
 def select_best(paths: StudyPaths, exp: Experiment) -> dict:
@@ -551,24 +593,22 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
         raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
     if address:
         check_address(address)
+    lock = StudyLock(paths.root)
+    lock.check()  # a live `study run` on this folder: refuse now, before touching anything
     state = prepare_study_dir(space, paths, fresh, log)
     if state == "done":
         log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, trials in {paths.trials_csv}")
         return paths.root
-    data = load_data(space.data, data_dir)  # before creating anything: a missing dataset leaves no folder
-    lock = StudyLock(paths.root)
-    if paths.root.exists():
-        lock.acquire(" ".join(os.sys.argv))
-    else:
-        paths.root.mkdir(parents=True)
-        lock.acquire(" ".join(os.sys.argv))
+    data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
     old_term = signal.getsignal(signal.SIGTERM)
     try:
+        init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
+        paths.root.mkdir(parents=True, exist_ok=True)
+        lock.acquire(" ".join(os.sys.argv))
         if state == "new":
             write_yaml(paths.study_yaml, study_header(space, name, data))
         log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on {data.selection_split}), "
             f"seeds {list(space.seeds)} -> {paths.root}" + ("" if state == "new" else " (resuming)"))
-        init_ray(address, verbose, ray_temp_dir)
         # SIGTERM (batch schedulers, `kill`) becomes Ctrl-C: Tune then snapshots and stops cleanly.
         signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
         gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if cluster_gpus() > 0 else 0.0)

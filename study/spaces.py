@@ -560,18 +560,23 @@ def load_space(space: str, sets: list[str] | None = None, seeds: int | None = No
     return sp
 
 
+def _short(v: Any, n: int = 40) -> str:
+    text = json.dumps(v, default=str, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def diff_dicts(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences between two nested mappings (``key: old -> new``)."""
+    """Human-readable differences between two nested mappings (``key: old -> new``), leaves first."""
     out: list[str] = []
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
             p = f"{prefix}.{k}" if prefix else str(k)
             if k not in old:
-                out.append(f"{p} added ({new[k]!r})")
+                out.append(f"{p} added ({_short(new[k])})")
             elif k not in new:
-                out.append(f"{p} removed (was {old[k]!r})")
+                out.append(f"{p} removed (was {_short(old[k])})")
             else:
                 out.extend(diff_dicts(old[k], new[k], p))
     elif old != new:
-        out.append(f"{prefix}: {old!r} -> {new!r}")
+        out.append(f"{prefix}: {_short(old)} -> {_short(new)}")
     return out

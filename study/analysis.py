@@ -1,0 +1,654 @@
+"""Paper-style tables from a study's results folder (``study table``; written to ``STUDY/tables/``
+when a study finishes).
+
+Reads study.yaml, trials.csv, per_class.csv and optuna.db only — never Ray, torch or a GPU — so it
+works on a finished study, an interrupted one and one that is still running (when trials.csv is
+not written yet the rows are rebuilt from the trial folders by :func:`study.records.collect`).
+
+Every kind of table (``main``, ``ablation``, ``seeds``, ``search``) is built once as a
+:class:`Table` — typed columns, rows, a caption and notes — and rendered by one function per format
+(Markdown, LaTeX booktabs, CSV). Accuracies are shown in percent; ``mean ± std`` is over seeds with
+the sample standard deviation (ddof=1).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .methods import ABLATION_ORDER, METHODS
+from .records import PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, load_header
+
+KINDS = ("main", "ablation", "seeds", "search")
+FORMATS = {"markdown": "md", "latex": "tex", "csv": "csv"}
+GROUPS = ("many", "medium", "few", "all")
+TOP_K = 5
+MIN_TRIALS_FOR_IMPORTANCE = 4
+STAGE1_LABELS = {"naive": "CE without WD", "tuned": "CE + tuned WD"}
+FAILURE_STATUSES = ("diverged", "failed")
+_NUMERIC_COLUMNS = {"trial", "seed", "objective", "best_epoch", "epochs_run", "resumed_from_epoch", "sel_all",
+                    "sel_many", "sel_medium", "sel_few", "test_all", "test_many", "test_medium", "test_few",
+                    "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "tau", "class", "train_count",
+                    "sel_acc", "test_acc", "weight_norm"}
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+@dataclass
+class Results:
+    """A study's header and long-format tables, with the lookups every table needs."""
+
+    paths: StudyPaths
+    header: dict
+    trials: pd.DataFrame
+    per_class: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    """Sentences about where the rows came from (e.g. rebuilt from the trial folders)."""
+
+    @property
+    def experiments(self) -> list[dict]:
+        return list(self.header.get("experiments") or [])
+
+    @property
+    def seeds(self) -> list[int]:
+        return list((self.header.get("space") or {}).get("seeds") or sorted(self.trials["seed"].dropna().unique()))
+
+    def experiment(self, stage: str) -> dict | None:
+        """The first experiment of a stage (``stage1``/``stage2``)."""
+        return next((e for e in self.experiments if e.get("stage") == stage), None)
+
+    def methods(self, exp: dict) -> list[str]:
+        """The experiment's methods in table order, including any found only in the rows."""
+        names = list(exp.get("methods") or {})
+        names += [m for m in self.rows(exp)["method"].unique() if m not in names]
+        order = ["naive", "tuned"] if exp.get("stage") == "stage1" else ABLATION_ORDER
+        return sorted(names, key=lambda m: (order.index(m) if m in order else len(order), names.index(m)))
+
+    def rows(self, exp: dict, method: str | None = None) -> pd.DataFrame:
+        df = self.trials[self.trials["experiment"] == exp["name"]]
+        return df if method is None else df[df["method"] == method]
+
+    def selected(self, exp: dict, method: str) -> pd.DataFrame:
+        """The selected configuration's rows, one per seed."""
+        df = self.rows(exp, method)
+        return df[df["selected"]].sort_values("seed")
+
+    def trial_list(self, exp: dict, method: str | None = None) -> pd.DataFrame:
+        """One row per trial (the per-seed rows repeat the trial's status, objective and params)."""
+        return self.rows(exp, method).drop_duplicates("trial_id").sort_values("trial")
+
+    def param_columns(self) -> list[str]:
+        return [c for c in self.trials.columns if c.startswith("param.")]
+
+
+def load_results(root: str | os.PathLike) -> Results:
+    """Load a study folder. Raises :class:`UserError` (via ``load_header``) on a folder that is not
+    a study; rebuilds the rows from the trial folders when trials.csv is absent or unreadable."""
+    paths, header = load_header(root)
+    notes: list[str] = []
+    trials = per_class = None
+    if paths.trials_csv.is_file():
+        try:
+            trials = pd.read_csv(paths.trials_csv)
+            per_class = pd.read_csv(paths.per_class_csv) if paths.per_class_csv.is_file() else None
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            trials, per_class = None, None
+            notes.append("Unreadable trials.csv: rows rebuilt from the trial folders.")
+    else:
+        notes.append("No trials.csv yet: rows rebuilt from the trial folders.")
+    if trials is None:
+        rows, pc_rows = collect(paths, header)
+        trials, per_class = pd.DataFrame(rows), pd.DataFrame(pc_rows)
+    if per_class is None:
+        per_class = pd.DataFrame()
+    return Results(paths, header, _normalise(trials, TRIALS_COLUMNS), _normalise(per_class, PER_CLASS_COLUMNS),
+                   notes)
+
+
+def _normalise(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Fixed dtypes whatever the source: CSV cells may be empty, collect() gives None."""
+    df = df.copy()
+    for c in columns:
+        if c not in df.columns:
+            df[c] = np.nan
+    for c in df.columns:
+        if c == "selected":
+            df[c] = df[c].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")).astype(bool)
+            continue
+        num = pd.to_numeric(df[c], errors="coerce")
+        # a searched parameter is a number unless it is categorical (some value is not numeric)
+        if c in _NUMERIC_COLUMNS or (c.startswith("param.")
+                                     and num.notna().sum() == df[c].map(lambda v: not _missing(v)).sum()):
+            df[c] = num.astype(float)
+        else:
+            df[c] = df[c].map(lambda v: "" if _missing(v) else str(v)).astype(object)
+    return df
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v == "")
+
+
+# --- the table model and its three renderings ---------------------------------------------------------------
+
+@dataclass
+class Column:
+    """``kind``: ``text``, ``int``, ``num`` (``digits`` decimals, or 3 significant digits when None) or
+    ``stat`` (a cell holds per-seed values, shown as mean ± std; CSV gets ``key_mean``/``key_std``).
+    ``show``: ``all``, ``display`` (Markdown/LaTeX only) or ``csv``."""
+
+    key: str
+    title: str
+    kind: str = "text"
+    digits: int | None = 2
+    bold_max: bool = False
+    show: str = "all"
+
+
+@dataclass
+class Table:
+    """A table independent of its format."""
+
+    name: str
+    columns: list[Column]
+    rows: list[list[Any]]
+    caption: str
+    notes: list[str] = field(default_factory=list)
+    breaks: list[int] = field(default_factory=list)
+    """Row indices preceded by a rule (LaTeX only), e.g. between stage 1 and stage 2."""
+
+
+def _stat(values: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def _fixed(x: float, digits: int | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.{digits}f}" if digits is not None else f"{x:.3g}"
+
+
+def _display(table: Table) -> tuple[list[Column], list[list[tuple[str, bool]]]]:
+    """Cells as (text, bold) for Markdown and LaTeX. Bold: the best displayed mean per column, so
+    values tied at the shown precision are all bold."""
+    cols = [(i, c) for i, c in enumerate(table.columns) if c.show != "csv"]
+    best: dict[int, float] = {}
+    for i, c in cols:
+        if c.bold_max:
+            shown = [float(_fixed(_stat(r[i])[0], c.digits)) for r in table.rows
+                     if math.isfinite(_stat(r[i])[0])]
+            if shown:
+                best[i] = max(shown)
+    out = []
+    for r in table.rows:
+        cells = []
+        for i, c in cols:
+            v, bold = r[i], False
+            if c.kind == "stat":
+                mean, std = _stat(v)
+                text = _fixed(mean, c.digits) + (f" ± {_fixed(std, c.digits)}" if math.isfinite(std) else "")
+                bold = i in best and math.isfinite(mean) and float(_fixed(mean, c.digits)) == best[i]
+            elif c.kind == "num":  # a categorical searched parameter is shown as it is
+                text = v if isinstance(v, str) and v else _fixed(None if _missing(v) else v, c.digits)
+            elif c.kind == "int":
+                text = "–" if _missing(v) else str(int(v))
+            else:
+                text = "" if _missing(v) else str(v)
+            cells.append((text, bold))
+        out.append(cells)
+    return [c for _, c in cols], out
+
+
+def _markdown(table: Table) -> str:
+    cols, cells = _display(table)
+
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    grid = [[esc(c.title) for c in cols]] + [[f"**{esc(t)}**" if b else esc(t) for t, b in r] for r in cells]
+    widths = [max(len(row[j]) for row in grid) for j in range(len(cols))]
+    rule = [(":" + "-" * (w - 1)) if c.kind == "text" else ("-" * (w - 1) + ":") for c, w in zip(cols, widths)]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(s.ljust(w) for s, w in zip(row, widths)) + " |"
+
+    parts = [esc(table.caption), "", line(grid[0]), line(rule)] + [line(r) for r in grid[1:]]
+    for n in table.notes:
+        parts += ["", esc(n)]
+    return "\n".join(parts) + "\n"
+
+
+_LATEX_CHARS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "±": r"$\pm$", "τ": r"$\tau$", "ρ": r"$\rho$", "–": "--", "—": "---", "−": "$-$",
+                "<": r"$<$", ">": r"$>$", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "|": r"$|$"}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe inside a LaTeX tabular or caption (special characters escaped, ± τ ρ as math)."""
+    return "".join(_LATEX_CHARS.get(ch, ch) for ch in str(text))
+
+
+def _latex(table: Table) -> str:
+    cols, cells = _display(table)
+    align = "".join("l" if c.kind == "text" else "r" if c.kind in ("int", "num") else "c" for c in cols)
+    caption = " ".join([table.caption] + table.notes)
+
+    def line(row: list[str]) -> str:
+        return "    " + " & ".join(row) + r" \\"
+
+    body = []
+    for k, r in enumerate(cells):
+        if k in table.breaks and k > 0:
+            body.append(r"    \midrule")
+        body.append(line([rf"\textbf{{{latex_escape(t)}}}" if b else latex_escape(t) for t, b in r]))
+    label = re.sub(r"[^A-Za-z0-9:.-]+", "-", table.name)
+    return "\n".join([r"\begin{table}[htbp]", r"  \centering", rf"  \caption{{{latex_escape(caption)}}}",
+                      rf"  \label{{tab:{label}}}", rf"  \begin{{tabular}}{{{align}}}", r"    \toprule",
+                      line([latex_escape(c.title) for c in cols]), r"    \midrule", *body, r"    \bottomrule",
+                      r"  \end{tabular}", r"\end{table}"]) + "\n"
+
+
+def _plain(x: Any) -> str:
+    if _missing(x) or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    if isinstance(x, (float, np.floating)):
+        return format(float(x), ".8g")
+    return str(x)
+
+
+def _csv(table: Table) -> str:
+    cols = [c for c in table.columns if c.show != "display"]
+    head: list[str] = []
+    for c in cols:
+        head += [f"{c.key}_mean", f"{c.key}_std"] if c.kind == "stat" else [c.key]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    index = {id(c): i for i, c in enumerate(table.columns)}
+    for r in table.rows:
+        out: list[str] = []
+        for c in cols:
+            v = r[index[id(c)]]
+            if c.kind == "stat":
+                out += [_plain(x) for x in _stat(v)]
+            elif c.kind == "int":
+                out.append("" if _missing(v) else str(int(v)))
+            else:
+                out.append(_plain(v))
+        w.writerow(out)
+    return buf.getvalue()
+
+
+RENDERERS = {"markdown": _markdown, "latex": _latex, "csv": _csv}
+
+
+def render(table: Table, fmt: str) -> str:
+    """The table as ``markdown``, ``latex`` or ``csv`` text."""
+    if fmt not in RENDERERS:
+        raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
+    return RENDERERS[fmt](table)
+
+
+# --- captions and notes -------------------------------------------------------------------------------------
+
+def label(exp: dict, method: str) -> str:
+    """Row label of a method: the stage-1 baselines by what they are, stage-2 methods from METHODS."""
+    if exp.get("stage") == "stage1":
+        return STAGE1_LABELS.get(method, method)
+    return METHODS[method].label if method in METHODS else method
+
+
+def _stage_words(exp: dict) -> str:
+    return re.sub(r"^stage(\d+)$", r"stage \1", str(exp.get("stage") or exp["name"]))
+
+
+def _context(res: Results, spread: bool = True) -> str:
+    data, h = res.header.get("data") or {}, res.header
+    ifac = data.get("imbalance_factor")
+    ifac = f"{ifac:g}" if isinstance(ifac, (int, float)) else str(ifac)
+    seeds = res.seeds
+    return (f"{data.get('dataset', '?')} (imbalance factor {ifac}, {data.get('num_classes', '?')} classes), "
+            f"backbone {h.get('backbone', '?')}, " + ("mean ± std over " if spread else "")
+            + f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(str(s) for s in seeds)})")
+
+
+def _protocol(res: Results) -> str:
+    protocol = res.header.get("protocol") or (res.header.get("space") or {}).get("protocol", "?")
+    split = (res.header.get("data") or {}).get("selection_split") or ("test" if protocol == "wb-parity" else "val")
+    if split == "test":
+        return (f"Hyperparameters and epochs were selected on the test set, as in the reference code "
+                f"(protocol {protocol}, no validation split), so test accuracies are optimistic.")
+    return (f"Hyperparameters and epochs were selected on a validation split carved from the training data "
+            f"(protocol {protocol}); the test set was evaluated once per selected configuration.")
+
+
+def _value(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, (float, int, np.floating)) else str(v)
+
+
+def selected_hyperparameters(res: Results, exp: dict, method: str) -> str:
+    """``name = value`` of the selected configuration's searched parameters, and the per-seed τ of
+    post-hoc methods; empty when nothing was selected or searched."""
+    sel = res.selected(exp, method)
+    if sel.empty:
+        return ""
+    searched = ((exp.get("methods") or {}).get(method) or {}).get("searched") or []
+    cols = sorted(res.param_columns(), key=lambda c: (searched.index(c[6:]) if c[6:] in searched else len(searched), c))
+    parts = [f"{c[6:]} = {_value(sel[c].iloc[0])}" for c in cols if not _missing(sel[c].iloc[0])]
+    taus = sel["tau"].dropna()
+    if len(taus):
+        vals = [_value(t) for t in taus]
+        parts.append(f"τ = {vals[0]}" if len(set(vals)) == 1 else
+                     f"τ = {'/'.join(vals)} (seeds {'/'.join(str(int(s)) for s in sel.loc[taus.index, 'seed'])})")
+    return ", ".join(parts)
+
+
+def notes(res: Results) -> list[str]:
+    """Failed/diverged trials per stage and what an unfinished study is missing."""
+    out = list(res.notes)
+    failures = []
+    for exp in res.experiments:
+        t = res.trial_list(exp)
+        counts = [(int((t["status"] == s).sum()), s) for s in FAILURE_STATUSES]
+        words = [f"{n} {s}" for n, s in counts if n]
+        if words:
+            first = words[0].split(" ", 1)
+            words[0] = f"{first[0]} trial{'s' * (first[0] != '1')} {first[1]}"
+            failures.append(f"{', '.join(words)} in {_stage_words(exp)}")
+    if failures:
+        out.append(f"Failures: {'; '.join(failures)}.")
+    missing = missing_parts(res)
+    if missing:
+        out.append(f"Missing: {'; '.join(missing)}.")
+    return out
+
+
+def missing_parts(res: Results) -> list[str]:
+    """What an interrupted or running study has not produced yet (empty for a complete one)."""
+    done = res.paths.done.exists()
+    out = [] if done else ["study not finished (no done.json)"]
+    for exp in res.experiments:
+        for m in res.methods(exp):
+            key = f"{exp['name']}/{m}"
+            trials = res.trial_list(exp, m)
+            budget = ((exp.get("methods") or {}).get(m) or {}).get("budget")
+            finished = int(trials["status"].isin(["completed", "stopped", *FAILURE_STATUSES]).sum())
+            if trials.empty:
+                out.append(f"{key} has no trials")
+                continue
+            unfinished = not done and budget and finished < budget
+            if not (trials["status"] == "completed").any():
+                out.append(f"{key} has no completed trial" + (f" ({finished} of {budget} finished)" if unfinished
+                                                              else ""))
+                continue
+            if unfinished:
+                out.append(f"{key} finished {finished} of {budget} trials")
+            sel = res.selected(exp, m)
+            if sel.empty:
+                out.append(f"selected configuration of {key}")
+                continue
+            lacking = [int(s) for s in sel.loc[sel["test_all"].isna(), "seed"]]
+            if len(lacking) == len(sel):
+                out.append(f"final test evaluation of {key}")
+            elif lacking:
+                out.append(f"final test evaluation of {key} (seed{'s' * (len(lacking) > 1)} "
+                           f"{', '.join(map(str, lacking))})")
+    return out
+
+
+def significance(res: Results) -> str:
+    """WB against the best other stage-2 method (highest mean test All): paired t-test across seeds
+    and the 95% confidence interval (t distribution) of the mean difference in All, in points."""
+    exp = res.experiment("stage2")
+    if exp is None:
+        return "Significance: the study has no stage 2."
+    if "wb" not in res.methods(exp):
+        return "Significance: the study has no wb (CB + WD + MaxNorm) method, so no test was made."
+    wb = res.selected(exp, "wb")[["seed", "test_all"]].dropna()
+    if wb.empty:
+        return "Significance: wb has no test results yet, so no test was made."
+    means = {m: res.selected(exp, m)["test_all"].mean() for m in res.methods(exp) if m != "wb"}
+    means = {m: v for m, v in means.items() if math.isfinite(v)}
+    if not means:
+        return "Significance: no other stage-2 method has test results to compare wb with."
+    other = max(means, key=means.get)
+    pair = wb.merge(res.selected(exp, other)[["seed", "test_all"]].dropna(), on="seed", suffixes=("_wb", "_o"))
+    head = f"Significance: WB vs {label(exp, other)} (the best other stage-2 method by mean test All)"
+    n = len(pair)
+    if n < 3:
+        return (f"{head}: only {n} paired seed{'s' * (n != 1)}; a paired t-test needs at least 3, "
+                "so none was computed.")
+    from scipy import stats
+
+    a, b = pair["test_all_wb"].to_numpy() * 100, pair["test_all_o"].to_numpy() * 100
+    d = a - b
+    mean, se = d.mean(), d.std(ddof=1) / math.sqrt(n)
+    if se == 0:
+        return f"{head}: the difference in All is {mean:+.2f} points on every one of {n} seeds; no t-test."
+    t, p = stats.ttest_rel(a, b)
+    half = stats.t.ppf(0.975, n - 1) * se
+    return (f"{head}: mean difference in All {mean:+.2f} points, 95% CI [{mean - half:+.2f}, {mean + half:+.2f}] "
+            f"over {n} paired seeds; paired t-test t({n - 1}) = {t:.2f}, p = {p:.3g}.")
+
+
+# --- the tables ---------------------------------------------------------------------------------------------
+
+LEAD = [Column("stage_n", "Stage", show="display"), Column("stage", "stage", show="csv"),
+        Column("method", "method", show="csv"), Column("label", "Method")]
+ACC_COLUMNS = [Column(g, g.capitalize(), "stat", 2, bold_max=True) for g in GROUPS]
+NORM_COLUMNS = [Column("norm_ratio", "Max/min norm", "stat", 2), Column("norm_cv", "Norm CV", "stat", 3),
+                Column("norm_spearman", "Spearman ρ", "stat", 3)]
+
+
+def _lead(exp: dict, method: str) -> dict[str, Any]:
+    return {"stage_n": _stage_words(exp).replace("stage ", ""), "stage": exp["name"], "method": method,
+            "label": label(exp, method)}
+
+
+def _cells(cols: list[Column], values: dict[str, Any], row: pd.Series | None = None) -> list[Any]:
+    """A row's cells: named values first, else the trials.csv column (accuracies in percent)."""
+    def get(key: str) -> Any:
+        if key in values:
+            return values[key]
+        v = row.get(key) if row is not None else None
+        return v * 100 if key.startswith(("test_", "sel_")) and not _missing(v) else v
+    return [get(c.key) for c in cols]
+
+
+def _per_method(res: Results, exps: list[dict], cols: list[Column]) -> tuple[list[list[Any]], list[int]]:
+    """One row per (experiment, method) of the selected configuration: stat columns hold the per-seed
+    values (test accuracies in percent, norm statistics as they are)."""
+    rows, breaks = [], []
+    for exp in exps:
+        breaks.append(len(rows))
+        for m in res.methods(exp):
+            sel = res.selected(exp, m)
+            stats = {c.key: sel[f"test_{c.key}" if c.key in GROUPS else c.key].to_numpy(dtype=float)
+                     * (100 if c.key in GROUPS else 1) for c in cols if c.kind == "stat"}
+            rows.append(_cells(cols, {**_lead(exp, m), **stats, "n_seeds": int(sel["test_all"].notna().sum())}))
+    return rows, breaks
+
+
+def split_word(res: Results) -> str:
+    """``validation`` or ``test``: the split that selected hyperparameters and epochs."""
+    return "test" if (res.header.get("data") or {}).get("selection_split") == "test" else "validation"
+
+
+def _name(res: Results, kind: str) -> str:
+    return f"{res.header.get('study', 'study')}-{kind}"
+
+
+def main_table(res: Results) -> Table:
+    """Stage-1 baselines and every stage-2 method: test Many/Medium/Few/All, best in bold."""
+    exps = [e for e in res.experiments if e.get("stage") in ("stage1", "stage2")]
+    cols = LEAD + [Column("n_seeds", "n_seeds", "int", show="csv")] + ACC_COLUMNS
+    rows, breaks = _per_method(res, exps, cols)
+    hp = [f"{label(e, m)}: {s}" for e in exps for m in res.methods(e) if (s := selected_hyperparameters(res, e, m))]
+    caption = (f"Test accuracy (%) on {_context(res)}; best per column in bold. Stage-2 methods adjust or "
+               f"re-train the classifier of the stage-1 CE + tuned WD model. {_protocol(res)} "
+               f"Selected hyperparameters: {'; '.join(hp) if hp else 'none searched'}.")
+    return Table(_name(res, "main"), cols, rows, caption, notes(res), breaks)
+
+
+def ablation_table(res: Results) -> Table:
+    """The stage-2 methods on the tuned backbone with accuracy and weight-norm balance columns, and
+    the significance of WB against the best other method in the caption."""
+    cols = LEAD[1:] + [Column("n_seeds", "n_seeds", "int", show="csv")] + ACC_COLUMNS + NORM_COLUMNS
+    rows, _ = _per_method(res, [e for e in res.experiments if e.get("stage") == "stage2"], cols)
+    caption = (f"Stage-2 ablation on the stage-1 CE + tuned WD model: test accuracy (%) and balance of the "
+               f"per-class classifier weight norms (max/min ratio, coefficient of variation, Spearman ρ between "
+               f"class training count and norm) on {_context(res)}; best accuracy per column in bold. "
+               f"{_protocol(res)} {significance(res)}")
+    return Table(_name(res, "ablation"), cols, rows, caption, notes(res))
+
+
+def seeds_table(res: Results) -> Table:
+    """One row per method and seed of the selected configurations, to show the spread."""
+    cols = LEAD + [Column("seed", "Seed", "int"), Column("trial", "Trial", "int"),
+                   *[Column(f"test_{g}", g.capitalize(), "num", 2) for g in GROUPS],
+                   Column("sel_all", "Sel. All", "num", 2), Column("best_epoch", "Best epoch", "int"),
+                   Column("norm_ratio", "Max/min norm", "num", 2), Column("norm_cv", "Norm CV", "num", 3),
+                   Column("norm_spearman", "Spearman ρ", "num", 3)]
+    rows, breaks = [], []
+    for exp in res.experiments:
+        breaks.append(len(rows))
+        for m in res.methods(exp):
+            rows += [_cells(cols, _lead(exp, m), r) for _, r in res.selected(exp, m).iterrows()]
+    caption = (f"Per-seed results of each method's selected configuration on {_context(res, False)}: test "
+               f"accuracy (%), {split_word(res)}-split All accuracy (Sel. All, %), best epoch and weight-norm "
+               f"balance. {_protocol(res)}")
+    return Table(_name(res, "seeds"), cols, rows, caption, notes(res), breaks)
+
+
+def search_table(res: Results, k: int = TOP_K) -> Table:
+    """The top-k trials by objective of each stage/method that searched parameters, with Optuna's
+    parameter importances (from optuna.db) in the notes."""
+    searched = [(e, m) for e in res.experiments for m in res.methods(e)
+                if ((e.get("methods") or {}).get(m) or {}).get("searched")]
+    params: list[str] = []
+    for e, m in searched:
+        params += [p for p in e["methods"][m]["searched"] if p not in params]
+    cols = LEAD + [Column("rank", "Rank", "int"), Column("trial", "Trial", "int"), Column("status", "Status"),
+                   Column("selected", "Selected"), Column("objective", "Objective", "num", 2),
+                   *[Column(f"param.{p}", p, "num", None) for p in params]]
+    rows, breaks = [], []
+    for e, m in searched:
+        breaks.append(len(rows))
+        top = res.trial_list(e, m).dropna(subset=["objective"]).sort_values(
+            ["objective", "trial"], ascending=[False, True]).head(k)
+        rows += [_cells(cols, {**_lead(e, m), "rank": rank, "selected": "yes" if r["selected"] else "",
+                               "objective": r["objective"] * 100}, r)
+                 for rank, (_, r) in enumerate(top.iterrows(), 1)]
+    caption = (f"Top-{k} trials of each searched stage and method by objective (mean over seeds of "
+               f"{split_word(res)}-split All accuracy, %) on {_context(res, False)}, with the searched "
+               f"hyperparameters; Selected marks the chosen configuration.")
+    if not searched:
+        caption += " No stage or method searched any parameter."
+    return Table(_name(res, "search"), cols, rows, caption, notes(res) + importances(res, searched), breaks)
+
+
+def importances(res: Results, searched: list[tuple[dict, str]]) -> list[str]:
+    """One line per searched stage/method: Optuna's (fANOVA) parameter importances, or why not."""
+    if not searched:
+        return []
+    if not res.paths.optuna_db.is_file():
+        return ["Parameter importances: optuna.db not written yet."]
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{res.paths.optuna_db}")
+    out = []
+    try:
+        for e, m in searched:
+            key = f"{e['name']}/{m}"
+            try:
+                study = optuna.load_study(study_name=f"{e['name']}-{m}", storage=storage)
+            except KeyError:
+                out.append(f"Parameter importances of {key}: not in optuna.db.")
+                continue
+            n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+            if n < MIN_TRIALS_FOR_IMPORTANCE:
+                out.append(f"Parameter importances of {key}: not computed, {n} completed trial{'s' * (n != 1)} "
+                           f"(needs at least {MIN_TRIALS_FOR_IMPORTANCE}).")
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    imp = optuna.importance.get_param_importances(
+                        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            except (RuntimeError, ValueError) as err:
+                out.append(f"Parameter importances of {key}: not computed ({err}).")
+                continue
+            out.append(f"Parameter importances of {key} (fANOVA, {n} completed trials): "
+                       + ", ".join(f"{p} {v:.2f}" for p, v in imp.items()) + ".")
+    finally:
+        if hasattr(storage, "engine"):
+            storage.engine.dispose()
+    return out
+
+
+BUILDERS = {"main": main_table, "ablation": ablation_table, "seeds": seeds_table, "search": search_table}
+
+
+def build_table(res: Results, kind: str) -> Table:
+    """The table of one kind (``main``, ``ablation``, ``seeds`` or ``search``)."""
+    if kind not in BUILDERS:
+        raise UserError(f"unknown table kind {kind!r}; valid: {', '.join(BUILDERS)}")
+    return BUILDERS[kind](res)
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+
+def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "markdown",
+                  out: str | os.PathLike | None = None) -> int:
+    """``study table``: print (or write to ``out``) one table. CSV carries no caption, so its notes
+    (failures, what is missing) go to stderr."""
+    if fmt not in RENDERERS:
+        raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
+    table = build_table(load_results(study), kind)
+    text = render(table, fmt)
+    if fmt == "csv":
+        for n in table.notes:
+            print(n, file=sys.stderr)
+    if out:
+        from .fsutil import atomic_write_text
+
+        atomic_write_text(out, text)
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def write_all_tables(root: str | os.PathLike) -> list[Path]:
+    """Every kind of table in every format under ``STUDY/tables/`` (``main.md``, ``main.tex``,
+    ``main.csv``, ``ablation.md``, ...). Returns the written paths."""
+    from .fsutil import atomic_write_text
+
+    res = load_results(root)
+    written = []
+    for kind in KINDS:
+        table = build_table(res, kind)
+        for fmt, ext in FORMATS.items():
+            path = res.paths.tables / f"{kind}.{ext}"
+            atomic_write_text(path, render(table, fmt))
+            written.append(path)
+    return written

@@ -1,0 +1,240 @@
+"""PNG plots of a study's results (``study plot``; written to ``STUDY/plots/`` when a study finishes).
+
+- ``weight_norms.png``: per-class classifier weight norm against class index, one small panel per
+  stage-1 baseline and stage-2 method (the paper's Figure 2 layout), mean over seeds with a min-max
+  band, one shared y axis;
+- ``per_class_accuracy.png``: per-class test accuracy against class index, one line per method, with
+  the many/medium/few boundaries marked;
+- ``search-<stage>-<method>.png``: for each searched stage/method, the objective by trial with the
+  best-so-far line, and the objective against each searched parameter (log axis for ``loguniform``).
+
+Matplotlib is imported lazily and used through ``Figure`` objects only (no pyplot, so no GUI backend
+and no global state); nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis import Results, split_word, label, load_results
+
+FAILED_STATUSES = ("diverged", "failed")
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _methods(res: Results) -> list[tuple[dict, str]]:
+    return [(e, m) for e in res.experiments for m in res.methods(e)]
+
+
+def _title(exp: dict, method: str) -> str:
+    return f"{label(exp, method)}" + (" (stage 1)" if exp.get("stage") == "stage1" else "")
+
+
+def _boundaries(res: Results) -> list[tuple[float, str]]:
+    """x positions between the many/medium/few groups (classes sorted by training count)."""
+    data = res.header.get("data") or {}
+    counts, many, few = data.get("train_counts") or [], data.get("many_threshold"), data.get("few_threshold")
+    if not counts or many is None or few is None:
+        return []
+    # same rule as study.data.shot_groups, which we avoid importing to keep this module light
+    groups = ["many" if n > many else "few" if n < few else "medium" for n in counts]
+    return [(i - 0.5, groups[i]) for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
+
+
+def _mark_groups(ax: Any, res: Results, text: bool = False) -> None:
+    marks = _boundaries(res)
+    for x, _ in marks:
+        ax.axvline(x, color="0.6", ls=":", lw=1)
+    if text:
+        n = len((res.header.get("data") or {}).get("train_counts") or [])
+        edges = [-0.5] + [x for x, _ in marks] + [n - 0.5]
+        names = ["many"] + [g for _, g in marks]
+        for (lo, hi), g in zip(zip(edges, edges[1:]), names):
+            ax.text((lo + hi) / 2, 1.01, g, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=8, color="0.35")
+
+
+def weight_norm_figure(res: Results) -> Any:
+    """Figure 2 layout: one panel per method, mean per-class weight norm over seeds with a min-max
+    band, shared y axis. None when no method has per-class norms."""
+    pc = res.per_class.dropna(subset=["weight_norm"])
+    panels = [(e, m, pc[(pc["experiment"] == e["name"]) & (pc["method"] == m)]) for e, m in _methods(res)]
+    panels = [p for p in panels if not p[2].empty]
+    if not panels:
+        return None
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(3.0 * ncols, 2.3 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax, (e, m, df) in zip(axes, panels):
+        g = df.groupby("class")["weight_norm"]
+        x = np.asarray(g.mean().index, dtype=float)
+        ax.fill_between(x, g.min().to_numpy(), g.max().to_numpy(), color="C0", alpha=0.25, lw=0)
+        ax.plot(x, g.mean().to_numpy(), "o-", color="C0", ms=3, lw=1.2)
+        _mark_groups(ax, res)
+        ax.set_title(_title(e, m), fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("weight norm")
+    for j in range(ncols):  # the lowest panel of each column carries the x axis (the last row may be short)
+        ax = axes[max(i for i in range(j, len(panels), ncols))]
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel("class index (by training count)")
+    n = int(pc["seed"].nunique())
+    fig.suptitle(f"Per-class classifier weight norms ({res.header.get('study', '')}; mean over {n} seed"
+                 f"{'s' * (n != 1)}, band = min-max)", fontsize=10)
+    return fig
+
+
+def accuracy_figure(res: Results) -> Any:
+    """Per-class test accuracy (mean over seeds), one line per method, many/medium/few marked. None
+    when there are no test results yet."""
+    pc = res.per_class.dropna(subset=["test_acc"])
+    lines = [(e, m, pc[(pc["experiment"] == e["name"]) & (pc["method"] == m)]) for e, m in _methods(res)]
+    lines = [p for p in lines if not p[2].empty]
+    if not lines:
+        return None
+    fig = _figure(9.5, 4.8)
+    ax = fig.subplots()
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    for k, (e, m, df) in enumerate(lines):
+        acc = df.groupby("class")["test_acc"].mean() * 100
+        style = "--" if e.get("stage") == "stage1" else "-"
+        ax.plot(acc.index, acc.to_numpy(), style, marker="o", ms=3, lw=1.3, color=cmap(k % 20),
+                label=_title(e, m))
+    _mark_groups(ax, res, text=True)
+    ax.set_xlabel("class index (by training count)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle(f"Per-class test accuracy ({res.header.get('study', '')}; mean over seeds)", fontsize=10)
+    return fig
+
+
+def _search_spec(res: Results, exp: dict, method: str) -> dict:
+    space = res.header.get("space") or {}
+    if exp.get("stage") == "stage1":
+        return (space.get("stage1") or {}).get("search") or {}
+    return ((space.get("stage2") or {}).get(method) or {}).get("search") or {}
+
+
+def search_figure(res: Results, exp: dict, method: str) -> Any:
+    """Objective by trial with the best-so-far line, then objective against each searched parameter
+    (log x axis for ``loguniform`` ones, x range = the search range). None without searched trials."""
+    searched = ((exp.get("methods") or {}).get(method) or {}).get("searched") or []
+    trials = res.trial_list(exp, method)
+    if not searched or trials.empty:
+        return None
+    spec = _search_spec(res, exp, method)
+    trials = trials.assign(order=np.arange(1, len(trials) + 1), obj=trials["objective"] * 100)
+    ok = trials[trials["status"] == "completed"].dropna(subset=["obj"])
+    other = trials[~trials.index.isin(ok.index)].dropna(subset=["obj"])
+    bad = trials[trials["status"].isin(FAILED_STATUSES)]
+    waiting = trials[~trials["status"].isin(FAILED_STATUSES) & trials["obj"].isna()]
+    sel = trials[trials["selected"]]
+    fig = _figure(3.4 * (1 + len(searched)), 3.2)
+    axes = fig.subplots(1, 1 + len(searched), squeeze=False, sharey=True)[0]
+
+    def points(ax: Any, x: str) -> None:
+        if not ok.empty:
+            ax.scatter(ok[x], ok["obj"], s=22, color="C0", label="completed", zorder=3)
+        if not other.empty:
+            ax.scatter(other[x], other["obj"], s=22, color="0.6", label="stopped early", zorder=2)
+        if not sel.empty:
+            ax.scatter(sel[x], sel["obj"], s=120, marker="*", color="C3", label="selected", zorder=4)
+        # trials without an objective sit on the bottom edge, so failures and gaps stay visible
+        for df, style, name in ((bad, {"marker": "x", "c": "C3"}, "diverged/failed"),
+                                (waiting, {"marker": "o", "facecolors": "none", "edgecolors": "0.5"},
+                                 "no result yet")):
+            if not df.empty:
+                ax.scatter(df[x], np.full(len(df), 0.03), transform=ax.get_xaxis_transform(), s=25, label=name,
+                           zorder=4, **style)
+        ax.grid(alpha=0.3)
+
+    ax = axes[0]
+    points(ax, "order")
+    if not ok.empty:
+        best = ok.set_index("order")["obj"].reindex(trials["order"]).cummax().ffill()
+        ax.step(best.index, best.to_numpy(), where="post", color="C1", lw=1.5, label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.5, len(trials) + 0.5)
+    ax.set_xlabel("trial (in start order)")
+    ax.set_ylabel(f"objective: {split_word(res)} All acc. (%)")
+    if trials["obj"].isna().all():
+        ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="best")
+    for ax, p in zip(axes[1:], searched):
+        col = f"param.{p}"
+        if col not in trials.columns:
+            ax.set_visible(False)
+            continue
+        points(ax, col)
+        dist = spec.get(p) or {}
+        log = "loguniform" in dist
+        if log:
+            ax.set_xscale("log")
+        bounds = dist.get("loguniform") or dist.get("uniform") or dist.get("int")
+        if bounds:  # the whole search range shows where the sampler looked (and limits are never empty)
+            lo, hi = float(bounds[0]), float(bounds[1])
+            pad = 0.05 * (hi - lo or 1)
+            ax.set_xlim(*((lo / 1.3, hi * 1.3) if log else (lo - pad, hi + pad)))
+        ax.set_xlabel(p + (" (log scale)" if log else ""))
+    n = len(trials)
+    fig.suptitle(f"Search of {exp['name']}/{method} ({label(exp, method)}): {n} trial{'s' * (n != 1)}, "
+                 f"{len(ok)} completed", fontsize=10)
+    return fig
+
+
+def write_plots(root: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
+    """Write every plot of a study into ``out`` (default ``STUDY/plots``). Returns the written files
+    and a note for each plot skipped for lack of data."""
+    res = load_results(root)
+    folder = Path(out) if out else res.paths.plots
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
+            ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies")]
+    for e, m in _methods(res):
+        if ((e.get("methods") or {}).get(m) or {}).get("searched"):
+            jobs.append((f"search-{e['name']}-{m}.png", lambda e=e, m=m: search_figure(res, e, m),
+                         f"no trials of {e['name']}/{m}"))
+    written, skipped = [], []
+    for name, make, why in jobs:
+        fig = make()
+        if fig is None:
+            skipped.append(f"skipped {name}: {why}")
+        else:
+            fig.savefig(folder / name)
+            written.append(folder / name)
+    return written, skipped
+
+
+def write_all_plots(root: str | os.PathLike) -> list[Path]:
+    """The plots of a study in ``STUDY/plots/``; returns the written files."""
+    return write_plots(root)[0]
+
+
+def plot_command(study: str | os.PathLike, out: str | os.PathLike | None = None) -> int:
+    """``study plot``: write the PNGs and print their paths (and what was skipped)."""
+    written, skipped = write_plots(study, out)
+    for p in written:
+        print(p)
+    for s in skipped:
+        print(s)
+    return 0

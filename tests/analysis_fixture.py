@@ -1,0 +1,235 @@
+"""A small synthetic study folder with hand-chosen values, for the analysis and plot tests.
+
+Layout as written by ``study run`` (see ``study.records``): study.yaml, trials.csv, per_class.csv,
+the trial folders (trial.json, record.json / failed.json), stages/*.json, final/*.json, optionally
+optuna.db and done.json. Nothing of the real pipeline runs.
+
+Known values (test accuracies as fractions, per seed 0, 1, 2):
+
+=================  ====================  ====================  ====================  ====================
+stage/method       all                   many                  medium                few
+=================  ====================  ====================  ====================  ====================
+stage1/naive       .500 .520 .510        .900 .910 .920        .500 .480 .520        .100 .140 .120
+stage1/tuned       .560 .580 .570        .920 .930 .910        .560 .550 .570        .200 .220 .240
+stage2/none        (as stage1/tuned)
+stage2/tau-norm    .600 .610 .620        .880 .870 .890        .600 .610 .630        .300 .320 .340
+stage2/wb          .640 .655 .650        .920 .925 .915        .640 .660 .650        .360 .380 .370
+=================  ====================  ====================  ====================  ====================
+
+Stage 1 has one diverged trial (tuned, trial 3), stage 2 one failed trial (wb, trial 4). wb has 4
+completed trials (enough for parameter importances), stage1/tuned 3 (not enough).
+``interrupted=True``: no done.json, wb's final test evaluation is missing and an ``lws`` method was
+started but has no completed trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from study.records import PER_CLASS_COLUMNS, TRIALS_COLUMNS
+
+COUNTS = [50, 30, 20, 12, 8, 5]
+MANY, FEW = 25, 10  # classes 0-1 many, 2-3 medium, 4-5 few
+GROUP = ["many", "many", "medium", "medium", "few", "few"]
+
+TEST = {
+    ("stage1", "naive"): {"all": [.500, .520, .510], "many": [.900, .910, .920], "medium": [.500, .480, .520],
+                          "few": [.100, .140, .120]},
+    ("stage1", "tuned"): {"all": [.560, .580, .570], "many": [.920, .930, .910], "medium": [.560, .550, .570],
+                          "few": [.200, .220, .240]},
+    ("stage2", "tau-norm"): {"all": [.600, .610, .620], "many": [.880, .870, .890], "medium": [.600, .610, .630],
+                             "few": [.300, .320, .340]},
+    ("stage2", "wb"): {"all": [.640, .655, .650], "many": [.920, .925, .915], "medium": [.640, .660, .650],
+                       "few": [.360, .380, .370]},
+}
+TEST[("stage2", "none")] = TEST[("stage1", "tuned")]
+
+NORMS = {"naive": [2.0, 1.8, 1.6, 1.4, 1.2, 1.0], "tuned": [1.6, 1.5, 1.4, 1.3, 1.2, 1.1],
+         "none": [1.6, 1.5, 1.4, 1.3, 1.2, 1.1], "tau-norm": [1.2, 1.18, 1.16, 1.14, 1.12, 1.10],
+         "wb": [1.0, 0.99, 1.0, 0.98, 0.99, 0.97], "lws": [1.0] * 6}
+TAU = {"tau-norm": [1.0, 1.2, 1.1]}
+
+# (experiment, method, trial index, status, params, objective, selected, reason)
+TRIALS = [
+    ("stage1", "naive", 0, "completed", {}, 0.50, True, None),
+    ("stage1", "tuned", 1, "completed", {"weight_decay": 1e-4}, 0.55, False, None),
+    ("stage1", "tuned", 2, "completed", {"weight_decay": 1e-3}, 0.57, True, None),
+    ("stage1", "tuned", 3, "diverged", {"weight_decay": 5e-3}, None, False, "loss became NaN at epoch 2"),
+    ("stage1", "tuned", 4, "completed", {"weight_decay": 3e-5}, 0.53, False, None),
+    ("stage2", "none", 0, "completed", {}, 0.57, True, None),
+    ("stage2", "tau-norm", 1, "completed", {}, 0.60, True, None),
+    ("stage2", "wb", 2, "completed", {"weight_decay": 1e-2, "maxnorm_threshold": 0.1}, 0.62, False, None),
+    ("stage2", "wb", 3, "completed", {"weight_decay": 5e-2, "maxnorm_threshold": 0.3}, 0.66, True, None),
+    ("stage2", "wb", 4, "failed", {"weight_decay": 1e-3, "maxnorm_threshold": 0.5}, None, False,
+     "RuntimeError: boom (raised on every retry)"),
+    ("stage2", "wb", 5, "completed", {"weight_decay": 2e-2, "maxnorm_threshold": 0.2}, 0.64, False, None),
+    ("stage2", "wb", 6, "completed", {"weight_decay": 3e-1, "maxnorm_threshold": 0.9}, 0.58, False, None),
+]
+INTERRUPTED_TRIALS = [("stage2", "lws", 7, "interrupted", {"lr": 0.1}, None, False, None)]
+
+SEARCH = {"stage1": {"weight_decay": {"loguniform": [1e-5, 1e-2], "default": 5e-4}},
+          "wb": {"weight_decay": {"loguniform": [1e-4, 1.0], "default": 0.1},
+                 "maxnorm_threshold": {"uniform": [0.0, 1.0], "default": 0.1}},
+          "lws": {"lr": {"loguniform": [0.01, 1.0], "default": 0.1}}}
+
+
+def trial_id(exp: str, index: int) -> str:
+    return f"{exp[-1]}{index:07x}"
+
+
+def norms(method: str, seed_pos: int, trial: int = 0) -> list[float]:
+    """Per-class weight norms: the method's profile, a little tilted per seed and trial."""
+    base = np.asarray(NORMS[method])
+    return [float(x) for x in base + 0.02 * seed_pos * np.arange(6) / 5 + 0.01 * trial]
+
+
+def balance(w: list[float]) -> dict:
+    w = np.asarray(w)
+    return {"norm_ratio": float(w.max() / w.min()), "norm_cv": float(w.std() / w.mean()),
+            "norm_spearman": float(stats.spearmanr(COUNTS, w)[0])}
+
+
+def per_class_acc(overall: float) -> list[float]:
+    return [float(np.clip(overall + 0.3 - 0.12 * c, 0, 1)) for c in range(6)]
+
+
+def header(name: str, seeds: tuple, protocol: str, interrupted: bool) -> dict:
+    stage2 = {"none": 1, "tau-norm": 1, "wb": 5} | ({"lws": 2} if interrupted else {})
+    return {
+        "study": name, "fingerprint": "0123456789abcdef", "protocol": protocol,
+        "space": {"space": name, "protocol": protocol, "seeds": list(seeds),
+                  "data": {"dataset": "toy-lt", "imbalance_factor": 10.0},
+                  "stage1": {"config": {"epochs": 3}, "search": SEARCH["stage1"], "budget": 4, "scheduler": None,
+                             "baseline": True},
+                  "stage2": {m: {"config": {"epochs": 2}, "search": SEARCH.get(m, {}), "budget": b,
+                                 "scheduler": None} for m, b in stage2.items()}},
+        "experiments": [
+            {"name": "stage1", "stage": "stage1", "budget": 5,
+             "methods": {"naive": {"budget": 1, "searched": []},
+                         "tuned": {"budget": 4, "searched": ["weight_decay"]}}},
+            {"name": "stage2", "stage": "stage2", "budget": sum(stage2.values()),
+             "methods": {m: {"budget": b, "searched": list(SEARCH.get(m, {}))} for m, b in stage2.items()}},
+        ],
+        "data": {"dataset": "toy-lt", "imbalance_factor": 10.0, "num_classes": 6, "train_counts": COUNTS,
+                 "many_threshold": MANY, "few_threshold": FEW,
+                 "selection_split": "test" if protocol == "wb-parity" else "val", "subset_hash": "feedbeef"},
+        "backbone": "toy_cnn",
+        "provenance": {"created": "2026-01-01T00:00:00+0000"},
+    }
+
+
+def _csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    def cell(v):
+        return "" if v is None else repr(v) if isinstance(v, float) else v
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: cell(r.get(k)) for k in columns})
+
+
+def _json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, trials_csv: bool = True,
+               optuna_db: bool = False, protocol: str = "honest", name: str = "toy-lt") -> Path:
+    """Write the synthetic study into ``root`` (created) and return it."""
+    assert len(seeds) <= 3, "the known values cover at most 3 seeds"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    head = header(name, seeds, protocol, interrupted)
+    (root / "study.yaml").write_text(yaml.safe_dump(head, sort_keys=False))
+    trials = TRIALS + (INTERRUPTED_TRIALS if interrupted else [])
+    rows, per_class, finals, selected = [], [], {}, {}
+    for exp, method, index, status, params, objective, is_sel, reason in trials:
+        tid = trial_id(exp, index)
+        tdir = root / "trials" / exp / f"trial-{index:04d}-{tid}"
+        _json(tdir / "trial.json", {"method": method, "params": params})
+        has_test = is_sel and not (interrupted and method == "wb")
+        per_seed, final = {}, {}
+        for pos, seed in enumerate(seeds):
+            ok = objective is not None
+            sel_all = objective + (pos - (len(seeds) - 1) / 2) * 0.01 if ok else None
+            sel = {g: (sel_all + {"all": 0, "many": 0.3, "medium": 0.05, "few": -0.3}[g] if ok else None)
+                   for g in ("all", "many", "medium", "few")}
+            w = norms(method, pos, 0 if is_sel else index) if ok else None
+            bal = balance(w) if ok else {}
+            test = {g: TEST[(exp, method)][g][pos] for g in ("all", "many", "medium", "few")} if has_test else {}
+            tau = TAU.get(method, [None] * 3)[pos]
+            radius = 1.2 if method == "wb" and ok else None
+            rows.append({"study": name, "stage": exp, "experiment": exp, "method": method, "trial": index,
+                         "trial_id": tid, "seed": seed, "status": status, "reason": reason, "selected": is_sel,
+                         "objective": objective, "best_epoch": 2 if ok else None, "epochs_run": 3 if ok else 1,
+                         "resumed_from_epoch": 0, "selection_split": head["data"]["selection_split"],
+                         **{f"sel_{g}": v for g, v in sel.items()}, **{f"test_{g}": v for g, v in test.items()},
+                         **{k: bal.get(k) for k in ("norm_ratio", "norm_cv", "norm_spearman")},
+                         "maxnorm_radius": radius, "tau": tau, **{f"param.{k}": v for k, v in params.items()}})
+            if ok:
+                per_seed[str(seed)] = {"best_epoch": 2, "epochs_run": 3, "selection": {
+                    **sel, "per_class": per_class_acc(sel_all)}, "weight_norms": w, "balance": bal,
+                    "maxnorm_radius": radius, "tau": tau}
+            if has_test:
+                final[str(seed)] = {**test, "per_class": per_class_acc(test["all"])}
+            if is_sel:
+                per_class += [{"study": name, "stage": exp, "experiment": exp, "method": method, "seed": seed,
+                               "class": c, "train_count": n, "group": GROUP[c],
+                               "sel_acc": per_class_acc(sel_all)[c],
+                               "test_acc": per_class_acc(test["all"])[c] if has_test else None,
+                               "weight_norm": w[c]} for c, n in enumerate(COUNTS)]
+        if status in ("completed", "diverged"):
+            _json(tdir / "record.json", {"status": status, "reason": reason, "stage": exp, "experiment": exp,
+                                         "trial_index": index, "params": params, "seeds": list(seeds),
+                                         "objective": objective, "epochs_run": 3, "per_seed": per_seed})
+        elif status == "failed":
+            _json(tdir / "failed.json", {"reason": reason})
+        if is_sel:
+            selected.setdefault(exp, {})[method] = {"trial_id": tid, "trial_index": index, "objective": objective,
+                                                    "params": params}
+            if has_test:
+                finals[(exp, method)] = {"per_seed": final}
+    for exp, sel in selected.items():
+        _json(root / "stages" / f"{exp}.json", {"experiment": exp, "selected": sel, "finished": 0.0})
+    for (exp, method), final in finals.items():
+        _json(root / "final" / f"{exp}--{method}.json", final)
+    if trials_csv:
+        params = sorted({k for r in rows for k in r if k.startswith("param.")})
+        _csv(root / "trials.csv", rows, TRIALS_COLUMNS + params)
+        _csv(root / "per_class.csv", per_class, PER_CLASS_COLUMNS)
+    if optuna_db:
+        write_optuna(root, head, trials)
+    if not interrupted:
+        _json(root / "done.json", {"finished": 0.0, "fingerprint": head["fingerprint"]})
+    return root
+
+
+def write_optuna(root: Path, head: dict, trials: list) -> None:
+    """optuna.db as ``study.records.export_optuna`` lays it out: one study per stage and method."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / 'optuna.db'}")
+    state = {"completed": TrialState.COMPLETE, "diverged": TrialState.FAIL, "failed": TrialState.FAIL}
+    for exp in head["experiments"]:
+        for method in exp["methods"]:
+            study = optuna.create_study(study_name=f"{exp['name']}-{method}", storage=storage, direction="maximize")
+            space = SEARCH["stage1"] if exp["stage"] == "stage1" and method == "tuned" else \
+                SEARCH.get(method, {}) if exp["stage"] == "stage2" else {}
+            dists = {k: FloatDistribution(*v.get("loguniform", v.get("uniform")), log="loguniform" in v)
+                     for k, v in space.items()}
+            for e, m, index, status, params, objective, _, _ in trials:
+                if e == exp["name"] and m == method and status in state:
+                    study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                 value=objective if status == "completed" else None,
+                                                 state=state[status], user_attrs={"status": status}))
+    storage.engine.dispose()

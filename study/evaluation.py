@@ -58,7 +58,10 @@ def balance_stats(norms: Sequence[float], counts: Sequence[int]) -> dict:
     c = np.asarray(counts, dtype=np.float64)
     ratio = float(n.max() / n.min()) if n.size and n.min() > 0 else math.nan
     cv = float(n.std() / n.mean()) if n.size and n.mean() > 0 else math.nan
-    if n.size > 2 and np.ptp(n) > 0 and np.ptp(c) > 0:
+    # Equal norms (L2-normalised rows) differ only by float rounding; ranking that noise would give
+    # a meaningless rho, so constant norms (CV < 1e-6) or constant counts report NaN.
+    constant = not n.size or not n.mean() > 0 or n.std() / n.mean() < 1e-6
+    if n.size > 2 and not constant and np.ptp(c) > 0:
         rho = float(spearmanr(c, n).statistic)
     else:
         rho = math.nan

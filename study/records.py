@@ -41,7 +41,7 @@ TRIALS_COLUMNS = [
     "study", "stage", "experiment", "method", "trial", "trial_id", "seed", "status", "reason", "selected",
     "objective", "best_epoch", "epochs_run", "resumed_from_epoch", "selection_split",
     "sel_all", "sel_many", "sel_medium", "sel_few", "test_all", "test_many", "test_medium", "test_few",
-    "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "tau",
+    "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "tau", "notes",
 ]
 """trials.csv columns, followed by one ``param.<name>`` column per searched parameter. Accuracies are
 fractions in 0-1 (``sel_*`` on the selection split — validation under the honest protocol, test
@@ -188,6 +188,7 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             t["events"] = epochs
             t["resumed_from_epoch"] = max((e.get("start_epoch", 0) for e in events if e.get("event") == "start"),
                                           default=0)
+            t["notes"] = "; ".join(e.get("note", "") for e in events if e.get("event") == "fallback")
             t["objective"] = epochs[-1].get("objective") if epochs else None
             t["epochs_run"] = epochs[-1].get("epoch") if epochs else 0
             tstat = (tune_state.get(t["trial_id"]) or {}).get("status")
@@ -215,7 +216,7 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             out[tid] = {"trial_index": ts.get("index") or 0, "trial_id": tid, "dir": None,
                         "method": cfg.pop("method", None), "params": cfg, "record": None,
                         "status": "pending", "reason": None, "objective": None, "epochs_run": 0,
-                        "resumed_from_epoch": 0, "events": []}
+                        "resumed_from_epoch": 0, "events": [], "notes": ""}
     return sorted(out.values(), key=lambda t: t["trial_index"])
 
 
@@ -266,7 +267,7 @@ def collect(paths: StudyPaths, header: dict) -> tuple[list[dict], list[dict]]:
                        **{f"test_{g}": test.get(g) for g in ("all", "many", "medium", "few")},
                        "norm_ratio": bal.get("norm_ratio"), "norm_cv": bal.get("norm_cv"),
                        "norm_spearman": bal.get("norm_spearman"), "maxnorm_radius": ps.get("maxnorm_radius"),
-                       "tau": ps.get("tau")}
+                       "tau": ps.get("tau"), "notes": t.get("notes") or None}
                 for k, v in (t["params"] or {}).items():
                     row[f"param.{k}"] = v
                 rows.append(row)
@@ -403,14 +404,15 @@ def study_status(root: str | os.PathLike) -> dict:
     return out
 
 
-def finish_study(paths: StudyPaths) -> None:
+def finish_study(paths: StudyPaths, view_log=print) -> None:
     """trials.csv, per_class.csv, optuna.db, tables and plots (all rebuilt from disk, idempotent)."""
+    from .faults import pause_point
+
     write_records(paths)
     export_optuna(paths)
-    try:  # TEMPORARY until the analysis modules land
-        from .analysis import write_all_tables
-        from .plots import write_all_plots
-    except ImportError:
-        return
+    pause_point("tables", view_log)
+    from .analysis import write_all_tables
+    from .plots import write_all_plots
+
     write_all_tables(paths.root)
     write_all_plots(paths.root)

@@ -43,6 +43,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .errors import StudyInterrupted, UserError
+from .faults import pause_point
 from .fsutil import StudyLock, atomic_write_json, check_writable, read_json
 from .records import (TRIAL_DIR_RE, StudyPaths, check_name, experiment_trials, finish_study, read_yaml_file,
                       trial_index_of, tune_trials)
@@ -89,7 +90,7 @@ def study_trainable(config: dict, data=None) -> None:
     spec = TrialSpec(stage=st["stage"], config=cfg, seeds=tuple(st["seeds"]),
                      eval_cfg=build(EvalConfig, st["eval"]), trial_dir=tdir, backbone=st["backbone"],
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
-                     experiment=st["experiment"], trial_index=index, params=params)
+                     experiment=st["experiment"], trial_index=index, params=params, method=method)
     run_trial(spec, data, report=SnapshotReporter())
 
 
@@ -298,6 +299,9 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A diverged trial's last report has no objective on purpose (so no number can win); the
+    # searcher and scheduler skip such reports, so Tune must not reject them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ray.is_initialized():
         return
@@ -492,6 +496,7 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
                                    {f"{e}--{m}": str(Path(sel["dir"]) / f"final-seed{seed}.pt") for e, m, sel in todo},
                                    data_ref, asdict(space.eval))
                for seed in space.seeds}
+    pause_point("final-eval", log)
     reports = {seed: ray.get(f) for seed, f in futures.items()}
     for exp, method, sel in todo:
         atomic_write_json(paths.final_file(exp, method), {
@@ -626,13 +631,15 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                         raise UserError("no stage-1 trial completed (all diverged or failed); see "
                                         f"'study status {paths.root}' and narrow the stage-1 space")
                     stage1_dir = Path(sel["dir"])
+                if exp.stage == "stage2":
+                    pause_point("between-stages", view.log)
                 if not marker.exists():
                     run_experiment(exp, space, paths, data, stage1_dir, cpus, gpus, view.log)
                     atomic_write_json(marker, {"experiment": exp.name, "selected": select_best(paths, exp),
                                                "finished": time.time()})
                 selections[exp.name] = read_json(marker)["selected"]
             run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log)
-        finish_study(paths)
+        finish_study(paths, view_log=log)
         atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
         log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
         return paths.root

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .faults import maybe_raise
 from .fsutil import (append_jsonl, atomic_write_json, load_latest_checkpoint, read_json, read_jsonl,
                      safe_torch_load, save_checkpoint)
 
@@ -53,6 +54,8 @@ class TrialSpec:
     experiment: str = ""
     trial_index: int = 0
     params: dict = field(default_factory=dict)
+    method: str = ""
+    """The method name (stage 1: ``naive`` / ``tuned``; stage 2: the config's method)."""
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
@@ -63,26 +66,6 @@ def _make_trainer(spec: TrialSpec, data, seed: int, device):
         return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg)
     state = load(Path(spec.stage1_dir) / f"final-seed{seed}.pt")
     return Stage2Trainer(spec.config, data, seed, state, spec.backbone, device, spec.eval_cfg)
-
-
-def _maybe_inject_fault(spec: TrialSpec, epoch: int) -> None:
-    """Test hook: ``STUDY_FAULT=raise:<experiment>:<trial index>:<epoch>:<times>`` raises inside
-    that trial at the start of that epoch, at most ``times`` times (counted on disk, across
-    retries). Used by the fault tests to show that a raising trial is retried from its checkpoint."""
-    fault = os.environ.get("STUDY_FAULT", "")
-    if not fault.startswith("raise:"):
-        return
-    try:
-        _, exp, idx, ep, times = fault.split(":")
-    except ValueError:
-        return
-    if exp != spec.experiment or int(idx) != spec.trial_index or int(ep) != epoch:
-        return
-    counter = Path(spec.trial_dir) / ".fault-count"
-    n = int(counter.read_text()) if counter.exists() else 0
-    if n < int(times):
-        counter.write_text(str(n + 1))
-        raise RuntimeError(f"injected fault at epoch {epoch} (STUDY_FAULT)")
 
 
 def trial_metrics(records: dict[int, dict], epoch: int, start_epoch: int) -> dict:
@@ -139,15 +122,17 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     trainers = {s: _make_trainer(spec, data, s, device) for s in seeds}
     state, notes = load_latest_checkpoint(tdir / "ckpt")
     for note in notes:
-        log(f"{spec.experiment} trial {spec.trial_index}: {note}; using the previous good one")
+        log(f"{spec.experiment} trial {spec.trial_index}: {note}; trying the previous one")
         append_jsonl(events, {"t": time.time(), "event": "fallback", "note": note})
     start_epoch = 0
     if state is not None and set(state.get("seeds", {})) == {str(s) for s in seeds}:
         for s in seeds:
             trainers[s].load_state_dict(state["seeds"][str(s)])
         start_epoch = int(state["epoch"])
-    elif notes:
-        log(f"{spec.experiment} trial {spec.trial_index}: no usable checkpoint; restarting from epoch 0")
+    if notes:
+        msg = f"resumed from epoch {start_epoch}" if start_epoch else "no usable checkpoint; restarted from epoch 0"
+        log(f"{spec.experiment} trial {spec.trial_index}: {msg}")
+        append_jsonl(events, {"t": time.time(), "event": "fallback", "note": msg})
     attempt = sum(1 for e in read_jsonl(events) if e.get("event") == "start") + 1
     append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": start_epoch, "attempt": attempt,
                           "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
@@ -159,7 +144,8 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     try:
         while not trainers[seeds[0]].done:
             epoch = trainers[seeds[0]].epoch
-            _maybe_inject_fault(spec, epoch + 1)
+            maybe_raise(spec.experiment, spec.trial_index, getattr(spec.config, "method", "") or spec.method,
+                        epoch + 1, tdir)
             for s in seeds:
                 rec = trainers[s].run_epoch()
                 per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}

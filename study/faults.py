@@ -1,0 +1,51 @@
+"""Fault-injection points used by the test suite. Inactive unless ``STUDY_FAULT`` is set.
+
+``STUDY_FAULT`` holds comma-separated specs:
+
+- ``raise:<stage>:<trial index or method>:<epoch>:<times>`` — the matching trial raises at the start
+  of that epoch, at most ``times`` times in total (counted in the trial folder, across retries);
+- ``pause:<phase>:<seconds>`` — the driver prints ``fault-injection: pausing at <phase>`` and sleeps,
+  so a test can kill it at a known moment. Phases: ``between-stages``, ``final-eval``, ``tables``.
+
+Real faults (a NaN, a SIGKILL, a corrupted file) need no hook: tests cause them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def _specs(kind: str) -> list[list[str]]:
+    out = []
+    for spec in os.environ.get("STUDY_FAULT", "").split(","):
+        parts = spec.strip().split(":")
+        if parts and parts[0] == kind:
+            out.append(parts[1:])
+    return out
+
+
+def maybe_raise(stage: str, trial_index: int, method: str, epoch: int, trial_dir: Path) -> None:
+    """Raise inside a trial when a ``raise`` spec matches it (see module docstring)."""
+    for spec in _specs("raise"):
+        try:
+            st, who, ep, times = spec
+        except ValueError:
+            continue
+        if st != stage or int(ep) != epoch or who not in (str(trial_index), method):
+            continue
+        counter = Path(trial_dir) / ".fault-count"
+        n = int(counter.read_text()) if counter.exists() else 0
+        if n < int(times):
+            counter.write_text(str(n + 1))
+            raise RuntimeError(f"injected fault at epoch {epoch} (STUDY_FAULT)")
+
+
+def pause_point(phase: str, log: Callable[[str], None] = print) -> None:
+    """Sleep at a driver phase boundary when a ``pause`` spec names it."""
+    for spec in _specs("pause"):
+        if len(spec) == 2 and spec[0] == phase:
+            log(f"fault-injection: pausing at {phase}")
+            time.sleep(float(spec[1]))

@@ -1,0 +1,264 @@
+"""Faults a study must survive: the driver killed at any point, diverging and raising trials,
+corrupted checkpoints, two runs on one folder, an unwritable or full disk."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import glob
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from studyrun import (cleanup, events, kill_hard, read_rows, start, study, toy_space, trial_in_flight,
+                      wait_for)
+
+pytestmark = pytest.mark.timeout(900)
+
+TOY_BUDGETS = {("stage1", "naive"): 1, ("stage1", "tuned"): 2, ("stage2", "wb"): 2, ("stage2", "tau-norm"): 1,
+               ("stage2", "ncm"): 1}
+
+
+def _assert_complete(root: Path, budgets: dict, seeds: int = 2) -> list[dict]:
+    """Exactly the budgeted trials per stage and method, each (trial, seed) once, all completed."""
+    assert (root / "done.json").exists()
+    rows = read_rows(root / "trials.csv")
+    per_method = collections.defaultdict(set)
+    for row in rows:
+        per_method[(row["stage"], row["method"])].add(row["trial_id"])
+    assert {k: len(v) for k, v in per_method.items()} == budgets
+    assert len({(r["trial_id"], r["seed"]) for r in rows}) == len(rows) == sum(budgets.values()) * seeds
+    assert {r["status"] for r in rows} == {"completed"}
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    for (stage, method), n in budgets.items():
+        st = optuna.load_study(study_name=f"{stage}-{method}", storage=storage)
+        assert len(st.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) == n
+    return rows
+
+
+def _table_shape(root: Path, kind: str) -> tuple:
+    lines = (root / "tables" / f"{kind}.csv").read_text().splitlines()
+    return lines[0], [ln.split(",")[0] for ln in lines[1:]]
+
+
+def _same_tables(root: Path, reference: Path) -> None:
+    for kind in ("main", "ablation"):
+        assert _table_shape(root, kind) == _table_shape(reference, kind), kind
+
+
+def _wait_log(log: Path, text: str):
+    return lambda: text in log.read_text()
+
+
+def test_kill_in_every_phase(tmp_path, toy_study):
+    """SIGKILL mid stage 1 (and a truncated newest checkpoint), SIGTERM between the stages, SIGKILL
+    mid stage 2, SIGINT during the final test evaluation, SIGTERM while the tables are written:
+    running the same command again each time finishes the study exactly as an uninterrupted one."""
+    space = toy_space(tmp_path, e1=40, e2=40)
+    args = ("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "toy")
+    root = tmp_path / "res" / "toy"
+    log = tmp_path / "driver.log"
+
+    # 1. SIGKILL while a stage-1 trial is in flight, then truncate that trial's newest checkpoint.
+    p = start(*args, log=log)
+    victim1 = wait_for(lambda: trial_in_flight(root, "stage1", 3), 180, "stage-1 trial at epoch 3", p, log)
+    kill_hard(p)
+    ckpts = sorted((victim1 / "ckpt").glob("epoch-*.pt"))
+    assert len(ckpts) == 2, ckpts
+    fallback_epoch = int(ckpts[0].stem.split("-")[1])
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:100])  # a torn write
+
+    # 2. SIGTERM between the stages (the stale lock of run 1 is taken over). While this run waits,
+    #    a second `study run` on the same folder is refused with one line naming the running one.
+    pause = {"STUDY_FAULT": "pause:between-stages:60"}
+    p = start(*args, log=log, env_extra=pause)
+    wait_for(_wait_log(log, "pausing at between-stages"), 240, "the pause between stages", p, log)
+    second = study(*args, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert f"pid {p.pid}" in second.stderr and "in use" in second.stderr
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 130
+    cleanup([])
+
+    # 3. SIGKILL while a stage-2 trial is in flight.
+    p = start(*args, log=log)
+    wait_for(lambda: trial_in_flight(root, "stage2", 3), 240, "stage-2 trial at epoch 3", p, log)
+    kill_hard(p)
+
+    # 4. SIGINT (Ctrl-C) during the final test evaluation.
+    p = start(*args, log=log, env_extra={"STUDY_FAULT": "pause:final-eval:60"})
+    wait_for(_wait_log(log, "pausing at final-eval"), 240, "the final evaluation", p, log)
+    family = kill_hard(p, signal.SIGINT)
+    assert p.returncode == 130
+    assert not (root / "done.json").exists()
+
+    # 5. SIGTERM while the tables are being written.
+    p = start(*args, log=log, env_extra={"STUDY_FAULT": "pause:tables:60"})
+    wait_for(_wait_log(log, "pausing at tables"), 240, "the tables", p, log)
+    kill_hard(p, signal.SIGTERM)
+    assert p.returncode == 130
+
+    r = study(*args, timeout=400)
+    assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
+    rows = _assert_complete(root, TOY_BUDGETS)
+    by_trial = {r["trial_id"]: r for r in rows}
+    v1 = by_trial[victim1.name.split("-")[-1]]
+    assert int(v1["resumed_from_epoch"]) == fallback_epoch  # the truncated checkpoint was skipped
+    assert "unusable" in v1["notes"]
+    assert any(int(r["resumed_from_epoch"]) > 0 for r in rows if r["stage"] == "stage2")
+    _same_tables(root, toy_study)
+    assert not family or all(not _alive(pid) for pid in family)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not a survivor
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_kills_at_random_moments(tmp_path, toy_study):
+    """Seeded random moments and signals, one run: the study still ends exactly as an uninterrupted one."""
+    rng = random.Random(20241123)
+    space = toy_space(tmp_path, e1=30, e2=30)
+    args = ("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "toy")
+    root = tmp_path / "res" / "toy"
+    log = tmp_path / "driver.log"
+    for _ in range(4):
+        delay = rng.uniform(4.0, 30.0)
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+        p = start(*args, log=log)
+        t0 = time.time()
+        while time.time() - t0 < delay and p.poll() is None:
+            time.sleep(0.05)
+        if p.poll() is not None:  # finished before this moment: the rest of the draws are moot
+            break
+        kill_hard(p, sig)
+        assert p.returncode in (-signal.SIGKILL, 130, 0), (sig, p.returncode, log.read_text()[-2000:])
+    r = study(*args, timeout=400)
+    assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
+    _assert_complete(root, TOY_BUDGETS)
+    _same_tables(root, toy_study)
+
+
+def test_diverging_and_raising_trials(tmp_path):
+    """NaN trials are recorded as diverged (never a number Optuna could pick); a trial that raises is
+    retried from its checkpoint; one that keeps raising is recorded as failed; the study finishes."""
+    extra = """\
+    cb-wd:
+      weight_decay: 1.0e+6
+    cb-maxnorm:
+      weight_decay: {choice: [1.0e+6]}
+      budget: 2
+"""
+    space = toy_space(tmp_path, e1=4, e2=3, extra=extra)
+    faults = "raise:stage1:tuned:2:1,raise:stage2:ncm:1:5"
+    r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "f", timeout=400,
+              env_extra={"STUDY_FAULT": faults})
+    root = tmp_path / "res" / "f"
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (root / "done.json").exists()
+    rows = read_rows(root / "trials.csv")
+
+    def status(method):
+        return {(r["trial_id"], r["status"], r["reason"]) for r in rows if r["method"] == method}
+
+    for tid, st, reason in status("cb-wd") | status("cb-maxnorm"):
+        assert st == "diverged" and ("nan" in reason.lower() or "inf" in reason.lower()), reason
+    assert len(status("cb-maxnorm")) == 2
+    (ncm,) = status("ncm")
+    assert ncm[1] == "failed" and "injected fault" in ncm[2]
+    tuned = [r for r in rows if r["method"] == "tuned"]
+    assert {r["status"] for r in tuned} == {"completed"}
+    assert {int(r["resumed_from_epoch"]) for r in tuned} == {1}  # raised at epoch 2, resumed after epoch 1
+    assert not any(r["selected"] == "True" for r in rows if r["method"] in ("cb-wd", "cb-maxnorm", "ncm"))
+
+    # Inside the search: Optuna was told FAIL, never a NaN value.
+    state = sorted(glob.glob(str(root / "tune" / "stage2" / "searcher-state-*.pkl")))[-1]
+    with open(state, "rb") as f:
+        searcher = pickle.load(f)
+    ot = searcher["subs"]["cb-maxnorm"]._ot_study
+    assert [t.state for t in ot.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all(t.user_attrs.get("status") == "diverged" for t in ot.trials)
+    db = optuna.load_study(study_name="stage2-cb-maxnorm", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert [t.state for t in db.trials] == [optuna.trial.TrialState.FAIL] * 2
+    with pytest.raises(ValueError):
+        _ = db.best_trial
+
+    # The tables say what failed.
+    main = (root / "tables" / "main.md").read_text()
+    assert "diverged" in main and "failed" in main
+
+
+def test_unwritable_results_folder(tmp_path, capsys):
+    from study.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        space = toy_space(tmp_path)
+        rc = main(["run", str(space), "--results-dir", str(locked / "res")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "cannot write" in err and str(locked) in err and err.count("\n") == 1
+        assert list(locked.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)])
+
+
+def test_nearly_full_disk_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from study.errors import UserError
+    from study.fsutil import check_writable
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    with pytest.raises(UserError, match="MB free"):
+        check_writable(tmp_path / "res")
+
+
+def test_atomic_write_survives_a_full_disk(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC) leaves the previous trials.csv intact and no temp file."""
+    from study import fsutil
+
+    target = tmp_path / "trials.csv"
+    fsutil.atomic_write_text(target, "old,content\n")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        fsutil.atomic_write_text(target, "new," * 10000)
+    assert target.read_text() == "old,content\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+
+
+def test_stale_lock_is_taken_over_and_live_lock_refuses(tmp_path):
+    from study.errors import UserError
+    from study.fsutil import StudyLock
+
+    lock = StudyLock(tmp_path)
+    tmp_path.joinpath(".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+                                                      "started": 0}))
+    lock.acquire("test")  # the owner is dead: stale, taken over
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    other = StudyLock(tmp_path)
+    with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+        other.acquire("second")
+    lock.release()
+    assert not (tmp_path / ".lock").exists()

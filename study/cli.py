@@ -36,7 +36,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     values = {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[args.protocol].items() if k.startswith("data.")}
     values["dataset"] = args.dataset
-    for key in ("imbalance_factor", "profile", "subset", "val_per_class", "many_threshold", "few_threshold"):
+    for key in ("imbalance_factor", "profile", "subset", "rounding", "val_per_class", "many_threshold",
+                "few_threshold"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--protocol", default="honest", choices=("honest", "wb-parity"))
     d.add_argument("--profile", choices=("exp", "step"))
     d.add_argument("--subset", choices=("shuffle", "first"))
+    d.add_argument("--rounding", choices=("floor", "round"), help="floor (LDAM/WB) or round (ICLR'24 code)")
     d.add_argument("--val-per-class", type=int, dest="val_per_class")
     d.add_argument("--many-threshold", type=int, dest="many_threshold")
     d.add_argument("--few-threshold", type=int, dest="few_threshold")

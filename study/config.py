@@ -68,6 +68,10 @@ class DataConfig:
     """Which images make up each class's subset: ``shuffle`` (per-class seeded shuffle, as LDAM-DRW)
     or ``first`` (the first n_c images in file order, as the WB and ICLR'24 repos)."""
 
+    rounding: str = "floor"
+    """How n_c is made an integer: ``floor`` (Python ``int``, LDAM-DRW / WB: CIFAR-100-LT IF 100 has
+    10,847 images) or ``round`` (Python ``round``, the ICLR'24 code)."""
+
     subset_seed: int = 0
     """Seed of the per-class shuffle when ``subset: shuffle`` (LDAM-DRW uses 0). Independent of the
     run seeds, so every seed of a study trains on the same images."""
@@ -76,6 +80,11 @@ class DataConfig:
     """Images per class reserved for the balanced validation split before the long-tailed subset
     is drawn (so n_max becomes n_per_class - val_per_class). 0 means no validation split, which is
     only allowed under the ``wb-parity`` protocol."""
+
+    val_from: str = "end"
+    """Which images of each class's order form the validation split: the last ``val_per_class``
+    (``end``: the same images whatever the counts) or those right after the class's n_c training
+    images (``after-train``: the ICLR'24 code's choice)."""
 
     many_threshold: int | None = None
     """A class is Many-shot when it has more than this many training images. None: the dataset's
@@ -95,6 +104,8 @@ class DataConfig:
                    what="1 is balanced; 100 means the largest class has 100x the smallest")
         _choice("profile", self.profile, ("exp", "step"))
         _choice("subset", self.subset, ("shuffle", "first"))
+        _choice("rounding", self.rounding, ("floor", "round"))
+        _choice("val_from", self.val_from, ("end", "after-train"))
         _range("val_per_class", self.val_per_class, 0)
         spec = DATASETS[self.dataset]
         if self.val_per_class >= spec.train_per_class:

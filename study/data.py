@@ -5,11 +5,14 @@ Every dataset is built in the same three steps (reference.md §1):
 1. load the official balanced train/test images in file order (torchvision's CIFAR reader, or
    scikit-learn's bundled ``digits`` with a fixed balanced test hold-out);
 2. per class, order the images (file order for ``subset: first``; a seeded shuffle for ``shuffle``,
-   identical to LDAM-DRW's ``np.random.seed(s)`` + per-class ``np.random.shuffle``), reserve the
-   *last* ``val_per_class`` images of that order as the balanced validation split, and keep the
-   *first* n_c as the long-tailed training subset. Because validation images come from the end of
-   the order and n_c <= n_max = n_per_class - val_per_class, the two never overlap, and with
-   ``first`` the training images are exactly the WB / ICLR'24 ones;
+   identical to LDAM-DRW's ``np.random.seed(s)`` + per-class ``np.random.shuffle``), keep the
+   *first* n_c as the long-tailed training subset and reserve ``val_per_class`` images of the same
+   order for the balanced validation split: the *last* ones (``val_from: end``, independent of n_c)
+   or the ones right after the training images (``val_from: after-train``, as the ICLR'24 code
+   does). n_c <= n_max = n_per_class - val_per_class, so the two never overlap. With no validation
+   split and ``subset: first`` the training images are exactly the WB demo's; with
+   ``subset: first``, ``rounding: round`` and ``val_from: after-train`` the splits are exactly the
+   ICLR'24 repository's (CIFAR-100-LT IF 100: 10,457 training images);
 3. keep everything as uint8 tensors; batches are cropped, flipped and normalised on the trial's
    device, so the training loop does no per-image PIL work.
 """
@@ -71,25 +74,33 @@ class DatasetSpec:
 
 # --- counts -----------------------------------------------------------------------------------------
 
-def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
+def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp",
+              rounding: str = "floor") -> list[int]:
     """Per-class training counts, class 0 the largest.
 
-    ``exp``: n_c = floor(n_max * (1/IF)^(c/(C-1))), computed exactly as LDAM-DRW's
-    ``get_img_num_per_cls`` (Python ``int`` truncation), so CIFAR-100-LT IF 100 totals 10,847.
-    ``step``: the first C//2 classes get n_max, the rest int(n_max / IF).
+    ``exp``: n_c = n_max * (1/IF)^(c/(C-1)), truncated exactly as LDAM-DRW's ``get_img_num_per_cls``
+    (Python ``int``; CIFAR-100-LT IF 100 totals 10,847), or with ``rounding: round`` rounded with
+    Python's ``round`` as the ICLR'24 code does. ``step``: the first C//2 classes get n_max, the rest
+    n_max / IF (same rounding). A class left with no image is an error, not a silent empty class.
     """
     if imbalance_factor < 1:
         raise UserError(f"imbalance factor {imbalance_factor:g} is below 1; use 1 for a balanced set, "
                         "100 for the standard long tail")
+    to_int = round if rounding == "round" else int
     ratio = 1.0 / float(imbalance_factor)
     if profile == "exp":
         if num_classes == 1:
             return [n_max]
-        return [int(n_max * (ratio ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
-    if profile == "step":
+        counts = [to_int(n_max * (ratio ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
+    elif profile == "step":
         half = num_classes // 2
-        return [n_max] * half + [int(n_max * ratio)] * (num_classes - half)
-    raise UserError(f"unknown count profile '{profile}'; valid: exp, step")
+        counts = [n_max] * half + [to_int(n_max * ratio)] * (num_classes - half)
+    else:
+        raise UserError(f"unknown count profile '{profile}'; valid: exp, step")
+    if min(counts) < 1:
+        raise UserError(f"imbalance factor {imbalance_factor:g} leaves class {counts.index(min(counts))} with no "
+                        f"training image (n_max {n_max}); use a factor of at most {n_max}")
+    return counts
 
 
 def shot_groups(counts: list[int] | np.ndarray, many: int, few: int) -> np.ndarray:
@@ -288,7 +299,7 @@ def describe(cfg) -> dict:
     """Counts and group sizes of a DataConfig, without loading any images (``study data``)."""
     spec = get_spec(cfg.dataset)
     counts = lt_counts(n_max_for(spec, cfg.val_per_class), spec.num_classes,
-                       cfg.resolved_imbalance_factor, cfg.profile)
+                       cfg.resolved_imbalance_factor, cfg.profile, cfg.rounding)
     groups = shot_groups(counts, cfg.resolved_many, cfg.resolved_few)
     return {
         "dataset": spec.name,
@@ -310,7 +321,7 @@ def build_lt(raw: RawData, cfg, spec: DatasetSpec | None = None) -> LTData:
     spec = spec or get_spec(cfg.dataset)
     C = spec.num_classes
     V = cfg.val_per_class
-    counts = lt_counts(n_max_for(spec, V), C, cfg.resolved_imbalance_factor, cfg.profile)
+    counts = lt_counts(n_max_for(spec, V), C, cfg.resolved_imbalance_factor, cfg.profile, cfg.rounding)
     # LDAM-DRW seeds numpy's global RNG and shuffles class by class in order; a RandomState with the
     # same seed gives the identical sequence without touching global state.
     rng = np.random.RandomState(cfg.subset_seed) if cfg.subset == "shuffle" else None
@@ -324,7 +335,7 @@ def build_lt(raw: RawData, cfg, spec: DatasetSpec | None = None) -> LTData:
             rng.shuffle(idx)
         train_idx.append(idx[:counts[c]])
         if V:
-            val_idx.append(idx[idx.size - V:])
+            val_idx.append(idx[counts[c]:counts[c] + V] if cfg.val_from == "after-train" else idx[idx.size - V:])
     tr = np.concatenate(train_idx)
     va = np.concatenate(val_idx) if V else np.zeros(0, dtype=np.int64)
     data = LTData(

@@ -397,7 +397,13 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
             # (notes pitfall 7). Trials that did start kept their own folders and checkpoints.
             exp_dir.rename(exp_dir.with_name(f"{exp.name}.unstarted-{int(time.time())}"))
         tuner = _make_tuner(exp, space, paths, trainable, stage1_dir, cpus)
-    results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
+    finally:
+        # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
+        # its handler would swallow a later Ctrl-C (between stages, in the final evaluation).
+        signal.signal(signal.SIGINT, sigint)
     statuses = [t.status for t in results._experiment_analysis.trials]
     ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
     if len(statuses) < exp.budget or ended < exp.budget:
@@ -554,6 +560,7 @@ def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Ca
         old = None
     if not isinstance(old, dict) or old.get("fingerprint") != space.fingerprint():
         diffs = diff_dicts((old or {}).get("space", {}), _plain(space.to_dict()))
+        diffs.sort(key=lambda d: "->" not in d)  # changed values first, then added/removed keys
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise UserError(f"{paths.root} was started with a different search space ({shown or 'unreadable study.yaml'});"
                         " run the original command to resume, or add --fresh to start over (the old folder "
@@ -575,6 +582,10 @@ def _move_aside(paths: StudyPaths, log: Callable[[str], None]) -> None:
     log(f"--fresh: moved the previous study to {aside}")
 
 
+def _sigterm_as_sigint(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.PathLike = "results", *,
               address: str | None = None, gpus_per_trial: float | None = None, cpus_per_trial: float | None = None,
               data_dir: str | None = None, fresh: bool = False, verbose: bool = False,
@@ -585,37 +596,46 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     folder, the resources, the cluster address, a changed space, the dataset files."""
     from .data import load_data
 
-    name = check_name(name or space.name)
-    results_dir = Path(results_dir).expanduser()
-    check_writable(results_dir)
-    paths = StudyPaths(results_dir / name)
-    if paths.root.exists() and not paths.root.is_dir():
-        raise UserError(f"{paths.root} is a file, not a study folder; choose another --name or --results-dir")
-    if gpus_per_trial is not None and not 0 < gpus_per_trial <= 1:
-        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: must be in (0, 1] (a fraction lets several "
-                        "trials share one GPU, e.g. 0.25)")
-    if cpus_per_trial is not None and cpus_per_trial <= 0:
-        raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
-    if address:
-        check_address(address)
-    lock = StudyLock(paths.root)
-    lock.check()  # a live `study run` on this folder: refuse now, before touching anything
-    state = prepare_study_dir(space, paths, fresh, log)
-    if state == "done":
-        log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, trials in {paths.trials_csv}")
-        return paths.root
-    data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
+    # SIGTERM (batch schedulers, `kill`) becomes Ctrl-C from the very start: inside Tune's fit that
+    # makes Tune snapshot and stop cleanly, elsewhere it is a KeyboardInterrupt -> "interrupted".
     old_term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    lock = None
     try:
-        init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
+        name = check_name(name or space.name)
+        results_dir = Path(results_dir).expanduser()
+        check_writable(results_dir)
+        paths = StudyPaths(results_dir / name)
+        if paths.root.exists() and not paths.root.is_dir():
+            raise UserError(f"{paths.root} is a file, not a study folder; choose another --name or --results-dir")
+        if gpus_per_trial is not None and not 0 < gpus_per_trial <= 1:
+            raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: must be in (0, 1] (a fraction lets several "
+                            "trials share one GPU, e.g. 0.25)")
+        if cpus_per_trial is not None and cpus_per_trial <= 0:
+            raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
+        if address:
+            check_address(address)
+        lock = StudyLock(paths.root)
+        lock.check()  # a live `study run` on this folder: refuse now, before touching anything
+        state = prepare_study_dir(space, paths, fresh, log)
+        if state == "done":
+            log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
+                f"trials in {paths.trials_csv}")
+            return paths.root
+        data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
+        try:
+            init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
+        except SystemExit as e:  # ray.init's own SIGTERM handler exits with the signal number
+            if e.code == signal.SIGTERM:
+                raise KeyboardInterrupt from None
+            raise
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.init replaced ours
         paths.root.mkdir(parents=True, exist_ok=True)
         lock.acquire(" ".join(os.sys.argv))
         if state == "new":
             write_yaml(paths.study_yaml, study_header(space, name, data))
         log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on {data.selection_split}), "
             f"seeds {list(space.seeds)} -> {paths.root}" + ("" if state == "new" else " (resuming)"))
-        # SIGTERM (batch schedulers, `kill`) becomes Ctrl-C: Tune then snapshots and stops cleanly.
-        signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
         gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if cluster_gpus() > 0 else 0.0)
         cpus = cpus_per_trial if cpus_per_trial is not None else 1.0
         from .progress import ProgressView
@@ -644,10 +664,11 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
         log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
         return paths.root
     except KeyboardInterrupt:
-        raise StudyInterrupted(f"interrupted; run the same command again to resume {paths.root}") from None
+        raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        lock.release()
+        if lock is not None:
+            lock.release()
         try:
             import ray
 

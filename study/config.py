@@ -386,30 +386,21 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
         raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
+            raise ConfigError(key, f"expected {what}, got {value!r}")
+        if isinstance(value, float) and tp is int:
+            if value.is_integer():
                 return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        elif isinstance(value, (int, float)):
+            return tp(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
+        raise ConfigError(key, f"expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -185,6 +185,38 @@ class _Trainer:
             if not bool(torch.isfinite(p).all()):
                 raise Diverged(f"weights became non-finite in epoch {self.epoch + 1}")
 
+    def _sgd_epoch(self, order, logits_of, params, constrained) -> tuple[torch.Tensor, float]:
+        """One pass of SGD over ``order`` (batches of indices into the training split): schedule,
+        loss, step, MaxNorm projection of ``constrained`` (per step or per epoch), and the
+        divergence check on ``params``. Returns the summed loss and the last learning rate."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.device)
+        lr = cfg.lr
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size].to(self.device)
+            lr = self._set_lr(self.opt)
+            loss = self.loss_fn(logits_of(idx), self.train_split.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if self.maxnorm:
+                self.maxnorm.after_step(constrained.data)
+            loss_sum += loss.detach().float() * idx.numel()
+            self.step += 1
+        if self.maxnorm:
+            self.maxnorm.after_epoch(constrained.data)
+        self._check_finite(loss_sum, params)
+        return loss_sum, lr
+
+    def _close_epoch(self, report: dict, snapshot, loss_sum: torch.Tensor, n: int, lr: float) -> dict:
+        """Keep the epoch if it is the best so far on the selection split; record its history line."""
+        self._update_best(report, snapshot)
+        rec = {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / n, "lr": lr,
+               **{f"sel_{k}": v for k, v in summarize(report).items()}}
+        self.history.append(rec)
+        self.epoch += 1
+        return rec
+
     def _update_best(self, report: dict, snapshot) -> bool:
         better = self.best is None or not self.cfg.select_best_epoch or report["all"] > self.best["report"]["all"]
         if better:
@@ -223,34 +255,19 @@ class Stage1Trainer(_Trainer):
                                 cfg.pgd_every) if cfg.maxnorm else None)
 
     def run_epoch(self) -> dict:
-        cfg, model = self.cfg, self.model
+        model = self.model
         model.train()
         order = epoch_order(self.data.train_y, self.data.num_classes, "instance", self.gen)
-        loss_sum = torch.zeros((), device=self.device)
-        lr = cfg.lr
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size].to(self.device)
+
+        def logits_of(idx):
             x = self.aug(self.train_split.x[idx], self.gen)
-            lr = self._set_lr(self.opt)
             with _autocast(self.device, self.amp):
-                loss = self.loss_fn(model(x), self.train_split.y[idx])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if self.maxnorm:
-                self.maxnorm.after_step(model.classifier.weight.data)
-            loss_sum += loss.detach().float() * idx.numel()
-            self.step += 1
-        if self.maxnorm:
-            self.maxnorm.after_epoch(model.classifier.weight.data)
-        self._check_finite(loss_sum, (model.classifier.weight,))
-        report = self.evaluate_selection()
-        self._update_best(report, lambda: _cpu_state(model.state_dict()))
-        rec = {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / len(order), "lr": lr,
-               **{f"sel_{k}": v for k, v in summarize(report).items()}}
-        self.history.append(rec)
-        self.epoch += 1
-        return rec
+                return model(x)
+
+        w = model.classifier.weight
+        loss_sum, lr = self._sgd_epoch(order, logits_of, (w,), w)
+        return self._close_epoch(self.evaluate_selection(), lambda: _cpu_state(model.state_dict()),
+                                 loss_sum, len(order), lr)
 
     def evaluate_selection(self) -> dict:
         self.model.eval()
@@ -363,10 +380,8 @@ class Stage2Trainer(_Trainer):
             self._train_feats = compute_features(self.backbone, self.train_split, self.plain,
                                                  self.eval_cfg.batch_size, amp=self.amp)
         order = epoch_order(self.data.train_y, self.data.num_classes, cfg.sampler, self.gen)
-        loss_sum = torch.zeros((), device=self.device)
-        lr = cfg.lr
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size].to(self.device)
+
+        def logits_of(idx):
             if cache:
                 f = self._train_feats[idx]
             else:
@@ -374,26 +389,13 @@ class Stage2Trainer(_Trainer):
                     self.plain.normalize(self.train_split.x[idx])
                 with torch.no_grad(), _autocast(self.device, self.amp):
                     f = self.backbone(x).float()
-            lr = self._set_lr(self.opt)
-            loss = self.loss_fn(self.head(f), self.train_split.y[idx])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if self.maxnorm:
-                self.maxnorm.after_step(self.head.weight.data)
-            loss_sum += loss.detach().float() * idx.numel()
-            self.step += 1
-        if self.maxnorm:
-            self.maxnorm.after_epoch(self.head.weight.data)
-        self._check_finite(loss_sum, list(self.head.parameters()))
+            return self.head(f)  # the head stays in fp32
+
+        loss_sum, lr = self._sgd_epoch(order, logits_of, list(self.head.parameters()),
+                                       getattr(self.head, "weight", None))
         self.head.eval()
         report = self._report(self.head, self._selection_features())
-        self._update_best(report, self._snapshot)
-        rec = {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / len(order), "lr": lr,
-               **{f"sel_{k}": v for k, v in summarize(report).items()}}
-        self.history.append(rec)
-        self.epoch += 1
-        return rec
+        return self._close_epoch(report, self._snapshot, loss_sum, len(order), lr)
 
     def _snapshot(self) -> dict:
         snap: dict[str, Any] = {"head": self.head.affine().to_state()}

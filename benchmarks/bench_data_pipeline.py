@@ -63,7 +63,7 @@ def main() -> None:
     # -- input pipeline alone: one epoch
     loader = baseline_loader(x, y, args.batch, args.workers)
     t0 = time.perf_counter()
-    for xb, yb in loader:
+    for xb, _ in loader:
         xb = xb.to(device, non_blocking=True)
     sync()
     base_s = time.perf_counter() - t0

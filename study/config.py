@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ConfigError, unknown
@@ -430,5 +430,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 __all__ = [
     "PROTOCOLS", "PROTOCOL_PRESETS", "DataConfig", "EvalConfig", "TrainConfig", "Stage1Config",
-    "Stage2Config", "check_protocol", "build", "coerce", "field_types", "to_dict", "field",
+    "Stage2Config", "check_protocol", "build", "coerce", "field_types", "to_dict",
 ]

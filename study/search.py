@@ -302,6 +302,9 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # A diverged trial's last report has no objective on purpose (so no number can win); the
     # searcher and scheduler skip such reports, so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Ray's C++ failure-signal handler turns a SIGTERM into an abort a few seconds later, even after
+    # our handler has started a clean stop; without it, SIGTERM is a Ctrl-C (exit 130, resumable).
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ray.is_initialized():
         return
@@ -327,10 +330,21 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def cluster_gpus() -> float:
+def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) -> tuple[float, float]:
+    """(GPUs, CPUs) per trial, refusing requests the cluster can never satisfy (Ray would keep such
+    trials pending forever). Default: a quarter GPU when the cluster has GPUs, one CPU."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    res = ray.cluster_resources()
+    have_gpus, have_cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
+    gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if have_gpus > 0 else 0.0)
+    cpus = cpus_per_trial if cpus_per_trial is not None else 1.0
+    if gpus > 0 and have_gpus == 0:
+        raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU; leave the option out to "
+                        "train on CPUs, or join a cluster with GPUs (--address)")
+    if cpus > have_cpus:
+        raise UserError(f"--cpus-per-trial {cpus:g}: the Ray cluster has only {have_cpus:g} CPUs")
+    return gpus, cpus
 
 
 # --- one experiment -----------------------------------------------------------------------------------
@@ -404,11 +418,15 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
         # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
         # its handler would swallow a later Ctrl-C (between stages, in the final evaluation).
         signal.signal(signal.SIGINT, sigint)
-    statuses = [t.status for t in results._experiment_analysis.trials]
-    ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
-    if len(statuses) < exp.budget or ended < exp.budget:
+    del results
+    # After a graceful stop Tune marks every in-memory trial TERMINATED, so fit()'s statuses cannot
+    # tell an interrupted stage from a finished one; the last snapshot on disk can (it is what a
+    # restore resumes): in-flight trials are still RUNNING or PENDING there.
+    snapshot = tune_trials(paths, exp.name)
+    ended = sum(t["status"] in ("TERMINATED", "ERROR") for t in snapshot.values())
+    if len(snapshot) < exp.budget or ended < exp.budget:
         raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
-                               f"run the same command again to resume")
+                               "run the same command again to resume")
 
 
 def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], None]) -> None:
@@ -630,14 +648,13 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                 raise KeyboardInterrupt from None
             raise
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.init replaced ours
+        gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
         paths.root.mkdir(parents=True, exist_ok=True)
         lock.acquire(" ".join(os.sys.argv))
         if state == "new":
             write_yaml(paths.study_yaml, study_header(space, name, data))
         log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on {data.selection_split}), "
             f"seeds {list(space.seeds)} -> {paths.root}" + ("" if state == "new" else " (resuming)"))
-        gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if cluster_gpus() > 0 else 0.0)
-        cpus = cpus_per_trial if cpus_per_trial is not None else 1.0
         from .progress import ProgressView
 
         selections: dict[str, dict] = {}

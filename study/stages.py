@@ -29,7 +29,7 @@ from .data import Augmenter, DeviceSplit, LTData, epoch_order
 from .evaluation import accuracy_report, balance_stats, compute_features, evaluate_head, summarize, _autocast
 from .losses import make_loss
 from .methods import get_method
-from .models import LTClassifier, build_model
+from .models import build_model
 from .regularizers import MaxNorm, row_norms, tau_normalize
 
 STAGE2_SEED_OFFSET = 1_000_003

@@ -227,7 +227,7 @@ def write_optuna(root: Path, head: dict, trials: list) -> None:
                 SEARCH.get(method, {}) if exp["stage"] == "stage2" else {}
             dists = {k: FloatDistribution(*v.get("loguniform", v.get("uniform")), log="loguniform" in v)
                      for k, v in space.items()}
-            for e, m, index, status, params, objective, _, _ in trials:
+            for e, m, _, status, params, objective, _, _ in trials:
                 if e == exp["name"] and m == method and status in state:
                     study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params},
                                                  value=objective if status == "completed" else None,

@@ -118,15 +118,16 @@ def events(trial_dir: Path) -> list[dict]:
     return out
 
 
-def trial_in_flight(root: Path, stage: str, min_epoch: int):
-    """A trial folder of ``stage`` that has checkpointed epoch >= min_epoch and has not finished."""
+def trial_in_flight(root: Path, stage: str, min_epoch: int, since: float = 0.0):
+    """A trial folder of ``stage`` that has checkpointed epoch >= min_epoch (at or after time
+    ``since``, so a previous run's leftovers do not count) and has not finished."""
     folder = root / "trials" / stage
     if not folder.is_dir():
         return None
     for tdir in folder.glob("trial-*"):
         if (tdir / "record.json").exists():
             continue
-        eps = [e.get("epoch", 0) for e in events(tdir) if e.get("event") == "epoch"]
+        eps = [e.get("epoch", 0) for e in events(tdir) if e.get("event") == "epoch" and e.get("t", 0) >= since]
         if eps and max(eps) >= min_epoch:
             return tdir
     return None

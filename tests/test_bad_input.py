@@ -74,6 +74,12 @@ SPACE_CASES = [
     ("num-samples-zero", None, ["--num-samples", "0"], ["--num-samples 0"]),
 ]
 
+# Needs a running Ray (checked against the cluster's resources, still before anything is written).
+CLUSTER_CASES = [
+    ("gpus-without-gpu", ["--gpus-per-trial", "0.5"], ["--gpus-per-trial 0.5", "no GPU"]),
+    ("too-many-cpus", ["--cpus-per-trial", "64"], ["--cpus-per-trial 64", "only"]),
+]
+
 
 def _tree(path: Path) -> list[tuple[str, float]]:
     if not path.exists():
@@ -107,6 +113,17 @@ def test_bad_space_or_option(case, tmp_path, capsys):
     line = _check(capsys, ["run", str(space), "--results-dir", str(results), *extra], needles, results)
     if text is not None and "--set" not in " ".join(extra):
         assert "bad.yaml" in line  # space-file errors name the file
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[c[0] for c in CLUSTER_CASES])
+def test_resources_the_cluster_cannot_give(case, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available() and case[0] == "gpus-without-gpu":
+        pytest.skip("this machine has a GPU")
+    space = tmp_path / "s.yaml"
+    space.write_text(GOOD)
+    _check(capsys, ["run", str(space), "--results-dir", str(tmp_path / "r"), *case[1]], case[2], tmp_path / "r")
 
 
 def test_unknown_space_name_lists_available(tmp_path, capsys):

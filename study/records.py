@@ -161,10 +161,18 @@ def lock_alive(paths: StudyPaths) -> bool:
     return info is not None and not lock.is_stale(info)
 
 
-def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = None) -> list[dict]:
-    """Every known trial of an experiment with its status, params, objective and per-seed records."""
+def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = None,
+                      include_unknown: bool | None = None) -> list[dict]:
+    """Every known trial of an experiment with its status, params, objective and per-seed records.
+
+    ``live``: a `study run` holds the study (in-flight trials are ``running``, not ``interrupted``).
+    ``include_unknown``: also list trial folders that Tune's last snapshot does not know — trials
+    of a live run that have not reached their first report yet; after a hard kill such folders are
+    never resumed (see ``search.set_aside_orphans``). Default: ``live``."""
     if live is None:
         live = lock_alive(paths)
+    if include_unknown is None:
+        include_unknown = live
     tune_state = tune_trials(paths, experiment)
     out: dict[str, dict] = {}
     folder = paths.trials / experiment
@@ -173,8 +181,8 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             m = TRIAL_DIR_RE.match(tdir.name)
             if not m or not tdir.is_dir():
                 continue
-            if tune_state and not live and m.group(2) not in tune_state:
-                continue  # started after Tune's last snapshot before a hard kill: will not be resumed
+            if tune_state and not include_unknown and m.group(2) not in tune_state:
+                continue
             t: dict[str, Any] = {"trial_index": int(m.group(1)), "trial_id": m.group(2), "dir": tdir,
                                  "method": None, "params": {}, "record": None, "reason": None}
             info = _read(tdir / "trial.json")
@@ -245,7 +253,7 @@ def collect(paths: StudyPaths, header: dict) -> tuple[list[dict], list[dict]]:
         name = exp["name"]
         marker = _read(paths.stage_marker(name))
         selected = (marker or {}).get("selected", {})
-        for t in experiment_trials(paths, name, live):
+        for t in experiment_trials(paths, name, live, include_unknown=False):
             method = t["method"]
             if method is None:  # a trial folder whose trial.json was never written: nothing to report
                 continue
@@ -346,7 +354,7 @@ def export_optuna(paths: StudyPaths) -> Path:
     state_of = {"completed": TrialState.COMPLETE, "diverged": TrialState.FAIL, "failed": TrialState.FAIL,
                 "stopped": TrialState.PRUNED}
     for exp in header["experiments"]:
-        trials = experiment_trials(paths, exp["name"], live)
+        trials = experiment_trials(paths, exp["name"], live, include_unknown=False)
         for method in exp["methods"]:
             study_name = f"{exp['name']}-{method}"
             study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",

@@ -25,9 +25,12 @@ from the trial records when the study finishes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
+import re
+import shutil
 import signal
 import socket
 import time
@@ -44,7 +47,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .errors import StudyInterrupted, UserError
 from .faults import pause_point
-from .fsutil import StudyLock, atomic_write_json, check_writable, read_json
+from .fsutil import (StudyLock, append_jsonl, atomic_write_json, atomic_write_text, check_writable, read_json,
+                     read_jsonl)
 from .records import (TRIAL_DIR_RE, StudyPaths, check_name, experiment_trials, finish_study, read_yaml_file,
                       trial_index_of, tune_trials)
 from .spaces import Experiment, StudySpace, diff_dicts
@@ -83,6 +87,9 @@ def study_trainable(config: dict, data=None) -> None:
     paths = StudyPaths(Path(st["root"]))
     tdir = paths.trial_dir(st["experiment"], index, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
+    adopted = adopt_claimed(paths.trials / st["experiment"], trial_id, tdir)
+    if adopted:
+        append_jsonl(tdir / "events.jsonl", {"t": time.time(), "event": "adopted", "from": adopted})
     if not (tdir / "trial.json").exists():
         atomic_write_json(tdir / "trial.json", {"experiment": st["experiment"], "stage": st["stage"],
                                                 "method": method, "trial_id": trial_id, "trial_index": index,
@@ -91,31 +98,9 @@ def study_trainable(config: dict, data=None) -> None:
                      eval_cfg=build(EvalConfig, st["eval"]), trial_dir=tdir, backbone=st["backbone"],
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
                      experiment=st["experiment"], trial_index=index, params=params, method=method)
-    run_trial(spec, data, report=SnapshotReporter())
-
-
-class SnapshotReporter:
-    """``tune.report`` with a tiny Tune checkpoint on the first report, the last one, and at most
-    every ``every_s`` seconds in between. Each reported checkpoint makes Tune snapshot its
-    experiment state (``CheckpointConfig(num_to_keep=1)``), so after a hard kill Tune knows every
-    trial that ran at least one epoch; the trial's real state is in its own checkpoints."""
-
-    def __init__(self, every_s: float = 2.0):
-        self.every_s = every_s
-        self.last: float | None = None
-
-    def __call__(self, metrics: dict) -> None:
-        import json
-        import tempfile
-
-        now = time.time()
-        if self.last is None or now - self.last >= self.every_s or metrics.get("trial_status") != "running":
-            self.last = now
-            with tempfile.TemporaryDirectory(prefix="study-ckpt-") as d:
-                Path(d, "progress.json").write_text(json.dumps({"epoch": metrics.get("epoch")}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        else:
-            tune.report(metrics)
+    # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
+    # older snapshot can never name a Tune checkpoint that no longer exists.
+    run_trial(spec, data, report=lambda metrics: tune.report(metrics))
 
 
 # --- search algorithm and scheduler -------------------------------------------------------------------
@@ -155,13 +140,15 @@ class MethodSearcher(Searcher):
     completions are routed back to the method's searcher. The whole routing state is pickled with
     the sub-searchers (their Optuna studies included) at every Tune snapshot."""
 
-    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int]):
+    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = ""):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.order = list(subs)
         self.subs = subs
         self.budgets = dict(budgets)
         self.issued = {m: 0 for m in subs}
         self.trial_method: dict[str, str] = {}
+        self.pool = pool
+        """The stage's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # every sub-searcher was built with its own space, metric and mode
@@ -175,6 +162,13 @@ class MethodSearcher(Searcher):
                 return Searcher.FINISHED
             m = min(open_, key=lambda k: (self.issued[k] / self.budgets[k], self.order.index(k)))
         sub = self.subs[m]
+        if trial_id not in self.trial_method and self.pool:
+            # A trial that ran before a hard kill but is missing from Tune's snapshot takes this
+            # slot: same method, same parameters (enqueued in the method's Optuna study), so the
+            # new trial continues from its checkpoints (see claim_orphan / adopt_claimed).
+            orphan = claim_orphan(Path(self.pool), m, trial_id)
+            if orphan and sub is not None and orphan.get("params"):
+                sub._ot_study.enqueue_trial(orphan["params"], skip_if_exists=False)
         params = {} if sub is None else sub.suggest(trial_id)
         if params is None:
             return None
@@ -306,6 +300,11 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # our handler has started a clean stop; without it, SIGTERM is a Ctrl-C (exit 130, resumable).
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A trial restored from Tune's last checkpoint re-reports a few epochs Optuna has already seen
+    # (our trials resume from their own, newer checkpoint); Optuna keeps the first value and warns.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`")
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
@@ -367,8 +366,9 @@ def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable
                                              n_startup_trials=space.search.startup_trials)
         subs[p.method] = StudyOptunaSearch({k: d.to_optuna() for k, d in p.params.items()}, metric=OBJECTIVE,
                                            mode="max", sampler=sampler, study_name=f"{exp.name}-{p.method}")
-    searcher = MethodSearcher(subs, {p.method: p.budget for p in exp.plans})
-    asha = {p.method: ASHAScheduler(time_attr="training_iteration", max_t=p.config.epochs,
+    searcher = MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
+    # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
+    asha = {p.method: ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
                                     grace_period=p.scheduler.grace_period,
                                     reduction_factor=p.scheduler.reduction_factor)
             for p in exp.plans if p.scheduler is not None}
@@ -379,9 +379,6 @@ def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable
                                   trial_dirname_creator=trial_dirname)
     run_config = tune.RunConfig(
         name=exp.name, storage_path=str(paths.tune), verbose=0,
-        # Trials checkpoint themselves (study.trial); this only makes Tune snapshot its own state
-        # promptly after each report, so a hard kill loses little (notes §3, pitfall 8).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=space.search.retries),
         callbacks=[FailureRecorder(str(paths.root), exp.name)],
     )
@@ -399,17 +396,19 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
     """Run or resume one Tune experiment until every trial of its budget has ended."""
     exp_dir = paths.tune / exp.name
     trainable = _wrap_trainable(data, cpus, gpus)
-    has_state = any(exp_dir.glob("experiment_state-*.json"))
-    if exp_dir.exists() and has_state and tune.Tuner.can_restore(str(exp_dir)):
+    if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
         log(f"{exp.name}: resuming")
         set_aside_orphans(paths, exp.name, log)
+        # Unfinished trials keep their ids and run their function again, which resumes from the
+        # trial's own checkpoint. (RESTART would give them new ids.) Errored trials stay failed.
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         if exp_dir.exists():
-            # A Tuner was built but never snapshotted: restoring it would silently run one trial
-            # (notes pitfall 7). Trials that did start kept their own folders and checkpoints.
-            exp_dir.rename(exp_dir.with_name(f"{exp.name}.unstarted-{int(time.time())}"))
+            # Built but never snapshotted (restoring would silently run one trial: notes pitfall 7),
+            # or no readable snapshot: start the stage afresh; trials of the old attempt are set aside.
+            exp_dir.rename(exp_dir.with_name(f"{exp.name}.unusable-{int(time.time())}"))
+            set_aside_orphans(paths, exp.name, log)
         tuner = _make_tuner(exp, space, paths, trainable, stage1_dir, cpus)
     sigint = signal.getsignal(signal.SIGINT)
     try:
@@ -429,28 +428,130 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
                                "run the same command again to resume")
 
 
+SNAPSHOT_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
+SNAPSHOT_STAMP = re.compile(r"-(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2})\.(?:json|pkl)$")
+
+
+def _snapshot_readable(exp_dir: Path, stamp: str) -> bool:
+    import cloudpickle
+
+    try:
+        json.loads((exp_dir / SNAPSHOT_FILES[0].format(stamp)).read_text())
+        for name in SNAPSHOT_FILES[1:]:
+            with open(exp_dir / name.format(stamp), "rb") as f:
+                cloudpickle.load(f)
+        return True
+    except Exception:
+        return False
+
+
+def usable_snapshot(exp_dir: Path, log: Callable[[str], None]) -> bool:
+    """Make the newest of Tune's experiment snapshots a readable one; False if none is.
+
+    Tune copies its snapshot files into the results folder with plain (non-atomic) copies, so a
+    hard kill can leave one torn (seen: an empty search_gen_state file). Tune's restore then fails
+    and it silently starts the experiment over. A torn set is moved to ``.torn-snapshots/`` so that
+    Tune restores the previous, complete one instead."""
+    stamps = sorted({m.group(1) for pattern in SNAPSHOT_FILES for p in exp_dir.glob(pattern.format("*"))
+                     if (m := SNAPSHOT_STAMP.search(p.name))})
+    while stamps:
+        stamp = stamps.pop()
+        if _snapshot_readable(exp_dir, stamp):
+            return True
+        aside = exp_dir / ".torn-snapshots"
+        aside.mkdir(exist_ok=True)
+        for name in SNAPSHOT_FILES:
+            if (exp_dir / name.format(stamp)).exists():
+                (exp_dir / name.format(stamp)).rename(aside / name.format(stamp))
+        log(f"{exp_dir.name}: Tune's snapshot {stamp} is torn (a hard kill during its write); set aside")
+    return False
+
+
 def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], None]) -> None:
-    """Trial folders that Tune's last snapshot does not know were started just before a hard kill;
-    Tune will not resume them (it suggests new trials in their place, keeping the budget exact), so
-    they are moved to ``trials/<stage>/.orphaned/`` rather than being counted."""
+    """Trial folders that Tune's stored snapshot does not know: trials that ran before a hard kill
+    (Tune uploads its snapshot asynchronously, so it can lag behind by a few seconds) or belong to
+    an attempt that is being started over. Tune will issue new trials in their place (the budget
+    stays exact); so that their work is not lost, they wait in ``trials/<stage>/.adopt/`` for the
+    next trial of their method (``MethodSearcher.suggest``). Folders with nothing to continue go to
+    ``.orphaned/``. Claims made by trials that the snapshot does not know either are released."""
     known = set(tune_trials(paths, experiment))
     folder = paths.trials / experiment
-    if not known or not folder.is_dir():
+    if not folder.is_dir():
         return
+    pool = folder / ".adopt"
     for tdir in folder.iterdir():
         m = TRIAL_DIR_RE.match(tdir.name)
-        if m and m.group(2) not in known:
-            dest = folder / ".orphaned" / tdir.name
-            dest.parent.mkdir(exist_ok=True)
-            tdir.rename(dest)
-            log(f"{experiment}: trial {tdir.name} started after Tune's last snapshot; set aside in {dest.parent}")
+        if not m or m.group(2) in known:
+            continue
+        adoptable = (tdir / "trial.json").exists() and not (tdir / "failed.json").exists()
+        dest = (pool if adoptable else folder / ".orphaned") / tdir.name
+        dest.parent.mkdir(exist_ok=True)
+        tdir.rename(dest)
+        log(f"{experiment}: trial {tdir.name} is missing from Tune's last snapshot (a hard kill); "
+            + ("its method's next trial continues it" if adoptable else "nothing to continue"))
+    if pool.is_dir():
+        for entry in pool.iterdir():
+            claim = entry / "claimed_by"
+            if claim.exists() and claim.read_text().strip() not in known:
+                claim.unlink()
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> dict | None:
+    """Reserve the most advanced waiting orphan of ``method`` for ``trial_id``; its trial.json."""
+    pool = stage_dir / ".adopt"
+    if not pool.is_dir():
+        return None
+    free = []
+    for entry in sorted(pool.iterdir()):
+        info = read_json_or_none(entry / "trial.json")
+        if not info or info.get("method") != method:
+            continue
+        claim = entry / "claimed_by"
+        if claim.exists():
+            if claim.read_text().strip() == trial_id:
+                return info
+            continue
+        progress = (float("inf") if (entry / "record.json").exists() else
+                    max((e.get("epoch", 0) for e in read_jsonl(entry / "events.jsonl") if e.get("event") == "epoch"),
+                        default=0))
+        free.append((progress, entry.name, entry, info))
+    if not free:
+        return None
+    _, _, entry, info = max(free, key=lambda f: (f[0], f[1]))
+    atomic_write_text(entry / "claimed_by", trial_id)
+    return info
+
+
+def adopt_claimed(stage_dir: Path, trial_id: str, tdir: Path) -> str | None:
+    """In the trainable: move the orphan claimed for ``trial_id`` (its checkpoints, events, record
+    and final weights) into the trial's own folder. Returns the orphan's folder name, if any."""
+    pool = stage_dir / ".adopt"
+    if not pool.is_dir():
+        return None
+    for entry in pool.iterdir():
+        claim = entry / "claimed_by"
+        if not claim.exists() or claim.read_text().strip() != trial_id:
+            continue
+        for item in entry.iterdir():
+            if item.name not in ("trial.json", "claimed_by") and not (tdir / item.name).exists():
+                item.rename(tdir / item.name)
+        shutil.rmtree(entry, ignore_errors=True)
+        return entry.name
+    return None
 
 
 def select_best(paths: StudyPaths, exp: Experiment) -> dict:
     """Per method: the completed trial with the highest objective (ties: the earlier trial). Diverged,
     failed and early-stopped trials are never selected."""
     chosen: dict[str, Any] = {}
-    trials = experiment_trials(paths, exp.name, live=True)
+    trials = experiment_trials(paths, exp.name, live=True, include_unknown=False)
     for method in exp.methods:
         best = None
         for t in trials:

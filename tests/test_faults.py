@@ -90,6 +90,7 @@ def test_kill_in_every_phase(tmp_path, toy_study):
 
     # SIGKILL mid stage 1, then a torn write of that trial's newest checkpoint.
     victim1 = stop_in_flight("stage1", signal.SIGKILL)
+    victim1_started = events(victim1)[0]["t"]  # identifies it later, even if adopted by a new trial
     ckpts = sorted((victim1 / "ckpt").glob("epoch-*.pt"))
     assert len(ckpts) >= 2, ckpts  # three when the kill fell between a save and the old one's removal
     fallback_epoch = int(ckpts[-2].stem.split("-")[1])
@@ -108,6 +109,10 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     stop_at_pause("between-stages", signal.SIGTERM, during=refused)
     stop_in_flight("stage2", signal.SIGTERM)
     stop_in_flight("stage2", signal.SIGKILL)
+    # What a hard kill during Tune's (non-atomic) copy of its snapshot once left behind: an empty
+    # search_gen_state file. The next run must restore the previous snapshot, not start over.
+    snapshots = root / "tune" / "stage2"
+    sorted(snapshots.glob("search_gen_state-*.json"))[-1].write_bytes(b"")
     stop_at_pause("final-eval", signal.SIGINT)
     assert not (root / "done.json").exists()
     stop_at_pause("tables", signal.SIGTERM)
@@ -116,8 +121,9 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
     rows = _assert_complete(root, TOY_BUDGETS)
     by_trial = {r["trial_id"]: r for r in rows}
-    v1 = by_trial[victim1.name.split("-")[-1]]
-    starts = [e["start_epoch"] for e in events(victim1) if e.get("event") == "start"]
+    (v1_dir,) = [d for d in (root / "trials" / "stage1").glob("trial-*") if events(d)[0]["t"] == victim1_started]
+    v1 = by_trial[v1_dir.name.split("-")[-1]]
+    starts = [e["start_epoch"] for e in events(v1_dir) if e.get("event") == "start"]
     assert starts[1] == fallback_epoch  # the truncated newest checkpoint was skipped for the one before
     assert int(v1["resumed_from_epoch"]) >= fallback_epoch
     assert "unusable" in v1["notes"]
@@ -127,6 +133,8 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     with open(state, "rb") as f:
         ot = pickle.load(f)["subs"]["tuned"]._ot_study
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * TOY_BUDGETS[("stage1", "tuned")]
+    assert len(list((snapshots / ".torn-snapshots").iterdir())) == 3  # the torn set was set aside
+    assert "torn" in log.read_text() or "torn" in r.stdout
     _same_tables(root, toy_study)
 
 

@@ -90,3 +90,30 @@ def test_changed_space_refuses_to_resume(tmp_path):
     assert r.stderr.count("\n") == 1 and "different search space" in r.stderr and "--fresh" in r.stderr
     assert "seeds" in r.stderr
     assert sorted(p.name for p in (res / "s").iterdir()) == ["study.yaml"]
+
+
+def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):
+    """ASHA early-stops poor stage-1 `tuned` trials (compared only with each other, on their epoch
+    counter); the `naive` trial runs to the end; a stopped trial is never selected."""
+    extra = """\
+  scheduler: {asha: {grace_period: 1, reduction_factor: 2}}
+"""
+    text = toy_space(tmp_path, e1=4, b1=6).read_text().replace("  budget: 6\n", "  budget: 6\n" + extra, 1)
+    text = text.replace("search: {sampler_seed: 0, startup_trials: 1, retries: 1}",
+                        "search: {sampler_seed: 0, startup_trials: 1, retries: 1, max_concurrent: 1}")
+    space = tmp_path / "asha.yaml"
+    space.write_text(text)
+    r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "a", timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read_rows(tmp_path / "res" / "a" / "trials.csv")
+    tuned = {r["trial_id"]: r for r in rows if r["method"] == "tuned"}
+    assert len(tuned) == 6
+    statuses = collections.Counter(r["status"] for r in tuned.values())
+    assert set(statuses) <= {"completed", "stopped"} and statuses["stopped"] >= 1, statuses
+    for r in tuned.values():
+        if r["status"] == "stopped":
+            assert int(r["epochs_run"]) < 4 and r["selected"] == "False"
+    naive = [r for r in rows if r["method"] == "naive"]
+    assert {r["status"] for r in naive} == {"completed"} and all(int(r["epochs_run"]) == 4 for r in naive)
+    st = optuna.load_study(study_name="stage1-tuned", storage=f"sqlite:///{tmp_path / 'res' / 'a' / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.PRUNED for t in st.trials) == statuses["stopped"]

@@ -147,11 +147,19 @@ class EvalConfig:
     """Average the logits of each image and its horizontal flip (the WB notebooks' final numbers
     do this). Ignored for datasets where a flip changes the class (digits)."""
 
-    batch_size: int = 1000
-    """Images per forward pass during evaluation (memory only; results do not depend on it)."""
+    batch_size: int | None = None
+    """Images per forward pass during evaluation; results do not depend on it. None: 128 on a CPU
+    (larger batches fall out of the caches: 1000 is 2x slower than 64 for ResNet-32), 1024 on a GPU."""
 
     def __post_init__(self) -> None:
-        _range("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            _range("batch_size", self.batch_size, 1)
+
+    def batch_for(self, device) -> int:
+        """The evaluation batch size on ``device``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 1024 if getattr(device, "type", str(device)).startswith("cuda") else 128
 
 
 @dataclass(frozen=True)

@@ -587,7 +587,7 @@ def _final_eval_task(backbone: str, stage1_file: str, heads: dict, data, eval_cf
     model.to(device).eval()
     split = DeviceSplit(data.test_x, data.test_y, device)
     flip = bool(ev.tta_flip and data.spec.flip)
-    feats = compute_features(model.backbone, split, Augmenter(data.spec, device, False), ev.batch_size, flip=flip)
+    feats = compute_features(model.backbone, split, Augmenter(data.spec, device, False), ev.batch_for(device), flip=flip)
     feats = feats if flip else (feats,)
     out = {}
     for key, head_file in heads.items():

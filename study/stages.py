@@ -272,7 +272,7 @@ class Stage1Trainer(_Trainer):
     def evaluate_selection(self) -> dict:
         self.model.eval()
         return evaluate_head(self.model.backbone, self.model.classifier, self.select_split, self.plain,
-                             self.data, self.eval_cfg.batch_size, tta_flip=False, amp=self.amp)
+                             self.data, self.eval_cfg.batch_for(self.device), tta_flip=False, amp=self.amp)
 
     def state_dict(self) -> dict:
         return {**self._base_state(), "model": _cpu_state(self.model.state_dict()),
@@ -358,7 +358,7 @@ class Stage2Trainer(_Trainer):
         if self._select_feats is None or not self._features_fixed:
             self.backbone.eval()
             self._select_feats = compute_features(self.backbone, self.select_split, self.plain,
-                                                  self.eval_cfg.batch_size, amp=self.amp)
+                                                  self.eval_cfg.batch_for(self.device), amp=self.amp)
         return self._select_feats
 
     def _report(self, head: nn.Module, feats) -> dict:
@@ -378,7 +378,7 @@ class Stage2Trainer(_Trainer):
         cache = self._features_fixed and not cfg.augment
         if cache and self._train_feats is None:
             self._train_feats = compute_features(self.backbone, self.train_split, self.plain,
-                                                 self.eval_cfg.batch_size, amp=self.amp)
+                                                 self.eval_cfg.batch_for(self.device), amp=self.amp)
         order = epoch_order(self.data.train_y, self.data.num_classes, cfg.sampler, self.gen)
 
         def logits_of(idx):
@@ -412,7 +412,7 @@ class Stage2Trainer(_Trainer):
         if kind == "identity":
             candidates = [(None, AffineHead(W, b))]
         elif kind == "ncm":
-            train_f = compute_features(self.backbone, self.train_split, self.plain, self.eval_cfg.batch_size,
+            train_f = compute_features(self.backbone, self.train_split, self.plain, self.eval_cfg.batch_for(self.device),
                                        amp=self.amp)
             mu = train_f.mean(0)
             z = F.normalize(train_f - mu, dim=1)
@@ -538,4 +538,4 @@ def evaluate_final(backbone: str, stage1_state: dict, head_state: dict | None, d
     head = AffineHead.from_state(head_state or stage1_head_state(stage1_state)).to(device)
     x, y = data.split(split)
     return evaluate_head(model.backbone, head, DeviceSplit(x, y, device), Augmenter(data.spec, device, False),
-                         data, eval_cfg.batch_size, tta_flip=eval_cfg.tta_flip)
+                         data, eval_cfg.batch_for(device), tta_flip=eval_cfg.tta_flip)

@@ -1,0 +1,142 @@
+"""What the search harness costs: a real `study run` vs. the same trials run one after another.
+
+Baseline: every trial of the study (same configurations, same seeds, same epochs) run in this
+process with ``study.trial.run_trial`` — no Ray, no Optuna, no scheduling, no resume machinery.
+Harness: ``study run`` on the same space (Ray Tune + Optuna, one CPU per trial, trials in parallel
+as the cores allow), then its final test evaluation, tables and plots.
+
+Prints wall time, peak resident memory of the whole process tree (sampled every 0.2 s), and the
+ratios. Needs psutil (a dev dependency).
+
+    .venv/bin/python benchmarks/bench_search_overhead.py [--epochs 20] [--budget 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+SPACE = """\
+dataset: digits-lt
+seeds: 2
+search: {{sampler_seed: 0, startup_trials: 2}}
+stage1:
+  backbone: digits-cnn
+  epochs: {epochs}
+  lr: 0.05
+  weight_decay: {{loguniform: [1.0e-5, 1.0e-2], default: 5.0e-4}}
+  budget: {budget}
+  baseline: false
+stage2:
+  epochs: {epochs}
+  methods:
+    wb:
+      weight_decay: {{loguniform: [1.0e-3, 1.0], default: 0.1}}
+      maxnorm_threshold: {{uniform: [0.0, 1.0], default: 0.1}}
+      budget: {budget}
+"""
+
+
+class PeakRSS:
+    """Peak summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def baseline(space_path: Path, out: Path) -> None:
+    """Run every trial the study would run, sequentially, in this process."""
+    import torch
+
+    from study.data import load_data
+    from study.spaces import load_space
+    from study.trial import TrialSpec, run_trial
+
+    torch.set_num_threads(1)  # the harness gives each trial one CPU
+    space = load_space(str(space_path))
+    data = load_data(space.data)
+    (exp1, exp2) = space.experiments()
+    plan1 = exp1.plan("tuned")
+    s1 = None
+    for i in range(plan1.budget):
+        d = out / "s1" / str(i)
+        run_trial(TrialSpec("stage1", plan1.config, space.seeds, space.eval, d, space.stage1.backbone,
+                            experiment="stage1", trial_index=i), data, "cpu")
+        s1 = s1 or d
+    plan2 = exp2.plan("wb")
+    for i in range(plan2.budget):
+        run_trial(TrialSpec("stage2", plan2.config, space.seeds, space.eval, out / "s2" / str(i),
+                            space.stage1.backbone, stage1_dir=s1, experiment="stage2", trial_index=i), data, "cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=4)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    space = tmp / "space.yaml"
+    space.write_text(SPACE.format(epochs=args.epochs, budget=args.budget))
+    n = 2 * args.budget
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                          "sys.path.insert(0, str(Path(sys.argv[1]).parent)); "
+                          "from bench_search_overhead import baseline; baseline(Path(sys.argv[2]), Path(sys.argv[3]))",
+                          __file__, str(space), str(tmp / "plain")])
+    with PeakRSS(p.pid) as mem_plain:
+        p.wait()
+    t_plain = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "study", "run", str(space), "--results-dir", str(tmp / "res")],
+                         stdout=subprocess.DEVNULL)
+    with PeakRSS(p.pid) as mem_study:
+        p.wait()
+    t_study = time.perf_counter() - t0
+    assert p.returncode == 0, "study run failed"
+
+    cores = psutil.cpu_count()
+    print(f"{n} trials ({args.budget} stage-1 + {args.budget} stage-2), 2 seeds, {args.epochs} epochs, {cores} cores")
+    print(f"plain sequential run_trial    {t_plain:7.1f} s   peak RSS {mem_plain.peak / 2**20:7.0f} MB")
+    print(f"study run (Ray Tune + Optuna) {t_study:7.1f} s   peak RSS {mem_study.peak / 2**20:7.0f} MB"
+          f"   (includes the final test evaluation, tables and plots)")
+    print(f"ratio study/plain: time x{t_study / t_plain:.2f}, memory x{mem_study.peak / mem_plain.peak:.1f}; "
+          f"overhead {(t_study - t_plain) / n:+.1f} s per trial")
+
+
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .spaces import load_space
 
     space = load_space(args.space, args.set, seeds=args.seeds, num_samples=args.num_samples)
+    address = args.address or ""
+    if address and address not in ("auto", "local") and not address.startswith("ray://") \
+            and (Path.home() / ".ray" / "auth_token").exists():
+        # Heads started by recent Ray versions require token auth, and Ray reads the mode when it is
+        # imported: set it before the import below.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from .search import run_study  # imports Ray: only here
 
     run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,

@@ -311,10 +311,9 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
                                   logging_level=logging.INFO if verbose else logging.ERROR,
                                   configure_logging=True)
     if address:
+        # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
+        # imported; the CLI does that when ~/.ray/auth_token exists.
         check_address(address)
-        if address not in ("auto", "local") and not address.startswith("ray://") \
-                and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-            os.environ.setdefault("RAY_AUTH_MODE", "token")  # heads started by recent Ray use token auth
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:

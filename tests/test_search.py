@@ -67,6 +67,20 @@ def test_study_end_to_end(toy_study):
         ps = json.loads((tdir / "record.json").read_text())["per_seed"][str(seed)]
         assert max(ps["weight_norms"]) <= ps["maxnorm_radius"] * (1 + 1e-5)
 
+    # the tables equal the numbers recomputed from trials.csv (selected rows, mean over seeds, %)
+    import pandas as pd
+
+    df = pd.read_csv(root / "trials.csv")
+    main_csv = pd.read_csv(root / "tables" / "main.csv")
+    sel = df[df["selected"]]
+    assert len(main_csv) == len(budgets)
+    for stage, method in budgets:
+        mine = sel[(sel["stage"] == stage) & (sel["method"] == method)]
+        (row,) = [r for _, r in main_csv.iterrows() if r["stage"] == stage and r["method"] == method]
+        assert row["n_seeds"] == len(mine) == 2
+        for g in ("many", "medium", "few", "all"):
+            assert row[f"{g}_mean"] == pytest.approx(100 * mine[f"test_{g}"].mean(), abs=0.005)
+
     # running the same command on a finished study only says where the results are
     again = study("run", str(space), "--results-dir", str(root.parent), "--name", "toy", timeout=60)
     assert again.returncode == 0 and "is complete" in again.stdout

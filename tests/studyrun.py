@@ -77,18 +77,21 @@ def kill_hard(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> list[int]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    cleanup(family)
+    survivors = cleanup(family)
+    assert not survivors, f"processes the study started outlived the cleanup: {survivors}"
     return [p.pid for p in family]
 
 
-def cleanup(family: list) -> None:
+def cleanup(family: list) -> list:
+    """Kill these processes by PID; returns those still alive afterwards (should be none)."""
     time.sleep(0.5)
     for p in family:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=10)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    return alive
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

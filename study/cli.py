@@ -115,16 +115,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     space = load_space(args.space, args.set, seeds=args.seeds, num_samples=args.num_samples)
     address = args.address or ""
-    if address and address not in ("auto", "local") and not address.startswith("ray://") \
-            and (Path.home() / ".ray" / "auth_token").exists():
-        # Heads started by recent Ray versions require token auth, and Ray reads the mode when it is
-        # imported: set it before the import below.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from .search import run_study  # imports Ray: only here
+    set_mode = (address and address not in ("auto", "local") and not address.startswith("ray://")
+                and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules
+                and (Path.home() / ".ray" / "auth_token").exists())
+    if set_mode:
+        # Heads started by recent Ray versions require token auth, and Ray reads the mode once, when it
+        # is imported: set it before the import below. Only then (an already imported Ray would keep its
+        # mode while the processes it spawns inherited the new one), and undone afterwards so that a
+        # later local cluster in the same process does not start its GCS in token mode.
+        os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from .search import run_study  # imports Ray: only here
 
-    run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,
-              gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, data_dir=args.data_dir,
-              fresh=args.fresh, verbose=args.verbose, log=lambda s: print(s, flush=True))
+        run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,
+                  gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, data_dir=args.data_dir,
+                  fresh=args.fresh, verbose=args.verbose, log=lambda s: print(s, flush=True))
+    finally:
+        if set_mode:
+            os.environ.pop("RAY_AUTH_MODE", None)
     return 0
 
 

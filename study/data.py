@@ -220,9 +220,11 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10-lt": DatasetSpec(
         name="cifar10-lt", num_classes=10, train_per_class=5000, test_per_class=1000,
         shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, default_imbalance_factor=100.0,
-        many_threshold=100, few_threshold=20, crop_padding=4, flip=True, load=_cifar_loader(10),
-        note="thresholds 100/20 as in WB and OLTR; HN410 uses 1000/200 for CIFAR-10 (set "
-             "data.many_threshold/few_threshold)"),
+        # Hasegawa & Sato's CIFAR-10 thresholds: at IF 100 the counts run 5000 ... 50, so the CIFAR-100
+        # ones (> 100 / < 20) would give 8 / 2 / 0 classes and an empty Few group; these give 4 / 3 / 3.
+        many_threshold=1000, few_threshold=200, crop_padding=4, flip=True, load=_cifar_loader(10),
+        note="thresholds 1000/200 as in Hasegawa & Sato (the CIFAR-100 100/20 would leave Few empty; "
+             "set data.many_threshold/few_threshold to change them)"),
     "cifar100-lt": DatasetSpec(
         name="cifar100-lt", num_classes=100, train_per_class=500, test_per_class=100,
         shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, default_imbalance_factor=100.0,

@@ -82,11 +82,13 @@ def test_honest_protocol_reserves_validation_first(capsys):
     assert wider["train_counts"][0] == 450
 
 
-def test_custom_thresholds(capsys):
-    info = data_json(capsys, "cifar10-lt", "--imbalance-factor", "100", "--protocol", "wb-parity",
-                     "--many-threshold", "1000", "--few-threshold", "200")
-    # HN410's CIFAR-10 thresholds: 5000, 2997, 1796, 1077 | 645, 387, 232 | 139, 83, 50
+def test_cifar10_thresholds_default_and_custom(capsys):
+    info = data_json(capsys, "cifar10-lt", "--imbalance-factor", "100", "--protocol", "wb-parity")
+    # HN410's CIFAR-10 thresholds by default: 5000, 2997, 1796, 1077 | 645, 387, 232 | 139, 83, 50
     assert info["groups"] == {"many": 4, "medium": 3, "few": 3}
+    info = data_json(capsys, "cifar10-lt", "--imbalance-factor", "100", "--protocol", "wb-parity",
+                     "--many-threshold", "100", "--few-threshold", "20")
+    assert info["groups"] == {"many": 8, "medium": 2, "few": 0}
 
 
 def test_digits(capsys):

@@ -28,7 +28,7 @@ import pandas as pd
 
 from .errors import UserError
 from .methods import ABLATION_ORDER, METHODS
-from .records import PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, load_header
+from .records import FAILURE_STATUSES, PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, load_header
 
 KINDS = ("main", "ablation", "seeds", "search")
 FORMATS = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -36,7 +36,6 @@ GROUPS = ("many", "medium", "few", "all")
 TOP_K = 5
 MIN_TRIALS_FOR_IMPORTANCE = 4
 STAGE1_LABELS = {"naive": "CE without WD", "tuned": "CE + tuned WD"}
-FAILURE_STATUSES = ("diverged", "failed")
 _NUMERIC_COLUMNS = {"trial", "seed", "objective", "best_epoch", "epochs_run", "resumed_from_epoch", "sel_all",
                     "sel_many", "sel_medium", "sel_few", "test_all", "test_many", "test_medium", "test_few",
                     "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "tau", "class", "train_count",
@@ -68,6 +67,11 @@ class Results:
         """The first experiment of a stage (``stage1``/``stage2``)."""
         return next((e for e in self.experiments if e.get("stage") == stage), None)
 
+    @staticmethod
+    def searched(exp: dict, method: str) -> list[str]:
+        """The parameters the study searched for ``method`` in ``exp`` (empty: nothing searched)."""
+        return list(((exp.get("methods") or {}).get(method) or {}).get("searched") or [])
+
     def methods(self, exp: dict) -> list[str]:
         """The experiment's methods in table order, including any found only in the rows."""
         names = list(exp.get("methods") or {})
@@ -90,6 +94,11 @@ class Results:
 
     def param_columns(self) -> list[str]:
         return [c for c in self.trials.columns if c.startswith("param.")]
+
+
+def as_results(study: str | os.PathLike | Results) -> Results:
+    """``study`` itself when already loaded (writers called one after another share one load)."""
+    return study if isinstance(study, Results) else load_results(study)
 
 
 def load_results(root: str | os.PathLike) -> Results:
@@ -348,7 +357,7 @@ def selected_hyperparameters(res: Results, exp: dict, method: str) -> str:
     sel = res.selected(exp, method)
     if sel.empty:
         return ""
-    searched = ((exp.get("methods") or {}).get(method) or {}).get("searched") or []
+    searched = res.searched(exp, method)
     cols = sorted(res.param_columns(), key=lambda c: (searched.index(c[6:]) if c[6:] in searched else len(searched), c))
     parts = [f"{c[6:]} = {_value(sel[c].iloc[0])}" for c in cols if not _missing(sel[c].iloc[0])]
     taus = sel["tau"].dropna()
@@ -539,11 +548,10 @@ def seeds_table(res: Results) -> Table:
 def search_table(res: Results, k: int = TOP_K) -> Table:
     """The top-k trials by objective of each stage/method that searched parameters, with Optuna's
     parameter importances (from optuna.db) in the notes."""
-    searched = [(e, m) for e in res.experiments for m in res.methods(e)
-                if ((e.get("methods") or {}).get(m) or {}).get("searched")]
+    searched = [(e, m) for e in res.experiments for m in res.methods(e) if res.searched(e, m)]
     params: list[str] = []
     for e, m in searched:
-        params += [p for p in e["methods"][m]["searched"] if p not in params]
+        params += [p for p in res.searched(e, m) if p not in params]
     cols = LEAD + [Column("rank", "Rank", "int"), Column("trial", "Trial", "int"), Column("status", "Status"),
                    Column("selected", "Selected"), Column("objective", "Objective", "num", 2),
                    *[Column(f"param.{p}", p, "num", None) for p in params]]
@@ -638,12 +646,12 @@ def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "mark
     return 0
 
 
-def write_all_tables(root: str | os.PathLike) -> list[Path]:
+def write_all_tables(root: str | os.PathLike | Results) -> list[Path]:
     """Every kind of table in every format under ``STUDY/tables/`` (``main.md``, ``main.tex``,
     ``main.csv``, ``ablation.md``, ...). Returns the written paths."""
     from .fsutil import atomic_write_text
 
-    res = load_results(root)
+    res = as_results(root)
     written = []
     for kind in KINDS:
         table = build_table(res, kind)

@@ -3,6 +3,7 @@ checkpoints that fall back to the previous good one."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,6 +69,14 @@ def clean_json(obj: Any) -> Any:
     return obj
 
 
+def json_plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (dataclasses as dicts, tuples as lists, NaN as null), so
+    it compares equal to what an earlier run wrote."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(clean_json(obj), default=str))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(clean_json(obj), indent=2, sort_keys=False) + "\n")
 
@@ -84,6 +93,14 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(clean_json(obj)) + "\n")
         f.flush()
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """``read_json``, or None when the file is missing or unreadable (a torn write, a bad byte)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -151,10 +168,7 @@ class StudyLock:
         self.held = False
 
     def owner(self) -> dict | None:
-        try:
-            return read_json(self.path)
-        except (OSError, ValueError):
-            return None
+        return read_json_or_none(self.path)
 
     def is_stale(self, info: dict | None) -> bool:
         if not info:
@@ -187,7 +201,7 @@ class StudyLock:
     def check(self) -> None:
         """Raise the one-line 'in use' error if a live process holds the lock (takes nothing)."""
         info = self.owner()
-        if self.path.exists() and info is not None and not self.is_stale(info):
+        if info is not None and not self.is_stale(info):
             raise UserError(self._busy(info))
 
     @staticmethod

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import Results, split_word, label, load_results
-
-FAILED_STATUSES = ("diverged", "failed")
+from .analysis import Results, as_results, label, split_word
+from .data import shot_groups
+from .records import FAILURE_STATUSES
 
 
 def _figure(width: float, height: float) -> Any:
@@ -40,25 +40,23 @@ def _title(exp: dict, method: str) -> str:
     return f"{label(exp, method)}" + (" (stage 1)" if exp.get("stage") == "stage1" else "")
 
 
-def _boundaries(res: Results) -> list[tuple[float, str]]:
-    """x positions between the many/medium/few groups (classes sorted by training count)."""
+def _groups(res: Results) -> list[str]:
+    """Each class's group (classes sorted by training count); empty without counts or thresholds."""
     data = res.header.get("data") or {}
     counts, many, few = data.get("train_counts") or [], data.get("many_threshold"), data.get("few_threshold")
     if not counts or many is None or few is None:
         return []
-    # same rule as study.data.shot_groups, which we avoid importing to keep this module light
-    groups = ["many" if n > many else "few" if n < few else "medium" for n in counts]
-    return [(i - 0.5, groups[i]) for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
+    return [str(g) for g in shot_groups(counts, many, few)]
 
 
 def _mark_groups(ax: Any, res: Results, text: bool = False) -> None:
-    marks = _boundaries(res)
+    groups = _groups(res)
+    marks = [(i - 0.5, groups[i]) for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
     for x, _ in marks:
         ax.axvline(x, color="0.6", ls=":", lw=1)
-    if text:
-        n = len((res.header.get("data") or {}).get("train_counts") or [])
-        edges = [-0.5] + [x for x, _ in marks] + [n - 0.5]
-        names = ["many"] + [g for _, g in marks]
+    if text and groups:
+        edges = [-0.5] + [x for x, _ in marks] + [len(groups) - 0.5]
+        names = [groups[0]] + [g for _, g in marks]
         for (lo, hi), g in zip(zip(edges, edges[1:]), names):
             ax.text((lo + hi) / 2, 1.01, g, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                     fontsize=8, color="0.35")
@@ -136,7 +134,7 @@ def _search_spec(res: Results, exp: dict, method: str) -> dict:
 def search_figure(res: Results, exp: dict, method: str) -> Any:
     """Objective by trial with the best-so-far line, then objective against each searched parameter
     (log x axis for ``loguniform`` ones, x range = the search range). None without searched trials."""
-    searched = ((exp.get("methods") or {}).get(method) or {}).get("searched") or []
+    searched = res.searched(exp, method)
     trials = res.trial_list(exp, method)
     if not searched or trials.empty:
         return None
@@ -144,8 +142,8 @@ def search_figure(res: Results, exp: dict, method: str) -> Any:
     trials = trials.assign(order=np.arange(1, len(trials) + 1), obj=trials["objective"] * 100)
     ok = trials[trials["status"] == "completed"].dropna(subset=["obj"])
     other = trials[~trials.index.isin(ok.index)].dropna(subset=["obj"])
-    bad = trials[trials["status"].isin(FAILED_STATUSES)]
-    waiting = trials[~trials["status"].isin(FAILED_STATUSES) & trials["obj"].isna()]
+    bad = trials[trials["status"].isin(FAILURE_STATUSES)]
+    waiting = trials[~trials["status"].isin(FAILURE_STATUSES) & trials["obj"].isna()]
     sel = trials[trials["selected"]]
     fig = _figure(3.4 * (1 + len(searched)), 3.2)
     axes = fig.subplots(1, 1 + len(searched), squeeze=False, sharey=True)[0]
@@ -202,16 +200,17 @@ def search_figure(res: Results, exp: dict, method: str) -> Any:
     return fig
 
 
-def write_plots(root: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
+def write_plots(root: str | os.PathLike | Results,
+                out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
     """Write every plot of a study into ``out`` (default ``STUDY/plots``). Returns the written files
     and a note for each plot skipped for lack of data."""
-    res = load_results(root)
+    res = as_results(root)
     folder = Path(out) if out else res.paths.plots
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
             ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies")]
     for e, m in _methods(res):
-        if ((e.get("methods") or {}).get(m) or {}).get("searched"):
+        if res.searched(e, m):
             jobs.append((f"search-{e['name']}-{m}.png", lambda e=e, m=m: search_figure(res, e, m),
                          f"no trials of {e['name']}/{m}"))
     written, skipped = [], []
@@ -225,7 +224,7 @@ def write_plots(root: str | os.PathLike, out: str | os.PathLike | None = None) -
     return written, skipped
 
 
-def write_all_plots(root: str | os.PathLike) -> list[Path]:
+def write_all_plots(root: str | os.PathLike | Results) -> list[Path]:
     """The plots of a study in ``STUDY/plots/``; returns the written files."""
     return write_plots(root)[0]
 

@@ -44,7 +44,7 @@ class ProgressView:
 
     # -- state
     def snapshot(self) -> list[dict]:
-        from .records import experiment_trials
+        from .records import FAILURE_STATUSES, best_completed, experiment_trials
 
         rows = []
         for exp in self.experiments:
@@ -52,19 +52,18 @@ class ProgressView:
             finished = self.paths.stage_marker(exp.name).exists()
             for plan in exp.plans:
                 c = {"completed": 0, "running": 0, "failed": 0}
-                best = None
                 for t in trials:
                     if t["method"] != plan.method:
                         continue
                     s = t["status"]
                     if s in ("completed", "stopped"):
                         c["completed"] += 1
-                    elif s in ("diverged", "failed"):
+                    elif s in FAILURE_STATUSES:
                         c["failed"] += 1
                     elif s in ("running", "interrupted"):
                         c["running"] += 1
-                    if s == "completed" and t["objective"] is not None and (best is None or t["objective"] > best[0]):
-                        best = (t["objective"], t["params"])
+                b = best_completed(trials, plan.method)
+                best = b and (b["objective"], b["params"])
                 rows.append({"name": f"{exp.name} {plan.method}", "budget": plan.budget, **c, "best": best,
                              "finished": finished})
         return rows

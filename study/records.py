@@ -33,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .fsutil import StudyLock, atomic_write_bytes, read_json, read_jsonl
+from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
+
+FAILURE_STATUSES = ("diverged", "failed")
+"""Trial statuses that count as failures (a NaN/inf loss; an exception after its retries)."""
 
 TRIAL_DIR_RE = re.compile(r"^trial-(\d+)-([0-9a-f]+(?:_\d+)?)$")
 
@@ -144,15 +147,18 @@ def tune_trials(paths: StudyPaths, experiment: str) -> dict[str, dict]:
     return {}
 
 
-def _tune_error(paths: StudyPaths, experiment: str, logdir: str | None) -> str:
-    if not logdir:
-        return "trial raised"
-    p = paths.tune / experiment / logdir / "error.txt"
+def error_reason(error_file: str | os.PathLike | None) -> str:
+    """A failed trial's reason: the last line of Tune's ``error.txt`` (the exception), at most 500
+    characters; ``trial raised`` when there is none."""
     try:
-        lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
-        return lines[-1][-500:] if lines else "trial raised"
-    except OSError:
+        lines = [ln for ln in Path(error_file).read_text(errors="replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
         return "trial raised"
+    return lines[-1][-500:] if lines else "trial raised"
+
+
+def _tune_error(paths: StudyPaths, experiment: str, logdir: str | None) -> str:
+    return error_reason(paths.tune / experiment / logdir / "error.txt" if logdir else None)
 
 
 def lock_alive(paths: StudyPaths) -> bool:
@@ -185,12 +191,12 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
                 continue
             t: dict[str, Any] = {"trial_index": int(m.group(1)), "trial_id": m.group(2), "dir": tdir,
                                  "method": None, "params": {}, "record": None, "reason": None}
-            info = _read(tdir / "trial.json")
+            info = read_json_or_none(tdir / "trial.json")
             if info:
                 t["method"] = info.get("method")
                 t["params"] = info.get("params", {})
-            record = _read(tdir / "record.json")
-            failed = _read(tdir / "failed.json")
+            record = read_json_or_none(tdir / "record.json")
+            failed = read_json_or_none(tdir / "failed.json")
             events = read_jsonl(tdir / "events.jsonl")
             epochs = [e for e in events if e.get("event") == "epoch"]
             t["events"] = epochs
@@ -228,13 +234,6 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
     return sorted(out.values(), key=lambda t: t["trial_index"])
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
 # --- trials.csv and per_class.csv -------------------------------------------------------------------------
 
 def collect(paths: StudyPaths, header: dict) -> tuple[list[dict], list[dict]]:
@@ -251,7 +250,7 @@ def collect(paths: StudyPaths, header: dict) -> tuple[list[dict], list[dict]]:
     per_class: list[dict] = []
     for exp in header["experiments"]:
         name = exp["name"]
-        marker = _read(paths.stage_marker(name))
+        marker = read_json_or_none(paths.stage_marker(name))
         selected = (marker or {}).get("selected", {})
         for t in experiment_trials(paths, name, live, include_unknown=False):
             method = t["method"]
@@ -259,7 +258,7 @@ def collect(paths: StudyPaths, header: dict) -> tuple[list[dict], list[dict]]:
                 continue
             sel = selected.get(method) or {}
             is_sel = sel.get("trial_id") == t["trial_id"]
-            final = _read(paths.final_file(name, method)) if is_sel else None
+            final = read_json_or_none(paths.final_file(name, method)) if is_sel else None
             rec = t["record"] or {}
             for seed in seeds:
                 ps = (rec.get("per_seed") or {}).get(str(seed)) or {}
@@ -382,6 +381,17 @@ def export_optuna(paths: StudyPaths) -> Path:
 
 # --- status summary -------------------------------------------------------------------------------------
 
+def best_completed(trials: list[dict], method: str) -> dict | None:
+    """The completed trial of ``method`` with the highest objective (ties: the earlier trial), from
+    ``experiment_trials``. Diverged, failed and early-stopped trials never count."""
+    best = None
+    for t in trials:
+        if t["method"] == method and t["status"] == "completed" and t["objective"] is not None \
+                and (best is None or t["objective"] > best["objective"]):
+            best = t
+    return best
+
+
 def study_status(root: str | os.PathLike) -> dict:
     """Per stage and method: completed / diverged / failed / running / pending against the budget,
     and the best configuration so far. Reads files only."""
@@ -399,10 +409,8 @@ def study_status(root: str | os.PathLike) -> dict:
                 if t["status"] != "pending":
                     counts[t["status"]] = counts.get(t["status"], 0) + 1
             counts["pending"] = max(0, info["budget"] - sum(counts.values()))
-            best = None
-            for t in mine:
-                if t["status"] == "completed" and (best is None or t["objective"] > best["objective"]):
-                    best = {"trial": t["trial_index"], "objective": t["objective"], "params": t["params"]}
+            b = best_completed(mine, method)
+            best = b and {"trial": b["trial_index"], "objective": b["objective"], "params": b["params"]}
             methods[method] = {"budget": info["budget"], "counts": counts, "best": best}
         total = {k: sum(m["counts"][k] for m in methods.values()) for k in next(iter(methods.values()))["counts"]}
         out["experiments"].append({"name": exp["name"], "budget": exp["budget"],
@@ -419,8 +427,9 @@ def finish_study(paths: StudyPaths, view_log=print) -> None:
     write_records(paths)
     export_optuna(paths)
     pause_point("tables", view_log)
-    from .analysis import write_all_tables
+    from .analysis import load_results, write_all_tables
     from .plots import write_all_plots
 
-    write_all_tables(paths.root)
-    write_all_plots(paths.root)
+    results = load_results(paths.root)  # read once for both
+    write_all_tables(results)
+    write_all_plots(results)

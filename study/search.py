@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,11 +49,11 @@ from ray.tune.search.optuna import OptunaSearch
 from .errors import StudyInterrupted, UserError
 from .faults import pause_point
 from .fsutil import (StudyLock, append_jsonl, atomic_write_json, atomic_write_text, check_writable, read_json,
-                     read_jsonl)
-from .records import (TRIAL_DIR_RE, StudyPaths, check_name, experiment_trials, finish_study, read_yaml_file,
-                      trial_index_of, tune_trials)
+                     json_plain, read_json_or_none, read_jsonl)
+from .records import (TRIAL_DIR_RE, StudyPaths, best_completed, check_name, error_reason, experiment_trials, finish_study,
+                      read_yaml_file, trial_index_of, tune_trials)
 from .spaces import Experiment, StudySpace, diff_dicts
-from .trial import COMPLETED, DIVERGED, FAILED, TrialSpec, run_trial
+from .trial import DIVERGED, FAILED, TrialSpec, run_trial
 
 OBJECTIVE = "objective"
 
@@ -100,7 +101,7 @@ def study_trainable(config: dict, data=None) -> None:
                      experiment=st["experiment"], trial_index=index, params=params, method=method)
     # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
-    run_trial(spec, data, report=lambda metrics: tune.report(metrics))
+    run_trial(spec, data, report=tune.report)
 
 
 # --- search algorithm and scheduler -------------------------------------------------------------------
@@ -255,15 +256,11 @@ class FailureRecorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
-            message = ""
-            path = getattr(trial, "error_file", None)
-            if path and os.path.exists(path):
-                lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-                message = lines[-1] if lines else ""
             tdir = StudyPaths(Path(self.root)).trial_dir(
                 self.experiment, trial_index_of(trial.experiment_tag, trial.trial_id), trial.trial_id)
             tdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(tdir / "failed.json", {"status": FAILED, "reason": message[-500:] or "trial raised",
+            atomic_write_json(tdir / "failed.json", {"status": FAILED,
+                                                     "reason": error_reason(getattr(trial, "error_file", None)),
                                                      "num_failures": getattr(trial, "num_failures", None)})
         except Exception:  # bookkeeping must never break the study
             pass
@@ -312,8 +309,8 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
                                   configure_logging=True)
     if address:
         # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
-        # imported; the CLI does that when ~/.ray/auth_token exists.
-        check_address(address)
+        # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
+        # that the address answers (check_address), before anything was written.
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:
@@ -495,13 +492,6 @@ def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], N
                 claim.unlink()
 
 
-def read_json_or_none(path: Path) -> dict | None:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
 def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> dict | None:
     """Reserve the most advanced waiting orphan of ``method`` for ``trial_id``; its trial.json."""
     pool = stage_dir / ".adopt"
@@ -552,13 +542,7 @@ def select_best(paths: StudyPaths, exp: Experiment) -> dict:
     chosen: dict[str, Any] = {}
     trials = experiment_trials(paths, exp.name, live=True, include_unknown=False)
     for method in exp.methods:
-        best = None
-        for t in trials:
-            rec = t.get("record")
-            if t["method"] != method or not rec or rec.get("status") != COMPLETED:
-                continue
-            if best is None or rec["objective"] > best["record"]["objective"]:
-                best = t
+        best = best_completed(trials, method)
         chosen[method] = None if best is None else {
             "trial_id": best["trial_id"], "trial_index": best["trial_index"], "dir": str(best["dir"]),
             "objective": best["record"]["objective"], "params": best["record"].get("params", {})}
@@ -677,21 +661,13 @@ def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Ca
     except Exception:
         old = None
     if not isinstance(old, dict) or old.get("fingerprint") != space.fingerprint():
-        diffs = diff_dicts((old or {}).get("space", {}), _plain(space.to_dict()))
+        diffs = diff_dicts((old or {}).get("space", {}), json_plain(space.to_dict()))
         diffs.sort(key=lambda d: "->" not in d)  # changed values first, then added/removed keys
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise UserError(f"{paths.root} was started with a different search space ({shown or 'unreadable study.yaml'});"
                         " run the original command to resume, or add --fresh to start over (the old folder "
                         "is kept beside it)")
     return "done" if paths.done.exists() else "resume"
-
-
-def _plain(obj: Any) -> Any:
-    import json
-
-    from .fsutil import clean_json
-
-    return json.loads(json.dumps(clean_json(obj), default=str))
 
 
 def _move_aside(paths: StudyPaths, log: Callable[[str], None]) -> None:
@@ -750,7 +726,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.init replaced ours
         gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
         paths.root.mkdir(parents=True, exist_ok=True)
-        lock.acquire(" ".join(os.sys.argv))
+        lock.acquire(" ".join(sys.argv))
         if state == "new":
             write_yaml(paths.study_yaml, study_header(space, name, data))
         log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on {data.selection_split}), "
@@ -768,7 +744,6 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                         raise UserError("no stage-1 trial completed (all diverged or failed); see "
                                         f"'study status {paths.root}' and narrow the stage-1 space")
                     stage1_dir = Path(sel["dir"])
-                if exp.stage == "stage2":
                     pause_point("between-stages", view.log)
                 if not marker.exists():
                     run_experiment(exp, space, paths, data, stage1_dir, cpus, gpus, view.log)

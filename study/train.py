@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UserError
-from .fsutil import atomic_write_json, read_json
+from .fsutil import atomic_write_json, json_plain, read_json
 from .spaces import StudySpace
 from .trial import COMPLETED, TrialSpec, load_final_state, run_trial
 
@@ -73,7 +73,7 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
             previous = read_json(run_file)
         except (OSError, ValueError):
             previous = None
-        if previous != _jsonable(identity):
+        if previous != json_plain(identity):
             raise UserError(f"{out} holds a run with a different configuration; pass another --out "
                             f"or delete that folder to start over")
     data = load_data(space.data, data_dir)  # before writing anything: a missing dataset writes nothing
@@ -126,22 +126,11 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
         "runs": runs,
         "mean": mean,
         "std": std,
-        "config": {"space": space.to_dict(), "stage1": _jsonable(space.stage1), "stage2": _jsonable(cfg2)},
+        "config": {"space": space.to_dict(), "stage1": json_plain(space.stage1), "stage2": json_plain(cfg2)},
         "provenance": provenance(seeds, data, {"space_file": space.source}),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-    from dataclasses import asdict, is_dataclass
-
-    from .fsutil import clean_json
-
-    if is_dataclass(obj):
-        obj = asdict(obj)
-    return json.loads(json.dumps(clean_json(obj), default=str))
 
 
 def summary_rows(metrics: dict) -> list[tuple[str, str, dict, dict]]:

@@ -106,20 +106,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--budget", type=int, default=4)
+    ap.add_argument("--baseline", nargs=2, metavar=("SPACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline:  # the plain baseline, run in its own process so its peak memory is its own
+        baseline(Path(args.baseline[0]), Path(args.baseline[1]))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     space = tmp / "space.yaml"
     space.write_text(SPACE.format(epochs=args.epochs, budget=args.budget))
     n = 2 * args.budget
 
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                          "sys.path.insert(0, str(Path(sys.argv[1]).parent)); "
-                          "from bench_search_overhead import baseline; baseline(Path(sys.argv[2]), Path(sys.argv[3]))",
-                          __file__, str(space), str(tmp / "plain")])
+    p = subprocess.Popen([sys.executable, __file__, "--baseline", str(space), str(tmp / "plain")])
     with PeakRSS(p.pid) as mem_plain:
         p.wait()
     t_plain = time.perf_counter() - t0
+    assert p.returncode == 0, "the plain baseline failed"
 
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "study", "run", str(space), "--results-dir", str(tmp / "res")],

@@ -122,6 +122,8 @@ class StudyOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials:
             self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        if trial_id not in self._ot_trials:  # never suggested by this searcher: nothing to tell Optuna
+            return
         if (result or {}).get("trial_status") == DIVERGED and trial_id not in self._completed_trials:
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr("status", DIVERGED)

@@ -30,6 +30,23 @@ from typing import Sequence
 
 import numpy as np
 
+# Reference long-tailed training counts (reference.md §1.1: LDAM-DRW's get_img_num_per_cls, int
+# truncation, img_max 500 / 5000), shared by the tests of the counts and of ``study data``.
+CIFAR100_IF100 = [
+    500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248, 237, 226, 216, 206,
+    197, 188, 179, 171, 163, 156, 149, 142, 135, 129, 123, 118, 112, 107, 102, 98, 93, 89, 85, 81,
+    77, 74, 70, 67, 64, 61, 58, 56, 53, 51, 48, 46, 44, 42, 40, 38, 36, 35, 33, 32,
+    30, 29, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 15, 14, 13, 13, 12,
+    12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5,
+]
+CIFAR10 = {  # imbalance factor -> per-class counts
+    10: [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500],
+    50: [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100],
+    100: [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50],
+    200: [5000, 2775, 1540, 854, 474, 263, 146, 81, 45, 25],
+}
+CIFAR10_TOTALS = [(10, 20431), (50, 13996), (100, 12406), (200, 11203)]  # (imbalance factor, sum of counts)
+
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

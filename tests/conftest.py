@@ -32,6 +32,16 @@ def cifar100_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def no_download(monkeypatch):
+    """The CIFAR loaders see no network, so missing files are never downloaded (whatever the host
+    can reach). Patches the module global that the loaders look up at call time, so it holds for
+    in-process calls (``main(argv)``, ``load_data``) only, not for ``python -m study`` subprocesses."""
+    import study.data as data_mod
+
+    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)
+
+
 @pytest.fixture(scope="session")
 def cifar100_lt_files(tmp_path_factory):
     """CIFAR-100 files large enough for the IF-100 subsets of both protocols (written once).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import os
 import signal
@@ -42,6 +43,34 @@ def toy_space(folder: Path, e1: int = 3, b1: int = 2, e2: int = 2, b2: int = 2, 
     path = Path(folder) / name
     path.write_text(TOY_SPACE.format(e1=e1, b1=b1, e2=e2, b2=b2) + extra)
     return path
+
+
+def toy_budgets(b1: int = 2, b2: int = 2) -> dict[tuple[str, str], int]:
+    """The trials per (stage, method) of ``toy_space(b1=..., b2=...)``: one untuned baseline
+    (``naive``), ``b1`` searched stage-1 trials, ``b2`` searched ``wb`` trials, and one trial of each
+    method without a search space."""
+    return {("stage1", "naive"): 1, ("stage1", "tuned"): b1, ("stage2", "wb"): b2, ("stage2", "tau-norm"): 1,
+            ("stage2", "ncm"): 1}
+
+
+def assert_complete(root: Path, budgets: dict, seeds: int = 2) -> list[dict]:
+    """Exactly the budgeted trials per stage and method, each (trial, seed) once, all completed;
+    returns the rows of trials.csv."""
+    import optuna
+
+    assert (root / "done.json").exists()
+    rows = read_rows(root / "trials.csv")
+    per_method = collections.defaultdict(set)
+    for row in rows:
+        per_method[(row["stage"], row["method"])].add(row["trial_id"])
+    assert {k: len(v) for k, v in per_method.items()} == budgets
+    assert len({(r["trial_id"], r["seed"]) for r in rows}) == len(rows) == sum(budgets.values()) * seeds
+    assert {r["status"] for r in rows} == {"completed"}
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    for (stage, method), n in budgets.items():
+        st = optuna.load_study(study_name=f"{stage}-{method}", storage=storage)
+        assert len(st.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) == n
+    return rows
 
 
 def env() -> dict:

@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,8 @@ from study import analysis
 from study.analysis import build_table, latex_escape, load_results, render, significance, table_command
 from study.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from analysis_fixture import TEST, make_study  # noqa: E402
+from analysis_fixture import TEST, make_study
 
-SAMPLE = Path("/tmp/sample-study-digits-lt")
 CONTEXT = ("toy-lt (imbalance factor 10, 6 classes), backbone toy_cnn, mean ± std over 3 seeds (0, 1, 2)")
 PROTOCOL = ("Hyperparameters and epochs were selected on a validation split carved from the training data "
             "(protocol honest); the test set was evaluated once per selected configuration.")
@@ -327,12 +324,16 @@ def test_write_all_tables(study):
     assert (study / "tables" / "main.csv").read_text() == MAIN_CSV
 
 
-@pytest.mark.skipif(not (SAMPLE / "study.yaml").is_file(), reason="sample study not present on this machine")
-def test_sample_study(tmp_path):
+def test_sample_study(toy_study, tmp_path):
+    """Every table of a real finished study (conftest's ``toy_study``: Ray Tune + Optuna, 2 seeds),
+    copied without its checkpoints and Ray Tune state."""
     root = tmp_path / "sample"
-    shutil.copytree(SAMPLE, root, ignore=shutil.ignore_patterns("*.pt", "tune"))
+    shutil.copytree(toy_study, root, ignore=shutil.ignore_patterns("*.pt", "tune"))
     res = load_results(root)
     for kind in analysis.KINDS:
         t = build_table(res, kind)
         assert t.rows and all(render(t, fmt) for fmt in analysis.RENDERERS)
-    assert "Significance: WB vs" in build_table(res, "ablation").caption
+    caption = build_table(res, "ablation").caption
+    assert "Significance: WB vs" in caption
+    # two seeds: too few for the paired t-test, and the caption says so
+    assert "only 2 paired seeds; a paired t-test needs at least 3, so none was computed." in caption

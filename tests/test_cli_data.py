@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cifar_files import CIFAR10, CIFAR10_TOTALS, CIFAR100_IF100
 from study.cli import main
 from study.data import lt_counts
 
 STUDY = Path(sys.executable).parent / "study"
 
-CIFAR10 = {
-    10: [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500],
-    50: [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100],
-    100: [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50],
-    200: [5000, 2775, 1540, 854, 474, 263, 146, 81, 45, 25],
-}
 KEYS = {"train_counts", "total_train", "val_per_class", "test_per_class", "groups"}
 
 
@@ -40,7 +35,7 @@ def test_cifar100_if100_wb_parity(capsys):
     assert len(counts) == 100 and sum(counts) == 10847
     assert counts[:6] == [500, 477, 455, 434, 415, 396]
     assert counts[-6:] == [6, 6, 5, 5, 5, 5]
-    assert counts == lt_counts(500, 100, 100)
+    assert counts == CIFAR100_IF100
     assert info["val_per_class"] == 0 and info["test_per_class"] == 100
     assert info["subset"] == "first" and info["selection_split"] == "test" and info["protocol"] == "wb-parity"
     assert info["thresholds"] == {"many_gt": 100, "few_lt": 20}
@@ -53,7 +48,7 @@ def test_cifar100_if50(capsys):
     assert info["train_counts"][0] == 500 and info["train_counts"][-1] == 10
 
 
-@pytest.mark.parametrize("imbalance, total", [(10, 20431), (50, 13996), (100, 12406), (200, 11203)])
+@pytest.mark.parametrize("imbalance, total", CIFAR10_TOTALS)
 def test_cifar10(capsys, imbalance, total):
     info = data_json(capsys, "cifar10-lt", "--imbalance-factor", str(imbalance), "--protocol", "wb-parity")
     assert info["train_counts"] == CIFAR10[imbalance]
@@ -143,13 +138,6 @@ stage2:
   methods:
     none: {}
 """
-
-
-@pytest.fixture
-def no_download(monkeypatch):
-    import study.data as data_mod
-
-    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)
 
 
 def _train(tmp_path, data_dir, capsys) -> tuple[int, str, str]:

@@ -8,26 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_files import write_cifar10, write_cifar100
+from cifar_files import CIFAR10, CIFAR10_TOTALS, CIFAR100_IF100, write_cifar10, write_cifar100
 from study.config import DataConfig
 from study.data import (DATASETS, Augmenter, build_lt, describe, epoch_order, load_data, lt_counts,
                         n_max_for, shot_groups)
 from study.errors import UserError
-
-# reference.md §1.1 (LDAM-DRW's get_img_num_per_cls, int truncation, img_max 500 / 5000)
-CIFAR100_IF100 = [
-    500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248, 237, 226, 216, 206,
-    197, 188, 179, 171, 163, 156, 149, 142, 135, 129, 123, 118, 112, 107, 102, 98, 93, 89, 85, 81,
-    77, 74, 70, 67, 64, 61, 58, 56, 53, 51, 48, 46, 44, 42, 40, 38, 36, 35, 33, 32,
-    30, 29, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 15, 14, 13, 13, 12,
-    12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5,
-]
-CIFAR10 = {
-    10: [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500],
-    50: [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100],
-    100: [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50],
-    200: [5000, 2775, 1540, 854, 474, 263, 146, 81, 45, 25],
-}
 
 
 # --- counts -----------------------------------------------------------------------------------------
@@ -54,7 +39,7 @@ def test_cifar100_totals_and_groups(imbalance, total, lo, groups):
     assert tuple(int((g == k).sum()) for k in ("many", "medium", "few")) == groups
 
 
-@pytest.mark.parametrize("imbalance, total", [(10, 20431), (50, 13996), (100, 12406), (200, 11203)])
+@pytest.mark.parametrize("imbalance, total", CIFAR10_TOTALS)
 def test_cifar10_counts_match_reference_lists(imbalance, total):
     counts = lt_counts(5000, 10, imbalance)
     assert counts == CIFAR10[imbalance]
@@ -269,10 +254,7 @@ def test_too_few_images_per_class_is_a_clear_error(cifar100_dir):
                   download=False)
 
 
-def test_missing_files_raise_a_one_line_user_error(tmp_path, monkeypatch):
-    import study.data as data_mod
-
-    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)  # never download in tests
+def test_missing_files_raise_a_one_line_user_error(tmp_path, no_download):
     for download in (False, True):
         with pytest.raises(UserError) as e:
             load_data(DataConfig(dataset="cifar100-lt"), data_dir=tmp_path, download=download)

@@ -3,7 +3,6 @@ corrupted checkpoints, two runs on one folder, an unwritable or full disk."""
 
 from __future__ import annotations
 
-import collections
 import errno
 import glob
 import json
@@ -18,30 +17,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from studyrun import (events, kill_hard, read_rows, start, study, toy_space, trial_in_flight,
-                      wait_for)
+from studyrun import (assert_complete, events, kill_hard, read_rows, start, study, toy_budgets, toy_space,
+                      trial_in_flight, wait_for)
 
 pytestmark = pytest.mark.timeout(900)
-
-TOY_BUDGETS = {("stage1", "naive"): 1, ("stage1", "tuned"): 2, ("stage2", "wb"): 2, ("stage2", "tau-norm"): 1,
-               ("stage2", "ncm"): 1}
-
-
-def _assert_complete(root: Path, budgets: dict, seeds: int = 2) -> list[dict]:
-    """Exactly the budgeted trials per stage and method, each (trial, seed) once, all completed."""
-    assert (root / "done.json").exists()
-    rows = read_rows(root / "trials.csv")
-    per_method = collections.defaultdict(set)
-    for row in rows:
-        per_method[(row["stage"], row["method"])].add(row["trial_id"])
-    assert {k: len(v) for k, v in per_method.items()} == budgets
-    assert len({(r["trial_id"], r["seed"]) for r in rows}) == len(rows) == sum(budgets.values()) * seeds
-    assert {r["status"] for r in rows} == {"completed"}
-    storage = f"sqlite:///{root / 'optuna.db'}"
-    for (stage, method), n in budgets.items():
-        st = optuna.load_study(study_name=f"{stage}-{method}", storage=storage)
-        assert len(st.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) == n
-    return rows
 
 
 def _table_shape(root: Path, kind: str) -> tuple:
@@ -119,7 +98,7 @@ def test_kill_in_every_phase(tmp_path, toy_study):
 
     r = study(*args, timeout=400)
     assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
-    rows = _assert_complete(root, TOY_BUDGETS)
+    rows = assert_complete(root, toy_budgets())
     by_trial = {r["trial_id"]: r for r in rows}
     (v1_dir,) = [d for d in (root / "trials" / "stage1").glob("trial-*") if events(d)[0]["t"] == victim1_started]
     v1 = by_trial[v1_dir.name.split("-")[-1]]
@@ -132,21 +111,11 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     state = sorted(glob.glob(str(root / "tune" / "stage1" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
         ot = pickle.load(f)["subs"]["tuned"]._ot_study
-    assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * TOY_BUDGETS[("stage1", "tuned")]
+    n_tuned = toy_budgets()[("stage1", "tuned")]
+    assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * n_tuned
     assert len(list((snapshots / ".torn-snapshots").iterdir())) == 3  # the torn set was set aside
     assert "torn" in log.read_text() or "torn" in r.stdout
     _same_tables(root, toy_study)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not a survivor
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_kills_at_random_moments(tmp_path, toy_study):
@@ -170,7 +139,7 @@ def test_kills_at_random_moments(tmp_path, toy_study):
         assert p.returncode in expected, (sig, p.returncode, log.read_text()[-2000:])
     r = study(*args, timeout=400)
     assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
-    _assert_complete(root, TOY_BUDGETS)
+    assert_complete(root, toy_budgets())
     _same_tables(root, toy_study)
 
 

@@ -28,7 +28,6 @@ def test_resnet32_structure_and_size(num_classes, exact):
     assert model.classifier.in_features == 64 and model.classifier.out_features == num_classes
     n = count_parameters(model)
     assert n == exact
-    assert 0.46e6 <= n <= 0.475e6
 
 
 def test_resnet32_shortcuts_are_option_a_without_parameters():
@@ -77,7 +76,6 @@ def test_resnet34_wb_structure_size_and_shapes():
     assert model.feat_dim == 512 and model.classifier.in_features == 512 and model.classifier.bias is not None
     n = count_parameters(model)
     assert n == 21_328_292
-    assert abs(n - 21.33e6) < 0.02e6
     model.eval()
     sizes = []
     hooks = [stage.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))

@@ -15,7 +15,6 @@ from study.analysis import load_results  # noqa: E402
 from study.cli import main  # noqa: E402
 from study.plots import search_figure, weight_norm_figure, write_plots  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from analysis_fixture import make_study  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

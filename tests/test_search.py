@@ -12,14 +12,9 @@ import optuna
 import pytest
 import yaml
 
-from studyrun import read_rows, study, toy_space
+from studyrun import assert_complete, read_rows, study, toy_budgets, toy_space
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _completed(storage: str, name: str) -> int:
-    st = optuna.load_study(study_name=name, storage=storage)
-    return len(st.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
 
 
 def test_study_end_to_end(toy_study):
@@ -32,16 +27,9 @@ def test_study_end_to_end(toy_study):
     assert header["provenance"]["data"]["subset_hash"] == header["data"]["subset_hash"]
     assert set(header["provenance"]["packages"]) >= {"torch", "ray", "optuna"}
 
-    rows = read_rows(root / "trials.csv")
-    trials = collections.defaultdict(set)
-    for row in rows:
-        trials[(row["stage"], row["method"])].add(row["trial_id"])
-    budgets = {("stage1", "naive"): 1, ("stage1", "tuned"): 2, ("stage2", "wb"): 2, ("stage2", "tau-norm"): 1,
-               ("stage2", "ncm"): 1}
-    assert {k: len(v) for k, v in trials.items()} == budgets
-    assert len(rows) == sum(budgets.values()) * 2  # two seeds per trial
-    assert len({(r["trial_id"], r["seed"]) for r in rows}) == len(rows)
-    assert {r["status"] for r in rows} == {"completed"}
+    # exactly the budgeted trials, two seeds each, all completed (in trials.csv and in Optuna)
+    budgets = toy_budgets()
+    rows = assert_complete(root, budgets)
     selected = [r for r in rows if r["selected"] == "True"]
     assert len(selected) == len(budgets) * 2
     for r in selected:  # the test set is evaluated for the selected configurations only
@@ -54,10 +42,7 @@ def test_study_end_to_end(toy_study):
     best = max(tuned, key=lambda r: float(r["objective"]))
     assert best["selected"] == "True"
 
-    storage = f"sqlite:///{root / 'optuna.db'}"
-    for (stage, method), n in budgets.items():
-        assert _completed(storage, f"{stage}-{method}") == n
-    wb = optuna.load_study(study_name="stage2-wb", storage=storage)
+    wb = optuna.load_study(study_name="stage2-wb", storage=f"sqlite:///{root / 'optuna.db'}")
     assert set(wb.best_params) == {"weight_decay", "maxnorm_threshold"}
 
     # every stage-2 weight norm of the WB method is within its MaxNorm radius
@@ -112,9 +97,11 @@ def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):
     extra = """\
   scheduler: {asha: {grace_period: 1, reduction_factor: 2}}
 """
-    text = toy_space(tmp_path, e1=4, b1=6).read_text().replace("  budget: 6\n", "  budget: 6\n" + extra, 1)
-    text = text.replace("search: {sampler_seed: 0, startup_trials: 1, retries: 1}",
-                        "search: {sampler_seed: 0, startup_trials: 1, retries: 1, max_concurrent: 1}")
+    text = toy_space(tmp_path, e1=4, b1=6).read_text()
+    search = "search: {sampler_seed: 0, startup_trials: 1, retries: 1}"
+    assert "  budget: 6\n" in text and search in text
+    text = text.replace("  budget: 6\n", "  budget: 6\n" + extra, 1)
+    text = text.replace(search, "search: {sampler_seed: 0, startup_trials: 1, retries: 1, max_concurrent: 1}")
     space = tmp_path / "asha.yaml"
     space.write_text(text)
     r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "a", timeout=400)

@@ -28,7 +28,8 @@ import pandas as pd
 
 from .errors import UserError
 from .methods import ABLATION_ORDER, METHODS
-from .records import FAILURE_STATUSES, PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, load_header
+from .records import (FAILURE_STATUSES, PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, fmt_value,
+                      load_header)
 
 KINDS = ("main", "ablation", "seeds", "search")
 FORMATS = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -347,10 +348,6 @@ def _protocol(res: Results) -> str:
             f"(protocol {protocol}); the test set was evaluated once per selected configuration.")
 
 
-def _value(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, (float, int, np.floating)) else str(v)
-
-
 def selected_hyperparameters(res: Results, exp: dict, method: str) -> str:
     """``name = value`` of the selected configuration's searched parameters, and the per-seed τ of
     post-hoc methods; empty when nothing was selected or searched."""
@@ -359,10 +356,10 @@ def selected_hyperparameters(res: Results, exp: dict, method: str) -> str:
         return ""
     searched = res.searched(exp, method)
     cols = sorted(res.param_columns(), key=lambda c: (searched.index(c[6:]) if c[6:] in searched else len(searched), c))
-    parts = [f"{c[6:]} = {_value(sel[c].iloc[0])}" for c in cols if not _missing(sel[c].iloc[0])]
+    parts = [f"{c[6:]} = {fmt_value(sel[c].iloc[0])}" for c in cols if not _missing(sel[c].iloc[0])]
     taus = sel["tau"].dropna()
     if len(taus):
-        vals = [_value(t) for t in taus]
+        vals = [fmt_value(t) for t in taus]
         parts.append(f"τ = {vals[0]}" if len(set(vals)) == 1 else
                      f"τ = {'/'.join(vals)} (seeds {'/'.join(str(int(s)) for s in sel.loc[taus.index, 'seed'])})")
     return ", ".join(parts)

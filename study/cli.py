@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .records import study_status
+    from .records import fmt_params, study_status
 
     st = study_status(args.study)
     if args.format == "json":
@@ -157,8 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             best = ""
             if m["best"]:
                 b = m["best"]
-                params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in b["params"].items())
+                params = fmt_params(b["params"])
                 best = f"  best {100 * b['objective']:.2f}% (trial {b['trial']}{'; ' + params if params else ''})"
             print(f"    {method:<12} {m['budget']:>3} budgeted: {', '.join(parts)}{best}")
     if st["final_evaluations"]:
@@ -268,5 +267,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then exit with its code.
+
+    After a command that started Ray, the process leaves with ``os._exit`` once its output is
+    flushed and Ray is shut down: interpreter finalization with Ray's C++ core worker still loaded
+    can crash (SIGSEGV) after everything was written, which turned a clean, resumable "interrupted"
+    (130) into a segfault exit status. Everything a study writes is written atomically before
+    this point, so skipping finalization loses nothing."""
+    code = main()
+    if "ray" in sys.modules:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # with --address this only disconnects the driver
+        except Exception:
+            pass
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

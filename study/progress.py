@@ -13,12 +13,7 @@ import threading
 import time
 from typing import Callable
 
-
-def _fmt_params(params: dict) -> str:
-    parts = []
-    for k, v in (params or {}).items():
-        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
-    return ", ".join(parts)
+from .records import fmt_params
 
 
 def _fmt_time(seconds: float) -> str:
@@ -72,7 +67,7 @@ class ProgressView:
         best = ""
         if r["best"]:
             obj, params = r["best"]
-            extra = _fmt_params(params)
+            extra = fmt_params(params)
             best = f" · best {100 * obj:.2f}%" + (f" ({extra})" if extra else "")
         return (f"{r['name']:<19} {r['completed']}/{r['budget']} done · {r['running']} running · "
                 f"{r['failed']} failed{best}")

@@ -35,6 +35,23 @@ from typing import Any
 from .errors import UserError
 from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
 
+
+def fmt_value(v: Any) -> str:
+    """A hyperparameter for people: three significant digits for real values (1e-05, 0.000178),
+    whole numbers as such (epochs 1000, not 1e+03), anything else as text."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+        return str(v)
+    x = float(v)
+    if math.isfinite(x) and x == int(x) and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.3g}"
+
+
+def fmt_params(params: dict | None) -> str:
+    """``name=value, ...`` with :func:`fmt_value`."""
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in (params or {}).items())
+
+
 FAILURE_STATUSES = ("diverged", "failed")
 """Trial statuses that count as failures (a NaN/inf loss; an exception after its retries)."""
 

@@ -25,6 +25,7 @@ from the trial records when the study finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +43,13 @@ from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
+
+# Ray's C++ failure-signal handler (absl) catches SIGTERM in the driver, prints a stack and aborts a few
+# seconds later, even after our handler has started a clean stop. Ray reads this switch once, when
+# ``ray._private.ray_constants`` is imported, so it must be set before the import below (init_ray
+# also sets the parsed constant, for a Ray imported earlier in the process).
+os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -295,9 +304,10 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # A diverged trial's last report has no objective on purpose (so no number can win); the
     # searcher and scheduler skip such reports, so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Ray's C++ failure-signal handler turns a SIGTERM into an abort a few seconds later, even after
-    # our handler has started a clean stop; without it, SIGTERM is a Ctrl-C (exit 130, resumable).
+    # See the module top: without Ray's failure-signal handler, SIGTERM is a Ctrl-C (exit 130, resumable).
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+    if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A trial restored from Tune's last checkpoint re-reports a few epochs Optuna has already seen
     # (our trials resume from their own, newer checkpoint); Optuna keeps the first value and warns.
@@ -314,14 +324,16 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
         # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
         # that the address answers (check_address), before anything was written.
         try:
-            ray.init(address=address, **kwargs)
+            with _stop_signals_deferred():
+                ray.init(address=address, **kwargs)
         except Exception as e:
             raise UserError(f"--address {address}: could not join the Ray cluster: "
                             f"{str(e).splitlines()[0][:200]}") from None
     else:
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        with _stop_signals_deferred():
+            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     if not verbose:
         for name in ("ray", "ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -678,8 +690,59 @@ def _move_aside(paths: StudyPaths, log: Callable[[str], None]) -> None:
     log(f"--fresh: moved the previous study to {aside}")
 
 
-def _sigterm_as_sigint(signum, frame) -> None:
-    os.kill(os.getpid(), signal.SIGINT)
+# --- stopping the driver -----------------------------------------------------------------------------
+#
+# Ctrl-C and SIGTERM (batch schedulers, `kill`) must stop a study cleanly: exit 130, resumable. Python
+# runs a signal handler in the main thread and raises its exception wherever that thread is, and a few
+# places swallow exceptions: the at-fork hooks that run while ray.init starts its processes, __del__
+# methods. An interrupt raised there is lost and the study runs on. So every stop request is also
+# recorded, and the driver checks the record at each phase boundary (`_check_stop`); during ray.init
+# the request is only recorded (a half-started Ray would leave orphaned processes) and acted on as soon
+# as ray.init returns — a second Ctrl-C interrupts at once.
+
+_STOP = threading.Event()
+_DEFERRING = threading.Event()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    repeated = _STOP.is_set()
+    _STOP.set()
+    if _DEFERRING.is_set() and not repeated:
+        return
+    if signum == signal.SIGTERM:
+        # To whoever handles Ctrl-C now: inside Tune's fit that is Tune's graceful stop (it snapshots
+        # the experiment and leaves unfinished trials resumable), elsewhere ours.
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
+
+
+def _check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was requested, even if its exception was swallowed."""
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Around ray.init: record stop requests instead of raising inside it (see above), keep Ray from
+    replacing our SIGTERM handler with its own ``sys.exit(15)`` (swallowed in an at-fork hook, it lost
+    the signal), and act on a recorded request afterwards."""
+    from ray._private import utils as ray_utils
+
+    set_handler = getattr(ray_utils, "set_sigterm_handler", None)
+    if set_handler is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    _DEFERRING.set()
+    try:
+        yield
+    finally:
+        _DEFERRING.clear()
+        if set_handler is not None:
+            ray_utils.set_sigterm_handler = set_handler
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        signal.signal(signal.SIGINT, _on_stop_signal)
+    _check_stop()
 
 
 def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.PathLike = "results", *,
@@ -692,10 +755,11 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     folder, the resources, the cluster address, a changed space, the dataset files."""
     from .data import load_data
 
-    # SIGTERM (batch schedulers, `kill`) becomes Ctrl-C from the very start: inside Tune's fit that
-    # makes Tune snapshot and stop cleanly, elsewhere it is a KeyboardInterrupt -> "interrupted".
-    old_term = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    # Ctrl-C and SIGTERM stop the study cleanly from the very start (see _on_stop_signal).
+    old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.clear()
+    for sig in old_handlers:
+        signal.signal(sig, _on_stop_signal)
     lock = None
     try:
         name = check_name(name or space.name)
@@ -719,13 +783,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                 f"trials in {paths.trials_csv}")
             return paths.root
         data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
-        try:
-            init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
-        except SystemExit as e:  # ray.init's own SIGTERM handler exits with the signal number
-            if e.code == signal.SIGTERM:
-                raise KeyboardInterrupt from None
-            raise
-        signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.init replaced ours
+        init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
         gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
         paths.root.mkdir(parents=True, exist_ok=True)
         lock.acquire(" ".join(sys.argv))
@@ -738,6 +796,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
         selections: dict[str, dict] = {}
         with ProgressView(paths, space, log, live=not verbose) as view:
             for exp in space.experiments():
+                _check_stop()
                 marker = paths.stage_marker(exp.name)
                 stage1_dir = None
                 if exp.stage == "stage2":
@@ -752,15 +811,19 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                     atomic_write_json(marker, {"experiment": exp.name, "selected": select_best(paths, exp),
                                                "finished": time.time()})
                 selections[exp.name] = read_json(marker)["selected"]
+            _check_stop()
             run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log)
+        _check_stop()
         finish_study(paths, view_log=log)
+        _check_stop()
         atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
         log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
         return paths.root
     except KeyboardInterrupt:
         raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if lock is not None:
             lock.release()
         try:

@@ -337,3 +337,16 @@ def test_sample_study(toy_study, tmp_path):
     assert "Significance: WB vs" in caption
     # two seeds: too few for the paired t-test, and the caption says so
     assert "only 2 paired seeds; a paired t-test needs at least 3, so none was computed." in caption
+
+
+def test_hyperparameter_formatting():
+    """Captions, status and progress share one formatter: whole numbers stay whole (epochs 1000,
+    not 1e+03), real values keep three significant digits, anything else is text."""
+    import numpy as np
+
+    from study.records import fmt_params, fmt_value
+
+    assert [fmt_value(v) for v in (1000, 1000.0, np.int64(128), 0.0)] == ["1000", "1000", "128", "0"]
+    assert [fmt_value(v) for v in (1e-5, 0.000178, np.float64(0.04432), 2.5)] == ["1e-05", "0.000178", "0.0443", "2.5"]
+    assert [fmt_value(v) for v in (True, "relu", None)] == ["True", "relu", "None"]
+    assert fmt_params({"weight_decay": 5e-4, "epochs": 200}) == "weight_decay=0.0005, epochs=200"

@@ -252,3 +252,40 @@ def test_stale_lock_is_taken_over_and_live_lock_refuses(tmp_path):
         other.acquire("second")
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_during_ray_init_is_not_lost(sig, monkeypatch):
+    """A stop request while ray.init starts Ray's processes is recorded, not raised inside it (where
+    an at-fork hook or Ray's own ``sys.exit`` handler would swallow it), and acted on as soon as it
+    returns; a second request interrupts at once. Ray cannot replace the SIGTERM handler meanwhile."""
+    from ray._private import utils as ray_utils
+
+    from study import search
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ray_set_handler = ray_utils.set_sigterm_handler
+    search._STOP.clear()
+    for s in saved:
+        signal.signal(s, search._on_stop_signal)
+    seen = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with search._stop_signals_deferred():
+                ray_utils.set_sigterm_handler(lambda *a: seen.append("ray's handler"))
+                assert signal.getsignal(signal.SIGTERM) is search._on_stop_signal
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)  # the handler runs here: it must record the request, not raise
+                seen.append("survived the first signal")
+                if sig == signal.SIGINT:  # a second Ctrl-C does not wait for ray.init
+                    with pytest.raises(KeyboardInterrupt):
+                        os.kill(os.getpid(), sig)
+                        time.sleep(0.1)
+                    seen.append("second signal raised")
+        assert seen == ["survived the first signal"] + (["second signal raised"] if sig == signal.SIGINT else [])
+        assert search._STOP.is_set()
+        assert ray_utils.set_sigterm_handler is ray_set_handler and signal.getsignal(signal.SIGTERM) is search._on_stop_signal
+    finally:
+        search._STOP.clear()
+        for s, h in saved.items():
+            signal.signal(s, h)

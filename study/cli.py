@@ -280,8 +280,9 @@ def entry() -> None:
         try:
             import ray
 
-            if ray.is_initialized():
-                ray.shutdown()  # with --address this only disconnects the driver
+            # Safe to repeat; also stops what a half-finished ray.init started (Ray's own atexit hook,
+            # which would otherwise do it, is skipped by os._exit). With --address it only disconnects.
+            ray.shutdown()
         except Exception:
             pass
         import logging

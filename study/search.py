@@ -829,7 +829,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
         try:
             import ray
 
-            if ray.is_initialized() and not address:
+            if not address:  # also after a ray.init interrupted half-way: it stops what was started
                 ray.shutdown()
         except Exception:
             pass

@@ -39,7 +39,7 @@ from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none,
 def fmt_value(v: Any) -> str:
     """A hyperparameter for people: three significant digits for real values (1e-05, 0.000178),
     whole numbers as such (epochs 1000, not 1e+03), anything else as text."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+    if isinstance(v, bool) or not hasattr(v, "__float__"):  # ints, floats and numpy numbers have it
         return str(v)
     x = float(v)
     if math.isfinite(x) and x == int(x) and abs(x) < 1e6:

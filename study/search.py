@@ -304,8 +304,8 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # A diverged trial's last report has no objective on purpose (so no number can win); the
     # searcher and scheduler skip such reports, so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # See the module top: without Ray's failure-signal handler, SIGTERM is a Ctrl-C (exit 130, resumable).
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+    # See the module top (the variable is set there): without Ray's failure-signal handler, SIGTERM
+    # is a Ctrl-C (exit 130, resumable). The parsed constant covers a Ray imported before this module.
     if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
         ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     optuna.logging.set_verbosity(optuna.logging.WARNING)

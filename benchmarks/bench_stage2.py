@@ -31,10 +31,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from study.config import EvalConfig, Stage2Config
-    from study.data import DATASETS, Augmenter, DeviceSplit, LTData, lt_counts
-    from study.evaluation import accuracy_report, compute_features, logits_from_features
+    from study.data import DATASETS, LTData, lt_counts
+    from study.heads import AffineHead
     from study.models import build_model
-    from study.stages import AffineHead, Stage2Trainer, evaluate_final
+    from study.stages import Stage2Trainer, evaluate_selected
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = DATASETS["cifar100-lt"]
@@ -79,17 +79,15 @@ def main() -> None:
     ev = EvalConfig()
     sync()
     t0 = time.perf_counter()
-    per_head = [evaluate_final(args.model, state, h, data, "test", ev, device) for h in heads]
+    # the plain way: one evaluation (one backbone pass) per head
+    per_head = [evaluate_selected(args.model, state, {"h": {"head": h}}, data, ev, device)["h"] for h in heads]
     sync()
     t_plain = time.perf_counter() - t0
 
+    # what both commands do: every head of a seed in one call, on test features computed once
     t0 = time.perf_counter()
-    model = build_model(args.model, 100, 3)
-    model.load_state_dict(state)
-    model.to(device).eval()
-    feats = compute_features(model.backbone, DeviceSplit(tx, ty, device), Augmenter(spec, device, False), ev.batch_for(device))
-    shared = [accuracy_report(logits_from_features(AffineHead.from_state(h).to(device), feats).argmax(1).cpu().numpy(),
-                              ty, data.train_counts, 100, 20) for h in heads]
+    reports = evaluate_selected(args.model, state, {str(i): {"head": h} for i, h in enumerate(heads)}, data, ev, device)
+    shared = [reports[str(i)] for i in range(len(heads))]
     sync()
     t_shared = time.perf_counter() - t0
     assert all(a["all"] == b["all"] for a, b in zip(per_head, shared)), "shared features changed a result"

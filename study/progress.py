@@ -39,7 +39,8 @@ class ProgressView:
 
     # -- state
     def snapshot(self) -> list[dict]:
-        from .records import FAILURE_STATUSES, best_completed, experiment_trials
+        from .layout import COMPLETED, FAILURE_STATUSES, INTERRUPTED, RUNNING, STOPPED
+        from .records import best_completed, experiment_trials
 
         rows = []
         for exp in self.experiments:
@@ -48,17 +49,16 @@ class ProgressView:
             for plan in exp.plans:
                 c = {"completed": 0, "running": 0, "failed": 0}
                 for t in trials:
-                    if t["method"] != plan.method:
+                    if t.method != plan.method:
                         continue
-                    s = t["status"]
-                    if s in ("completed", "stopped"):
+                    if t.status in (COMPLETED, STOPPED):
                         c["completed"] += 1
-                    elif s in FAILURE_STATUSES:
+                    elif t.status in FAILURE_STATUSES:
                         c["failed"] += 1
-                    elif s in ("running", "interrupted"):
+                    elif t.status in (RUNNING, INTERRUPTED):
                         c["running"] += 1
                 b = best_completed(trials, plan.method)
-                best = b and (b["objective"], b["params"])
+                best = b and (b.objective, b.params)
                 rows.append({"name": f"{exp.name} {plan.method}", "budget": plan.budget, **c, "best": best,
                              "finished": finished})
         return rows

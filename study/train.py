@@ -54,19 +54,23 @@ def _groups(report: dict | None) -> dict | None:
 
 
 def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method: str | None = None,
-               device: str | None = None, console: Callable[[str], None] = print) -> dict:
-    """Run stage 1 and one stage-2 method for every seed; write and return ``OUT/metrics.json``."""
+               device: str | None = None, console: Callable[[str], None] = print, variant: str | None = None) -> dict:
+    """Run one stage-1 variant (default: the first that feeds stage 2) and one stage-2 method for
+    every seed; write and return ``OUT/metrics.json``."""
     from .data import load_data
     from .provenance import provenance
-    from .stages import evaluate_final
+    from .stages import evaluate_selected
 
     method = method or space.train_method
     if method not in space.stage2:
         raise UserError(f"--method {method}: not among this space's stage-2 methods ({', '.join(space.stage2)})")
+    variant = variant or space.train_variant
+    if variant not in space.variants:
+        raise UserError(f"--variant {variant}: not among this space's stage-1 variants ({', '.join(space.variants)})")
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
-    identity = {"space": space.to_dict(), "method": method}
+    identity = {"space": space.to_dict(), "method": method, "variant": variant}
     run_file = out / "run.json"
     if run_file.exists():
         try:
@@ -80,39 +84,43 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, identity)
 
-    backbone = space.stage1.backbone
+    cfg1 = space.variants[variant].config
+    backbone = cfg1.backbone
     seeds = space.seeds
-    console(f"stage 1: {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
+    console(f"stage 1 ({variant}): {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
             f"selection on {data.selection_split}), seeds {list(seeds)}")
-    rec1 = run_trial(TrialSpec("stage1", space.stage1, seeds, space.eval, out / "stage1", backbone,
+    rec1 = run_trial(TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone,
                                experiment="stage1"), data, device, log=console)
-    if rec1["status"] != COMPLETED:
-        raise UserError(f"stage 1 {rec1['status']}: {rec1['reason']}; lower the learning rate or weight decay")
+    if rec1.status != COMPLETED:
+        raise UserError(f"stage 1 {rec1.status}: {rec1.reason}; lower the learning rate or weight decay")
     cfg2 = space.stage2[method]
     console(f"stage 2: method {method}")
     rec2 = run_trial(TrialSpec("stage2", cfg2, seeds, space.eval, out / f"stage2-{method}", backbone,
                                stage1_dir=out / "stage1", experiment=f"stage2-{method}"), data, device,
                      log=console)
-    if rec2["status"] != COMPLETED:
-        raise UserError(f"stage 2 {rec2['status']}: {rec2['reason']}; lower the learning rate or weight decay")
+    if rec2.status != COMPLETED:
+        raise UserError(f"stage 2 {rec2.status}: {rec2.reason}; lower the learning rate or weight decay")
 
     has_val = data.selection_split == "val"
     runs = []
     for seed in seeds:
         s1_state = load_final_state(out / "stage1", seed)
-        s2_final = load_final_state(out / f"stage2-{method}", seed)
-        test1 = evaluate_final(backbone, s1_state, None, data, "test", space.eval, device)
-        test2 = evaluate_final(backbone, s1_state, s2_final["head"], data, "test", space.eval, device,
-                               buffers=s2_final.get("buffers"))
-        p1, p2 = rec1["per_seed"][str(seed)], rec2["per_seed"][str(seed)]
+        tests = evaluate_selected(backbone, s1_state, {"stage1": s1_state,
+                                                       "stage2": load_final_state(out / f"stage2-{method}", seed)},
+                                  data, space.eval, device)
+        test1, test2 = tests["stage1"], tests["stage2"]
+        p1, p2 = rec1.per_seed[str(seed)], rec2.per_seed[str(seed)]
         runs.append({
             "seed": seed,
             "stage1": {"val": _groups(p1["selection"]) if has_val else None, "test": _groups(test1),
                        "best_epoch": p1["best_epoch"], "weight_norms": p1["weight_norms"],
-                       "balance": p1["balance"], "maxnorm_radius": p1["maxnorm_radius"]},
+                       "balance": p1["balance"], "maxnorm_radius": p1["maxnorm_radius"],
+                       "geometry": test1.get("geometry")},
             "stage2": {"method": method, "val": _groups(p2["selection"]) if has_val else None,
                        "test": _groups(test2), "best_epoch": p2["best_epoch"], "weight_norms": p2["weight_norms"],
-                       "balance": p2["balance"], "maxnorm_radius": p2["maxnorm_radius"], "tau": p2["tau"]},
+                       "balance": p2["balance"], "maxnorm_radius": p2["maxnorm_radius"],
+                       "maxnorm_binding": p2.get("maxnorm_binding"), "maxnorm_rows_clipped": p2.get("maxnorm_rows_clipped"),
+                       "tau": p2["tau"], "geometry": test2.get("geometry")},
         })
     mean, std = {}, {}
     for stage in ("stage1", "stage2"):
@@ -122,11 +130,12 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
         "protocol": space.protocol,
         "selection_split": data.selection_split,
         "dataset": space.data.dataset,
+        "variant": variant,
         "method": method,
         "runs": runs,
         "mean": mean,
         "std": std,
-        "config": {"space": space.to_dict(), "stage1": json_plain(space.stage1), "stage2": json_plain(cfg2)},
+        "config": {"space": space.to_dict(), "stage1": json_plain(cfg1), "stage2": json_plain(cfg2)},
         "provenance": provenance(seeds, data, {"space_file": space.source}),
     }
     atomic_write_json(out / "metrics.json", metrics)
@@ -136,7 +145,8 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
 def summary_rows(metrics: dict) -> list[tuple[str, str, dict, dict]]:
     """(label, split, mean block, std block) rows for printing."""
     rows = []
-    for stage, label in (("stage1", "stage 1 (CE)"), ("stage2", f"stage 2 ({metrics['method']})")):
+    variant = metrics.get("variant", "")
+    for stage, label in (("stage1", f"stage 1 ({variant})"), ("stage2", f"stage 2 ({metrics['method']})")):
         for split in ("val", "test"):
             m = metrics["mean"][stage].get(split)
             s = metrics["std"][stage].get(split)

@@ -5,12 +5,10 @@ searcher's objective is the mean over seeds (what a paper reports), Optuna sees 
 configuration instead of K noisy ones, an early-stopping scheduler compares configurations on
 their seed-mean at equal epochs, and a configuration is never half-evaluated when the budget runs out.
 
-A trial folder holds::
-
-    events.jsonl       start (with the epoch it resumed from), epochs, fallbacks, the end
-    ckpt/epoch-N.pt    every seed's full trainer state after epoch N (+ .sha256), newest two kept
-    record.json        the outcome: status, objective, per-seed selection metrics and norms
-    final-seed<S>.pt   the selected weights per seed (stage 1: the model; stage 2: the head)
+A trial folder (``study.layout``) holds ``events.jsonl``, the per-epoch checkpoints ``ckpt/``, the
+outcome ``record.json`` (:class:`~study.layout.TrialRecord`) and the selected weights per seed
+(:func:`~study.layout.final_weights`). Methods that do not train (``study.posthoc``) run in one
+step, without checkpoints.
 
 Running a trial whose ``record.json`` exists returns that record without training, so a trial
 that Tune restarts after a crash costs nothing when it had already finished.
@@ -30,13 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .faults import maybe_raise
-from .fsutil import (append_jsonl, atomic_write_json, load_latest_checkpoint, read_json, read_jsonl,
-                     safe_torch_load, save_checkpoint)
-
-RUNNING = "running"
-COMPLETED = "completed"
-DIVERGED = "diverged"
-FAILED = "failed"
+from .fsutil import append_jsonl, atomic_write_json, load_latest_checkpoint, read_jsonl, safe_torch_load, save_checkpoint
+from .layout import COMPLETED, DIVERGED, NORMS_FILE, RUNNING, SeedSummary, TrialRecord, final_weights
 
 
 @dataclass
@@ -59,13 +52,18 @@ class TrialSpec:
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
-    from .fsutil import safe_torch_load as load
     from .stages import Stage1Trainer, Stage2Trainer
 
     if spec.stage == "stage1":
         return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg)
-    state = load(Path(spec.stage1_dir) / f"final-seed{seed}.pt")
-    return Stage2Trainer(spec.config, data, seed, state, spec.backbone, device, spec.eval_cfg)
+    return Stage2Trainer(spec.config, data, seed, load_final_state(spec.stage1_dir, seed), spec.backbone, device,
+                         spec.eval_cfg)
+
+
+def _trains(spec: TrialSpec) -> bool:
+    from .methods import get_method
+
+    return spec.stage == "stage1" or get_method(spec.config.method).trains
 
 
 def trial_metrics(records: dict[int, dict], epoch: int, start_epoch: int) -> dict:
@@ -88,9 +86,7 @@ def _isnan(v) -> bool:
 
 
 def _seed_summary(res: dict) -> dict:
-    keep = ("best_epoch", "epochs_run", "selection", "weight_norms", "balance", "maxnorm_radius", "tau",
-            "tau_curve", "history")
-    return {k: res.get(k) for k in keep}
+    return SeedSummary(**{k: res.get(k) for k in SeedSummary.KEYS}).to_dict()
 
 
 def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None] | None = None,
@@ -110,15 +106,28 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     record_path = tdir / "record.json"
     events = tdir / "events.jsonl"
     if record_path.exists():
-        try:
-            record = read_json(record_path)
+        record = TrialRecord.read(record_path)
+        if record is not None:
             report(final_metrics(record))
             return record
-        except (OSError, ValueError):
-            record_path.unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
 
     device = pick_device(device)
     seeds = list(spec.seeds)
+    method = getattr(spec.config, "method", "") or spec.method
+    if not _trains(spec):
+        # Closed-form methods: nothing to checkpoint or report per epoch.
+        from .stages import posthoc_result
+
+        append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": 0, "attempt": 1,
+                              "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
+        maybe_raise(spec.experiment, spec.trial_index, method, 1, tdir)
+        results = {s: posthoc_result(spec.config, data, s, load_final_state(spec.stage1_dir, s), spec.backbone,
+                                     device, spec.eval_cfg) for s in seeds}
+        per_seed = {s: {"rec": res["history"][-1], "best_all": res["selection"]["all"]} for s, res in results.items()}
+        append_jsonl(events, {"t": time.time(), "event": "epoch", **trial_metrics(per_seed, 1, 0)})
+        return _complete(spec, data, tdir, results, report)
+
     trainers = {s: _make_trainer(spec, data, s, device) for s in seeds}
     state, notes = load_latest_checkpoint(tdir / "ckpt")
     for note in notes:
@@ -144,8 +153,7 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     try:
         while not trainers[seeds[0]].done:
             epoch = trainers[seeds[0]].epoch
-            maybe_raise(spec.experiment, spec.trial_index, getattr(spec.config, "method", "") or spec.method,
-                        epoch + 1, tdir)
+            maybe_raise(spec.experiment, spec.trial_index, method, epoch + 1, tdir)
             for s in seeds:
                 rec = trainers[s].run_epoch()
                 per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}
@@ -156,48 +164,52 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
             if epoch + 1 < epochs:
                 report(metrics)
     except Diverged as e:
-        record = {"status": DIVERGED, "reason": str(e), "stage": spec.stage, "experiment": spec.experiment,
-                  "trial_index": spec.trial_index, "params": spec.params, "seeds": seeds,
-                  "objective": None, "epochs_run": trainers[seeds[0]].epoch,
-                  "config": _config_dict(spec.config), "per_seed": {}}
-        atomic_write_json(record_path, record)
+        record = TrialRecord(status=DIVERGED, reason=str(e), stage=spec.stage, experiment=spec.experiment,
+                             trial_index=spec.trial_index, params=spec.params, seeds=seeds, objective=None,
+                             epochs_run=trainers[seeds[0]].epoch, config=_config_dict(spec.config), per_seed={})
+        record.write(record_path)
         append_jsonl(events, {"t": time.time(), "event": DIVERGED, "reason": str(e)})
         shutil.rmtree(tdir / "ckpt", ignore_errors=True)
         report(final_metrics(record))
         return record
+    return _complete(spec, data, tdir, {s: trainers[s].result() for s in seeds}, report)
 
+
+def _complete(spec: TrialSpec, data, tdir: Path, results: dict[int, dict], report) -> TrialRecord:
+    """Write the selected weights and the record of a trial whose every seed finished."""
     import torch
 
-    results = {s: trainers[s].result() for s in seeds}
     for s, res in results.items():
-        path = tdir / f"final-seed{s}.pt"
+        path = final_weights(tdir, s)
         tmp = path.with_suffix(".tmp")
         torch.save(res["state"], tmp)
         os.replace(tmp, path)
+    if any(res.get("norm_history") for res in results.values()):
+        atomic_write_json(tdir / NORMS_FILE, {str(s): res.get("norm_history") or [] for s, res in results.items()})
     objective = float(np.mean([res["selection"]["all"] for res in results.values()]))
-    record = {"status": COMPLETED, "reason": None, "stage": spec.stage, "experiment": spec.experiment,
-              "trial_index": spec.trial_index, "params": spec.params, "seeds": seeds, "objective": objective,
-              "epochs_run": epochs, "config": _config_dict(spec.config),
-              "selection_split": data.selection_split,
-              "per_seed": {str(s): _seed_summary(res) for s, res in results.items()}}
-    atomic_write_json(record_path, record)
-    append_jsonl(events, {"t": time.time(), "event": COMPLETED, "objective": objective})
+    record = TrialRecord(status=COMPLETED, reason=None, stage=spec.stage, experiment=spec.experiment,
+                         trial_index=spec.trial_index, params=spec.params, seeds=list(results),
+                         objective=objective, epochs_run=max(res["epochs_run"] for res in results.values()),
+                         config=_config_dict(spec.config), selection_split=data.selection_split,
+                         per_seed={str(s): _seed_summary(res) for s, res in results.items()})
+    record.write(tdir / TrialRecord.FILE)
+    append_jsonl(tdir / "events.jsonl", {"t": time.time(), "event": COMPLETED, "objective": objective})
     shutil.rmtree(tdir / "ckpt", ignore_errors=True)
     report(final_metrics(record))
     return record
 
 
-def final_metrics(record: dict) -> dict:
+def final_metrics(record: TrialRecord) -> dict:
     """The last report of a trial: the objective, or no objective with the failure status."""
-    m: dict[str, Any] = {"trial_status": record["status"], "epoch": record.get("epochs_run", 0)}
-    if record["status"] == COMPLETED:
-        m["objective"] = record["objective"]
-        sel = [ps["selection"] for ps in record["per_seed"].values()]
+    m: dict[str, Any] = {"trial_status": record.status, "epoch": record.epochs_run or 0}
+    if record.status == COMPLETED:
+        m["objective"] = record.objective
+        sel = [ps["selection"] for ps in record.per_seed.values()]
         for g in ("all", "many", "medium", "few"):
             vals = [s[g] for s in sel if s[g] is not None and not _isnan(s[g])]
             m[f"sel_{g}"] = float(np.mean(vals)) if vals else float("nan")
     else:
-        m["reason"] = record.get("reason")
+        m["reason"] = record.reason
     return m
 
 
@@ -208,7 +220,8 @@ def _config_dict(cfg) -> dict:
 
 
 def load_final_state(trial_dir: Path, seed: int) -> dict:
-    return safe_torch_load(Path(trial_dir) / f"final-seed{seed}.pt")
+    """A finished trial's selected weights for ``seed``."""
+    return safe_torch_load(final_weights(trial_dir, seed))
 
 
 def resumed_from(trial_dir: Path) -> int:

@@ -1,8 +1,8 @@
 """A small synthetic study folder with hand-chosen values, for the analysis and plot tests.
 
-Layout as written by ``study run`` (see ``study.records``): study.yaml, trials.csv, per_class.csv,
-the trial folders (trial.json, record.json / failed.json), stages/*.json, final/*.json, optionally
-optuna.db and done.json. Nothing of the real pipeline runs.
+Layout as written by ``study run``, through the same file views (``study.layout``): study.yaml,
+trials.csv, per_class.csv, the trial folders (trial.json, record.json / failed.json), stages/*.json,
+final/*.json, optionally optuna.db and done.json. Nothing of the real pipeline runs.
 
 Known values (test accuracies as fractions, per seed 0, 1, 2):
 
@@ -24,15 +24,15 @@ started but has no completed trial.
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 from scipy import stats
 
-from study.records import PER_CLASS_COLUMNS, TRIALS_COLUMNS
+from study.fsutil import atomic_write_bytes, atomic_write_json
+from study.layout import (FAILED_FILE, PER_CLASS_COLUMNS, TRIALS_COLUMNS, FinalReport, PerClassRow, Selection,
+                          StageMarker, StudyHeader, StudyPaths, TrialInfo, TrialRecord, TrialRow)
+from study.records import csv_text
 
 COUNTS = [50, 30, 20, 12, 8, 5]
 MANY, FEW = 25, 10  # classes 0-1 many, 2-3 medium, 4-5 few
@@ -124,36 +124,21 @@ def header(name: str, seeds: tuple, protocol: str, interrupted: bool) -> dict:
     }
 
 
-def _csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    def cell(v):
-        return "" if v is None else repr(v) if isinstance(v, float) else v
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: cell(r.get(k)) for k in columns})
-
-
-def _json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
-
-
 def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, trials_csv: bool = True,
                optuna_db: bool = False, protocol: str = "honest", name: str = "toy-lt") -> Path:
     """Write the synthetic study into ``root`` (created) and return it."""
     assert len(seeds) <= 3, "the known values cover at most 3 seeds"
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    paths = StudyPaths(root)
     head = header(name, seeds, protocol, interrupted)
-    (root / "study.yaml").write_text(yaml.safe_dump(head, sort_keys=False))
+    StudyHeader.from_dict(head).write(paths.study_yaml)
     trials = TRIALS + (INTERRUPTED_TRIALS if interrupted else [])
     rows, per_class, finals, selected = [], [], {}, {}
     for exp, method, index, status, params, objective, is_sel, reason in trials:
         tid = trial_id(exp, index)
-        tdir = root / "trials" / exp / f"trial-{index:04d}-{tid}"
-        _json(tdir / "trial.json", {"method": method, "params": params})
+        tdir = paths.trial_dir(exp, index, tid)
+        TrialInfo(method=method, params=params).write(tdir / TrialInfo.FILE)
         has_test = is_sel and not (interrupted and method == "wb")
         per_seed, final = {}, {}
         for pos, seed in enumerate(seeds):
@@ -166,13 +151,14 @@ def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, 
             test = {g: TEST[(exp, method)][g][pos] for g in ("all", "many", "medium", "few")} if has_test else {}
             tau = TAU.get(method, [None] * 3)[pos]
             radius = 1.2 if method == "wb" and ok else None
-            rows.append({"study": name, "stage": exp, "experiment": exp, "method": method, "trial": index,
-                         "trial_id": tid, "seed": seed, "status": status, "reason": reason, "selected": is_sel,
-                         "objective": objective, "best_epoch": 2 if ok else None, "epochs_run": 3 if ok else 1,
-                         "resumed_from_epoch": 0, "selection_split": head["data"]["selection_split"],
-                         **{f"sel_{g}": v for g, v in sel.items()}, **{f"test_{g}": v for g, v in test.items()},
-                         **{k: bal.get(k) for k in ("norm_ratio", "norm_cv", "norm_spearman")},
-                         "maxnorm_radius": radius, "tau": tau, **{f"param.{k}": v for k, v in params.items()}})
+            rows.append(TrialRow(study=name, stage=exp, experiment=exp, method=method, trial=index, trial_id=tid,
+                                 seed=seed, status=status, reason=reason, selected=is_sel, objective=objective,
+                                 best_epoch=2 if ok else None, epochs_run=3 if ok else 1, resumed_from_epoch=0,
+                                 selection_split=head["data"]["selection_split"],
+                                 **{f"sel_{g}": v for g, v in sel.items()},
+                                 **{f"test_{g}": v for g, v in test.items()},
+                                 **{k: bal.get(k) for k in ("norm_ratio", "norm_cv", "norm_spearman")},
+                                 maxnorm_radius=radius, tau=tau, params=params).to_dict())
             if ok:
                 per_seed[str(seed)] = {"best_epoch": 2, "epochs_run": 3, "selection": {
                     **sel, "per_class": per_class_acc(sel_all)}, "weight_norms": w, "balance": bal,
@@ -180,39 +166,39 @@ def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, 
             if has_test:
                 final[str(seed)] = {**test, "per_class": per_class_acc(test["all"])}
             if is_sel:
-                per_class += [{"study": name, "stage": exp, "experiment": exp, "method": method, "seed": seed,
-                               "class": c, "train_count": n, "group": GROUP[c],
-                               "sel_acc": per_class_acc(sel_all)[c],
-                               "test_acc": per_class_acc(test["all"])[c] if has_test else None,
-                               "weight_norm": w[c]} for c, n in enumerate(COUNTS)]
+                per_class += [PerClassRow(study=name, stage=exp, experiment=exp, method=method, seed=seed, klass=c,
+                                          train_count=n, group=GROUP[c], sel_acc=per_class_acc(sel_all)[c],
+                                          test_acc=per_class_acc(test["all"])[c] if has_test else None,
+                                          weight_norm=w[c]).to_dict() for c, n in enumerate(COUNTS)]
         if status in ("completed", "diverged"):
-            _json(tdir / "record.json", {"status": status, "reason": reason, "stage": exp, "experiment": exp,
-                                         "trial_index": index, "params": params, "seeds": list(seeds),
-                                         "objective": objective, "epochs_run": 3, "per_seed": per_seed})
+            TrialRecord(status=status, reason=reason, stage=exp, experiment=exp, trial_index=index, params=params,
+                        seeds=list(seeds), objective=objective, epochs_run=3,
+                        per_seed=per_seed).write(tdir / TrialRecord.FILE)
         elif status == "failed":
-            _json(tdir / "failed.json", {"reason": reason})
+            atomic_write_json(tdir / FAILED_FILE, {"reason": reason})
         if is_sel:
-            selected.setdefault(exp, {})[method] = {"trial_id": tid, "trial_index": index, "objective": objective,
-                                                    "params": params}
+            selected.setdefault(exp, {})[method] = Selection(trial_id=tid, trial_index=index, dir=str(tdir),
+                                                             objective=objective, params=params).to_dict()
             if has_test:
-                finals[(exp, method)] = {"per_seed": final}
+                finals[(exp, method)] = FinalReport(experiment=exp, method=method, trial_id=tid, trial_index=index,
+                                                    params=params, objective=objective, per_seed=final)
     for exp, sel in selected.items():
-        _json(root / "stages" / f"{exp}.json", {"experiment": exp, "selected": sel, "finished": 0.0})
+        StageMarker(experiment=exp, selected=sel, finished=0.0).write(paths.stage_marker(exp))
     for (exp, method), final in finals.items():
-        _json(root / "final" / f"{exp}--{method}.json", final)
+        final.write(paths.final_file(exp, method))
     if trials_csv:
-        params = sorted({k for r in rows for k in r if k.startswith("param.")})
-        _csv(root / "trials.csv", rows, TRIALS_COLUMNS + params)
-        _csv(root / "per_class.csv", per_class, PER_CLASS_COLUMNS)
+        atomic_write_bytes(paths.trials_csv, csv_text(rows, TRIALS_COLUMNS).encode())
+        atomic_write_bytes(paths.per_class_csv, csv_text(per_class, PER_CLASS_COLUMNS).encode())
     if optuna_db:
         write_optuna(root, head, trials)
     if not interrupted:
-        _json(root / "done.json", {"finished": 0.0, "fingerprint": head["fingerprint"]})
+        atomic_write_json(paths.done, {"finished": 0.0, "fingerprint": head["fingerprint"]})
     return root
 
 
 def write_optuna(root: Path, head: dict, trials: list) -> None:
-    """optuna.db as ``study.records.export_optuna`` lays it out: one study per stage and method."""
+    """optuna.db as ``study.records.export_optuna`` lays it out: one study per stage and method
+    (``study.records.optuna_study_name``)."""
     import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial

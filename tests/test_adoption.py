@@ -8,8 +8,9 @@ import json
 import optuna
 
 from study.fsutil import append_jsonl, atomic_write_json
-from study.records import StudyPaths
-from study.search import MethodSearcher, StudyOptunaSearch, adopt_claimed, set_aside_orphans
+from study.layout import StudyPaths
+from study.resume import adopt_claimed, set_aside_orphans
+from study.tune_adapter import MethodSearcher, StudyOptunaSearch
 
 
 def _trial(folder, name, method, params, epoch=0, record=False):

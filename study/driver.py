@@ -1,0 +1,267 @@
+"""``study run``: the driver. Runs a whole study — stage 1, stage 2, the final evaluation on the
+test set, the records, tables and plots — and resumes an interrupted one when run again.
+
+A study runs two Tune experiments (``study.tune_adapter``), each a ``Tuner`` stored in
+``results/NAME/tune/<stage>``:
+
+1. ``stage1``: the methods ``naive`` (weight decay 0, one configuration) and ``tuned`` (the stage-1
+   space, proposed by a seeded Optuna TPE sampler); each trial trains every seed;
+2. ``stage2``: every stage-2 method on the backbones of the best ``tuned`` trial (their per-seed
+   weights are a constant path in ``param_space``, so a restored experiment uses the same ones).
+   Methods with searched parameters get their own Optuna study and budget; the others run once;
+3. the final evaluation: each method's selected configuration, once per seed, on the test set
+   (``study.stages.evaluate_selected``, as ``study train`` does).
+
+Resume contract: a finished stage has ``stages/<stage>.json`` and is skipped; an unfinished one is
+restored with ``Tuner.restore`` (searchers keep their history, Tune keeps the budget); trials
+continue from their own per-epoch checkpoints (``study.trial``), independent of Tune's snapshot
+timing; what a hard kill left inconsistent is repaired by ``study.resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from . import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
+from .errors import StudyInterrupted, UserError
+from .faults import pause_point
+from .fsutil import StudyLock, atomic_write_json, check_writable, json_plain
+from .layout import (DataSummary, ExperimentInfo, FinalReport, MethodInfo, Selection, StageMarker, StudyHeader,
+                     StudyPaths, check_name, final_weights, read_yaml_file)
+from .ray_runtime import check_address, check_stop, init_ray, stop_signals, trial_resources
+from .records import best_completed, experiment_trials
+from .spaces import Experiment, StudySpace, diff_dicts
+
+
+def select_best(paths: StudyPaths, exp: Experiment) -> dict[str, Selection | None]:
+    """Per method: the completed trial with the highest objective (ties: the earlier trial). Diverged,
+    failed and early-stopped trials are never selected."""
+    trials = experiment_trials(paths, exp.name, live=True, include_unknown=False)
+    chosen: dict[str, Selection | None] = {}
+    for method in exp.methods:
+        best = best_completed(trials, method)
+        chosen[method] = None if best is None else Selection(
+            trial_id=best.trial_id, trial_index=best.trial_index, dir=str(best.dir), objective=best.record.objective,
+            params=dict(best.record.params or {}))
+    return chosen
+
+
+# --- final evaluation ---------------------------------------------------------------------------------
+
+def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict) -> dict:
+    """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``)."""
+    from .config import EvalConfig
+    from .fsutil import safe_torch_load
+    from .stages import evaluate_selected
+
+    return evaluate_selected(backbone, safe_torch_load(stage1_file),
+                             {key: safe_torch_load(f) for key, f in finals.items()}, data, EvalConfig(**eval_cfg))
+
+
+def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections: dict[str, StageMarker],
+                         cpus: float, gpus: float, log: Callable[[str], None]) -> None:
+    """Evaluate each method's selected configuration once per seed on the test set (skipping those
+    already written, so a resumed study never evaluates a configuration twice). One Ray task per
+    stage-1 variant and seed: the variant's own model and the stage-2 heads on its backbone, which
+    share the backbone's test features."""
+    import ray
+
+    stage_of = {e.name: e for e in space.experiments()}
+    todo = [(exp, method, marker.selection(method)) for exp, marker in selections.items()
+            for method in marker.selected
+            if marker.selection(method) is not None and not paths.final_file(exp, method).exists()]
+    if not todo:
+        return
+    log(f"final evaluation on the test set: {len(todo)} configuration(s) x {len(space.seeds)} seed(s)")
+    groups: dict[str, list] = {}
+    for exp, method, sel in todo:
+        e = stage_of[exp]
+        groups.setdefault(method if e.stage == "stage1" else e.variant, []).append((exp, method, sel))
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
+    data_ref = ray.put(data)
+    futures = {}
+    for variant, items in groups.items():
+        s1_dir = selections["stage1"].selection(variant).dir
+        for seed in space.seeds:
+            futures[variant, seed] = remote.remote(
+                space.backbone_of(variant), str(final_weights(s1_dir, seed)),
+                {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items}, data_ref, asdict(space.eval))
+    pause_point("final-eval", log)
+    reports = {key: ray.get(f) for key, f in futures.items()}
+    for variant, items in groups.items():
+        for exp, method, sel in items:
+            FinalReport(experiment=exp, method=method, trial_id=sel.trial_id, trial_index=sel.trial_index,
+                        params=sel.params, objective=sel.objective, split="test",
+                        per_seed={str(s): reports[variant, s][f"{exp}--{method}"] for s in space.seeds}
+                        ).write(paths.final_file(exp, method))
+
+
+# --- the study ----------------------------------------------------------------------------------------
+
+def study_header(space: StudySpace, name: str, data) -> StudyHeader:
+    """study.yaml: what the study is (resolved space, experiments, data) and what produced it."""
+    from .provenance import provenance
+
+    exps = tuple(ExperimentInfo(e.name, e.stage, e.budget,
+                                {p.method: MethodInfo(p.budget, tuple(p.params)) for p in e.plans}, e.variant)
+                 for e in space.experiments())
+    return StudyHeader(
+        study=name, fingerprint=space.fingerprint(), protocol=space.protocol, space=space.to_dict(),
+        experiments=exps,
+        data=DataSummary(dataset=space.data.dataset, imbalance_factor=space.data.resolved_imbalance_factor,
+                         num_classes=data.num_classes, train_counts=list(data.train_counts),
+                         many_threshold=data.many_threshold, few_threshold=data.few_threshold,
+                         selection_split=data.selection_split, subset_hash=data.subset_hash,
+                         official_files=data.official),
+        backbone=space.stage1.backbone,
+        provenance=provenance(space.seeds, data, {"space_file": space.source}))
+
+
+def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Callable[[str], None]) -> str:
+    """'new', 'resume' or 'done'. Refuses a changed space unless ``fresh``, which moves the old folder
+    aside (never deleting it)."""
+    if not paths.study_yaml.exists():
+        leftovers = [p for p in paths.root.iterdir() if p.name != ".lock"] if paths.root.is_dir() else []
+        if leftovers:
+            if fresh:
+                _move_aside(paths, log)
+                return "new"
+            raise UserError(f"{paths.root} exists but is not a study (no study.yaml); choose another --name "
+                            "or move that folder away")
+        return "new"
+    if fresh:
+        _move_aside(paths, log)
+        return "new"
+    try:
+        old = read_yaml_file(paths.study_yaml)
+    except Exception:
+        old = None
+    if not isinstance(old, dict) or old.get("fingerprint") != space.fingerprint():
+        diffs = diff_dicts((old or {}).get("space", {}), json_plain(space.to_dict()))
+        diffs.sort(key=lambda d: "->" not in d)  # changed values first, then added/removed keys
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"{paths.root} was started with a different search space ({shown or 'unreadable study.yaml'});"
+                        " run the original command to resume, or add --fresh to start over (the old folder "
+                        "is kept beside it)")
+    return "done" if paths.done.exists() else "resume"
+
+
+def _move_aside(paths: StudyPaths, log: Callable[[str], None]) -> None:
+    aside = paths.root.with_name(f"{paths.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    paths.root.rename(aside)
+    log(f"--fresh: moved the previous study to {aside}")
+
+
+def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.PathLike = "results", *,
+              address: str | None = None, gpus_per_trial: float | None = None, cpus_per_trial: float | None = None,
+              data_dir: str | None = None, fresh: bool = False, verbose: bool = False,
+              log: Callable[[str], None] = print, ray_temp_dir: str | None = None) -> Path:
+    """Run or resume a whole study; returns its folder. Raises StudyInterrupted when stopped early.
+
+    Everything a user can get wrong is checked before anything is written: the name, the results
+    folder, the resources, the cluster address, a changed space, the dataset files."""
+    from .data import load_data
+
+    lock = None
+    try:
+        # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.ray_runtime).
+        with stop_signals():
+            name = check_name(name or space.name)
+            results_dir = Path(results_dir).expanduser()
+            check_writable(results_dir)
+            paths = StudyPaths(results_dir / name)
+            if paths.root.exists() and not paths.root.is_dir():
+                raise UserError(f"{paths.root} is a file, not a study folder; choose another --name or --results-dir")
+            if gpus_per_trial is not None and not 0 < gpus_per_trial <= 1:
+                raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: must be in (0, 1] (a fraction lets several "
+                                "trials share one GPU, e.g. 0.25)")
+            if cpus_per_trial is not None and cpus_per_trial <= 0:
+                raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
+            if address:
+                check_address(address)
+            lock = StudyLock(paths.root)
+            lock.check()  # a live `study run` on this folder: refuse now, before touching anything
+            state = prepare_study_dir(space, paths, fresh, log)
+            if state == "done":
+                log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
+                    f"trials in {paths.trials_csv}")
+                return paths.root
+            data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
+            init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
+            gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
+            paths.root.mkdir(parents=True, exist_ok=True)
+            lock.acquire(" ".join(sys.argv))
+            if state == "new":
+                study_header(space, name, data).write(paths.study_yaml)
+            log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
+                f"{data.selection_split}), seeds {list(space.seeds)} -> {paths.root}"
+                + ("" if state == "new" else " (resuming)"))
+            _run_stages(space, paths, data, cpus, gpus, verbose, log)
+            check_stop()
+            finish_study(paths, view_log=log)
+            check_stop()
+            atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
+            log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
+            return paths.root
+    except KeyboardInterrupt:
+        raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
+    finally:
+        if lock is not None:
+            lock.release()
+        try:
+            import ray
+
+            if not address:  # also after a ray.init interrupted half-way: it stops what was started
+                ray.shutdown()
+        except Exception:
+            pass
+
+
+def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float, verbose: bool,
+                log: Callable[[str], None]) -> None:
+    """Every experiment not finished yet, in order, then the final evaluation on the test set."""
+    from .progress import ProgressView
+    from .tune_adapter import run_experiment
+
+    selections: dict[str, StageMarker] = {}
+    with ProgressView(paths, space, log, live=not verbose) as view:
+        for exp in space.experiments():
+            check_stop()
+            marker = paths.stage_marker(exp.name)
+            stage1_dir = None
+            if exp.stage == "stage2":
+                sel = selections["stage1"].selection(exp.variant)
+                if sel is None:
+                    raise UserError(f"no stage-1 trial of variant {exp.variant} completed (all diverged or "
+                                    f"failed); see 'study status {paths.root}' and narrow its space")
+                stage1_dir = Path(sel.dir)
+                pause_point("between-stages", view.log)
+            if not marker.exists():
+                run_experiment(exp, space, paths, data, stage1_dir, cpus, gpus, view.log)
+                StageMarker(experiment=exp.name, finished=time.time(),
+                            selected={m: (None if v is None else v.to_dict())
+                                      for m, v in select_best(paths, exp).items()}).write(marker)
+            selections[exp.name] = StageMarker.read(marker)
+        check_stop()
+        run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log)
+
+
+def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print) -> None:
+    """trials.csv, per_class.csv, optuna.db, tables and plots of a complete study (all rebuilt from
+    disk, idempotent). The tables are built as those of a finished study: done.json is written
+    right after them, and ``study table`` then prints exactly what they hold."""
+    from .analysis import load_results, write_all_tables
+    from .plots import write_all_plots
+    from .records import export_optuna, write_records
+
+    write_records(paths)
+    export_optuna(paths)
+    pause_point("tables", view_log)
+    results = load_results(paths.root, complete=True)  # read once for both
+    write_all_tables(results)
+    write_all_plots(results)

@@ -1,0 +1,171 @@
+"""Ray for ``study run``: starting or joining a cluster, the resources of a trial, and stopping the
+driver cleanly on Ctrl-C or SIGTERM.
+
+Imported before Ray anywhere in the driver: Ray's C++ failure-signal handler (absl) catches
+SIGTERM in the driver, prints a stack and aborts a few seconds later, even after our handler has
+started a clean stop. Ray reads the switch below once, when ``ray._private.ray_constants`` is
+imported, so it is set at this module's import (init_ray also sets the parsed constant, for a Ray
+imported earlier in the process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+
+from .errors import UserError  # noqa: E402
+
+
+def check_address(address: str) -> None:
+    """Fail within seconds (not a hang) when a Ray head address cannot be reached."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as e:
+        raise UserError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e}); start one "
+                        "with 'ray start --head' or check the address") from None
+
+
+def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) -> None:
+    import logging
+
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A diverged trial's last report has no objective on purpose (so no number can win); the
+    # searcher and scheduler skip such reports, so Tune must not reject them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # See the module top (the variable is set there): without Ray's failure-signal handler, SIGTERM
+    # is a Ctrl-C (exit 130, resumable). The parsed constant covers a Ray imported before this module.
+    if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A trial restored from Tune's last checkpoint re-reports a few epochs Optuna has already seen
+    # (our trials resume from their own, newer checkpoint); Optuna keeps the first value and warns.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`")
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
+                                  logging_level=logging.INFO if verbose else logging.ERROR,
+                                  configure_logging=True)
+    if address:
+        # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
+        # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
+        # that the address answers (check_address), before anything was written.
+        try:
+            with stop_signals_deferred():
+                ray.init(address=address, **kwargs)
+        except Exception as e:
+            raise UserError(f"--address {address}: could not join the Ray cluster: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    else:
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+        with stop_signals_deferred():
+            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+    if not verbose:
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) -> tuple[float, float]:
+    """(GPUs, CPUs) per trial, refusing requests the cluster can never satisfy (Ray would keep such
+    trials pending forever). Default: a quarter GPU when the cluster has GPUs, one CPU."""
+    import ray
+
+    res = ray.cluster_resources()
+    have_gpus, have_cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
+    gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if have_gpus > 0 else 0.0)
+    cpus = cpus_per_trial if cpus_per_trial is not None else 1.0
+    if gpus > 0 and have_gpus == 0:
+        raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU; leave the option out to "
+                        "train on CPUs, or join a cluster with GPUs (--address)")
+    if cpus > have_cpus:
+        raise UserError(f"--cpus-per-trial {cpus:g}: the Ray cluster has only {have_cpus:g} CPUs")
+    return gpus, cpus
+
+
+
+# --- stopping the driver -----------------------------------------------------------------------------
+#
+# Ctrl-C and SIGTERM (batch schedulers, `kill`) must stop a study cleanly: exit 130, resumable. Python
+# runs a signal handler in the main thread and raises its exception wherever that thread is, and a few
+# places swallow exceptions: the at-fork hooks that run while ray.init starts its processes, __del__
+# methods. An interrupt raised there is lost and the study runs on. So every stop request is also
+# recorded, and the driver checks the record at each phase boundary (`check_stop`); during ray.init
+# the request is only recorded (a half-started Ray would leave orphaned processes) and acted on as soon
+# as ray.init returns — a second Ctrl-C interrupts at once.
+
+_STOP = threading.Event()
+_DEFERRING = threading.Event()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    repeated = _STOP.is_set()
+    _STOP.set()
+    if _DEFERRING.is_set() and not repeated:
+        return
+    if signum == signal.SIGTERM:
+        # To whoever handles Ctrl-C now: inside Tune's fit that is Tune's graceful stop (it snapshots
+        # the experiment and leaves unfinished trials resumable), elsewhere ours.
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was requested, even if its exception was swallowed."""
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """Around ray.init: record stop requests instead of raising inside it (see above), keep Ray from
+    replacing our SIGTERM handler with its own ``sys.exit(15)`` (swallowed in an at-fork hook, it lost
+    the signal), and act on a recorded request afterwards."""
+    from ray._private import utils as ray_utils
+
+    set_handler = getattr(ray_utils, "set_sigterm_handler", None)
+    if set_handler is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    _DEFERRING.set()
+    try:
+        yield
+    finally:
+        _DEFERRING.clear()
+        if set_handler is not None:
+            ray_utils.set_sigterm_handler = set_handler
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        signal.signal(signal.SIGINT, _on_stop_signal)
+    check_stop()
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within: SIGINT and SIGTERM stop the driver (a KeyboardInterrupt, also when its exception was
+    swallowed, see :func:`check_stop`); the previous handlers are restored afterwards."""
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.clear()
+    for sig in old:
+        signal.signal(sig, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup clean-demo
+.PHONY: demo test test-slow test-all setup clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,16 @@ demo: $(STAMP)
 	$(BIN)/study run digits-lt
 	$(BIN)/study table results/digits-lt --kind ablation
 
-# The default suite (slow tests are kept out: run them with `make test-all`).
+# The default suite: everything but the tests marked `slow` (pyproject.toml's addopts). It still runs
+# real end-to-end studies and a seeded pair of driver kills with resume.
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Only the slow tests: the driver stopped in every phase, and more seeded random kills.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+# The default suite and the slow tests.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
 

@@ -5,8 +5,10 @@ RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize applied 
 a DataLoader. Ours (study.data.Augmenter): the whole split as a uint8 tensor on the device, crop,
 flip and normalise applied to each batch at once.
 
-Prints images/s of each and the ratio, for the input pipeline alone and for a full ResNet training
-step (forward + backward + SGD) on top of it, on the device available (CPU here; CUDA when present).
+Prints images/s of each and the ratio, for the input pipeline alone, for a plain ResNet training
+step (forward + backward + SGD) on top of each, and for the project's own trainer
+(``study.stages.Stage1Trainer``) in each memory format, all against the same baseline measured in
+the same run, on the device available (CPU here; CUDA when present).
 
     .venv/bin/python benchmarks/bench_data_pipeline.py [--images 10847] [--batch 64] [--workers 0]
 """
@@ -118,8 +120,42 @@ def main() -> None:
 
     b = train_steps(base_batches())
     o = train_steps(our_batches())
-    print(f"{args.model} training steps        baseline {b:10.0f} img/s   ours {o:10.0f} img/s   "
+    print(f"{args.model} training steps        baseline {b:10.0f} img/s   ours (plain step) {o:10.0f} img/s   "
           f"speed-up x{o / b:.2f}")
+
+    # -- the project's own trainer (study.stages.Stage1Trainer), per memory format: what a trial runs
+    from study.config import Stage1Config
+    from study.data import LTData
+    from study.stages import Stage1Trainer, runtime_settings
+
+    counts = np.bincount(y, minlength=100).tolist()
+    data = LTData(spec=spec, train_x=np.ascontiguousarray(x.transpose(0, 3, 1, 2)), train_y=y, val_x=x[:100].transpose(0, 3, 1, 2),
+                  val_y=y[:100], test_x=x[:100].transpose(0, 3, 1, 2), test_y=y[:100], train_counts=counts,
+                  many_threshold=100, few_threshold=20, subset_hash="bench")
+
+    def trainer_steps(fmt: str) -> tuple[float, str]:
+        cfg = Stage1Config(backbone=args.model, batch_size=args.batch, lr=0.01, weight_decay=5e-3, memory_format=fmt)
+        t = Stage1Trainer(cfg, data, 0, device)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        t.model.train()
+
+        def logits_of(idx):
+            xb = t.aug(t.train_split.x[idx], t.gen)
+            return t.forward(xb.contiguous(memory_format=torch.channels_last) if t.channels_last else xb)
+
+        t._sgd_epoch(order[:args.batch], logits_of, [], t.model.classifier.weight)  # warm-up step
+        sync()
+        t0 = time.perf_counter()
+        n = args.batch * args.train_steps
+        t._sgd_epoch(order[args.batch:args.batch + n], logits_of, [], t.model.classifier.weight)
+        sync()
+        return n / (time.perf_counter() - t0), t.runtime["memory_format"]
+
+    auto = runtime_settings(Stage1Config(backbone=args.model), device)["memory_format"]
+    for fmt in ("contiguous", "channels_last"):
+        r, _ = trainer_steps(fmt)
+        mark = "  <- memory_format: auto" if fmt == auto else ""
+        print(f"{args.model} study trainer, {fmt:<13} {r:10.0f} img/s   x{r / b:.2f} the baseline{mark}")
 
 
 if __name__ == "__main__":

@@ -28,19 +28,17 @@ import pandas as pd
 
 from .errors import UserError
 from .methods import ABLATION_ORDER, METHODS
-from .records import (FAILURE_STATUSES, PER_CLASS_COLUMNS, TRIALS_COLUMNS, StudyPaths, collect, fmt_value,
-                      load_header)
+from .layout import (COMPLETED, ENDED_STATUSES, FAILURE_STATUSES, NUMERIC_COLUMNS, PER_CLASS_COLUMNS, TRIALS_COLUMNS,
+                     ExperimentInfo, StudyHeader, StudyPaths, load_header)
+from .records import collect, fmt_value, optuna_study_name
 
-KINDS = ("main", "ablation", "seeds", "search")
+KINDS = ("main", "ablation", "seeds", "search", "analysis")
 FORMATS = {"markdown": "md", "latex": "tex", "csv": "csv"}
 GROUPS = ("many", "medium", "few", "all")
 TOP_K = 5
 MIN_TRIALS_FOR_IMPORTANCE = 4
 STAGE1_LABELS = {"naive": "CE without WD", "tuned": "CE + tuned WD"}
-_NUMERIC_COLUMNS = {"trial", "seed", "objective", "best_epoch", "epochs_run", "resumed_from_epoch", "sel_all",
-                    "sel_many", "sel_medium", "sel_few", "test_all", "test_many", "test_medium", "test_few",
-                    "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "tau", "class", "train_count",
-                    "sel_acc", "test_acc", "weight_norm"}
+
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -50,46 +48,49 @@ class Results:
     """A study's header and long-format tables, with the lookups every table needs."""
 
     paths: StudyPaths
-    header: dict
+    header: StudyHeader
     trials: pd.DataFrame
     per_class: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     """Sentences about where the rows came from (e.g. rebuilt from the trial folders)."""
+    complete: bool = False
+    """The study finished (done.json, or the driver is writing the tables of a finished study)."""
 
     @property
-    def experiments(self) -> list[dict]:
-        return list(self.header.get("experiments") or [])
+    def experiments(self) -> list[ExperimentInfo]:
+        return list(self.header.experiments)
 
     @property
     def seeds(self) -> list[int]:
-        return list((self.header.get("space") or {}).get("seeds") or sorted(self.trials["seed"].dropna().unique()))
+        return self.header.seeds or sorted(self.trials["seed"].dropna().unique())
 
-    def experiment(self, stage: str) -> dict | None:
+    def experiment(self, stage: str) -> ExperimentInfo | None:
         """The first experiment of a stage (``stage1``/``stage2``)."""
-        return next((e for e in self.experiments if e.get("stage") == stage), None)
+        return self.header.experiment(stage)
 
     @staticmethod
-    def searched(exp: dict, method: str) -> list[str]:
+    def searched(exp: ExperimentInfo, method: str) -> list[str]:
         """The parameters the study searched for ``method`` in ``exp`` (empty: nothing searched)."""
-        return list(((exp.get("methods") or {}).get(method) or {}).get("searched") or [])
+        info = exp.methods.get(method)
+        return list(info.searched) if info else []
 
-    def methods(self, exp: dict) -> list[str]:
+    def methods(self, exp: ExperimentInfo) -> list[str]:
         """The experiment's methods in table order, including any found only in the rows."""
-        names = list(exp.get("methods") or {})
+        names = list(exp.methods)
         names += [m for m in self.rows(exp)["method"].unique() if m not in names]
-        order = ["naive", "tuned"] if exp.get("stage") == "stage1" else ABLATION_ORDER
+        order = ["naive", "tuned"] if exp.stage == "stage1" else ABLATION_ORDER
         return sorted(names, key=lambda m: (order.index(m) if m in order else len(order), names.index(m)))
 
-    def rows(self, exp: dict, method: str | None = None) -> pd.DataFrame:
-        df = self.trials[self.trials["experiment"] == exp["name"]]
+    def rows(self, exp: ExperimentInfo, method: str | None = None) -> pd.DataFrame:
+        df = self.trials[self.trials["experiment"] == exp.name]
         return df if method is None else df[df["method"] == method]
 
-    def selected(self, exp: dict, method: str) -> pd.DataFrame:
+    def selected(self, exp: ExperimentInfo, method: str) -> pd.DataFrame:
         """The selected configuration's rows, one per seed."""
         df = self.rows(exp, method)
         return df[df["selected"]].sort_values("seed")
 
-    def trial_list(self, exp: dict, method: str | None = None) -> pd.DataFrame:
+    def trial_list(self, exp: ExperimentInfo, method: str | None = None) -> pd.DataFrame:
         """One row per trial (the per-seed rows repeat the trial's status, objective and params)."""
         return self.rows(exp, method).drop_duplicates("trial_id").sort_values("trial")
 
@@ -102,9 +103,10 @@ def as_results(study: str | os.PathLike | Results) -> Results:
     return study if isinstance(study, Results) else load_results(study)
 
 
-def load_results(root: str | os.PathLike) -> Results:
+def load_results(root: str | os.PathLike, complete: bool | None = None) -> Results:
     """Load a study folder. Raises :class:`UserError` (via ``load_header``) on a folder that is not
-    a study; rebuilds the rows from the trial folders when trials.csv is absent or unreadable."""
+    a study; rebuilds the rows from the trial folders when trials.csv is absent or unreadable.
+    ``complete``: whether the study finished (default: it has done.json)."""
     paths, header = load_header(root)
     notes: list[str] = []
     trials = per_class = None
@@ -123,7 +125,7 @@ def load_results(root: str | os.PathLike) -> Results:
     if per_class is None:
         per_class = pd.DataFrame()
     return Results(paths, header, _normalise(trials, TRIALS_COLUMNS), _normalise(per_class, PER_CLASS_COLUMNS),
-                   notes)
+                   notes, paths.done.exists() if complete is None else complete)
 
 
 def _normalise(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -138,7 +140,7 @@ def _normalise(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
             continue
         num = pd.to_numeric(df[c], errors="coerce")
         # a searched parameter is a number unless it is categorical (some value is not numeric)
-        if c in _NUMERIC_COLUMNS or (c.startswith("param.")
+        if c in NUMERIC_COLUMNS or (c.startswith("param.")
                                      and num.notna().sum() == df[c].map(lambda v: not _missing(v)).sum()):
             df[c] = num.astype(float)
         else:
@@ -317,30 +319,42 @@ def render(table: Table, fmt: str) -> str:
 
 # --- captions and notes -------------------------------------------------------------------------------------
 
-def label(exp: dict, method: str) -> str:
-    """Row label of a method: the stage-1 baselines by what they are, stage-2 methods from METHODS."""
-    if exp.get("stage") == "stage1":
-        return STAGE1_LABELS.get(method, method)
+def variant_label(variant: str) -> str:
+    """A stage-1 variant for people (the old form's ``naive``/``tuned`` by what they are)."""
+    return STAGE1_LABELS.get(variant, variant)
+
+
+def label(exp: ExperimentInfo, method: str) -> str:
+    """Row label of a method: stage-1 variants by name, stage-2 methods from METHODS."""
+    if exp.stage == "stage1":
+        return variant_label(method)
     return METHODS[method].label if method in METHODS else method
 
 
-def _stage_words(exp: dict) -> str:
-    return re.sub(r"^stage(\d+)$", r"stage \1", str(exp.get("stage") or exp["name"]))
+def long_label(res: Results, exp: ExperimentInfo, method: str) -> str:
+    """:func:`label`, naming the variant of a stage-2 method when several variants fed stage 2."""
+    if exp.stage == "stage2" and len(res.header.fed_variants) > 1:
+        return f"{label(exp, method)} on {variant_label(exp.variant or '')}"
+    return label(exp, method)
+
+
+def _stage_words(exp: ExperimentInfo) -> str:
+    return re.sub(r"^stage(\d+)$", r"stage \1", str(exp.stage or exp.name))
 
 
 def _context(res: Results, spread: bool = True) -> str:
-    data, h = res.header.get("data") or {}, res.header
-    ifac = data.get("imbalance_factor")
+    data = res.header.data
+    ifac = data.imbalance_factor
     ifac = f"{ifac:g}" if isinstance(ifac, (int, float)) else str(ifac)
     seeds = res.seeds
-    return (f"{data.get('dataset', '?')} (imbalance factor {ifac}, {data.get('num_classes', '?')} classes), "
-            f"backbone {h.get('backbone', '?')}, " + ("mean ± std over " if spread else "")
+    return (f"{data.dataset or '?'} (imbalance factor {ifac}, {data.num_classes or '?'} classes), "
+            f"backbone {res.header.backbone or '?'}, " + ("mean ± std over " if spread else "")
             + f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(str(s) for s in seeds)})")
 
 
 def _protocol(res: Results) -> str:
-    protocol = res.header.get("protocol") or (res.header.get("space") or {}).get("protocol", "?")
-    split = (res.header.get("data") or {}).get("selection_split") or ("test" if protocol == "wb-parity" else "val")
+    protocol = res.header.protocol
+    split = res.header.data.selection_split or ("test" if protocol in ("wb-parity", "test-selection") else "val")
     if split == "test":
         return (f"Hyperparameters and epochs were selected on the test set, as in the reference code "
                 f"(protocol {protocol}, no validation split), so test accuracies are optimistic.")
@@ -348,7 +362,7 @@ def _protocol(res: Results) -> str:
             f"(protocol {protocol}); the test set was evaluated once per selected configuration.")
 
 
-def selected_hyperparameters(res: Results, exp: dict, method: str) -> str:
+def selected_hyperparameters(res: Results, exp: ExperimentInfo, method: str) -> str:
     """``name = value`` of the selected configuration's searched parameters, and the per-seed τ of
     post-hoc methods; empty when nothing was selected or searched."""
     sel = res.selected(exp, method)
@@ -387,19 +401,19 @@ def notes(res: Results) -> list[str]:
 
 def missing_parts(res: Results) -> list[str]:
     """What an interrupted or running study has not produced yet (empty for a complete one)."""
-    done = res.paths.done.exists()
+    done = res.complete
     out = [] if done else ["study not finished (no done.json)"]
     for exp in res.experiments:
         for m in res.methods(exp):
-            key = f"{exp['name']}/{m}"
+            key = f"{exp.name}/{m}"
             trials = res.trial_list(exp, m)
-            budget = ((exp.get("methods") or {}).get(m) or {}).get("budget")
-            finished = int(trials["status"].isin(["completed", "stopped", *FAILURE_STATUSES]).sum())
+            budget = exp.methods[m].budget if m in exp.methods else None
+            finished = int(trials["status"].isin(ENDED_STATUSES).sum())
             if trials.empty:
                 out.append(f"{key} has no trials")
                 continue
             unfinished = not done and budget and finished < budget
-            if not (trials["status"] == "completed").any():
+            if not (trials["status"] == COMPLETED).any():
                 out.append(f"{key} has no completed trial" + (f" ({finished} of {budget} finished)" if unfinished
                                                               else ""))
                 continue
@@ -418,53 +432,104 @@ def missing_parts(res: Results) -> list[str]:
     return out
 
 
-def significance(res: Results) -> str:
-    """WB against the best other stage-2 method (highest mean test All): paired t-test across seeds
-    and the 95% confidence interval (t distribution) of the mean difference in All, in points."""
-    exp = res.experiment("stage2")
-    if exp is None:
-        return "Significance: the study has no stage 2."
-    if "wb" not in res.methods(exp):
-        return "Significance: the study has no wb (CB + WD + MaxNorm) method, so no test was made."
-    wb = res.selected(exp, "wb")[["seed", "test_all"]].dropna()
-    if wb.empty:
-        return "Significance: wb has no test results yet, so no test was made."
-    means = {m: res.selected(exp, m)["test_all"].mean() for m in res.methods(exp) if m != "wb"}
-    means = {m: v for m, v in means.items() if math.isfinite(v)}
-    if not means:
-        return "Significance: no other stage-2 method has test results to compare wb with."
-    other = max(means, key=means.get)
-    pair = wb.merge(res.selected(exp, other)[["seed", "test_all"]].dropna(), on="seed", suffixes=("_wb", "_o"))
-    head = f"Significance: WB vs {label(exp, other)} (the best other stage-2 method by mean test All)"
-    n = len(pair)
+def paired_stats(a: pd.DataFrame, b: pd.DataFrame, column: str = "test_all") -> dict:
+    """The difference a − b of ``column`` (an accuracy, in points) over the seeds both have: n, mean,
+    the 95% confidence interval half-width (t distribution), and the paired t-test's t and p (None
+    for fewer than 3 seeds or a constant difference)."""
+    pair = a[["seed", column]].dropna().merge(b[["seed", column]].dropna(), on="seed", suffixes=("_a", "_b"))
+    x, y = pair[f"{column}_a"].to_numpy() * 100, pair[f"{column}_b"].to_numpy() * 100
+    d = x - y
+    n = len(d)
+    out = {"n": n, "mean": float(d.mean()) if n else math.nan, "half": None, "t": None, "p": None}
+    if n >= 3 and d.std(ddof=1) > 0:
+        from scipy import stats
+
+        t, p = stats.ttest_rel(x, y)
+        out.update(half=float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)), t=float(t), p=float(p))
+    return out
+
+
+def paired_test(head: str, a: pd.DataFrame, b: pd.DataFrame, column: str = "test_all") -> str:
+    """``head``: the paired t-test across seeds of ``column`` (default test All) of two selected
+    configurations (rows with ``seed`` and the column) and the 95% confidence interval of the mean
+    difference a − b, in points."""
+    st = paired_stats(a, b, column)
+    what = column.replace("test_", "").capitalize()
+    n, mean = st["n"], st["mean"]
     if n < 3:
         return (f"{head}: only {n} paired seed{'s' * (n != 1)}; a paired t-test needs at least 3, "
                 "so none was computed.")
-    from scipy import stats
+    if st["t"] is None:
+        return f"{head}: the difference in {what} is {mean:+.2f} points on every one of {n} seeds; no t-test."
+    half = st["half"]
+    return (f"{head}: mean difference in {what} {mean:+.2f} points, 95% CI [{mean - half:+.2f}, {mean + half:+.2f}] "
+            f"over {n} paired seeds; paired t-test t({n - 1}) = {st['t']:.2f}, p = {st['p']:.3g}.")
 
-    a, b = pair["test_all_wb"].to_numpy() * 100, pair["test_all_o"].to_numpy() * 100
-    d = a - b
-    mean, se = d.mean(), d.std(ddof=1) / math.sqrt(n)
-    if se == 0:
-        return f"{head}: the difference in All is {mean:+.2f} points on every one of {n} seeds; no t-test."
-    t, p = stats.ttest_rel(a, b)
-    half = stats.t.ppf(0.975, n - 1) * se
-    return (f"{head}: mean difference in All {mean:+.2f} points, 95% CI [{mean - half:+.2f}, {mean + half:+.2f}] "
-            f"over {n} paired seeds; paired t-test t({n - 1}) = {t:.2f}, p = {p:.3g}.")
+
+def _means(res: Results, exp: ExperimentInfo, methods) -> dict[str, float]:
+    means = {m: res.selected(exp, m)["test_all"].mean() for m in methods}
+    return {m: v for m, v in means.items() if math.isfinite(v)}
+
+
+def significance(res: Results, exps: list[ExperimentInfo] | None = None) -> str:
+    """Within each stage-2 experiment (one per fed variant): WB against the best other stage-2 method
+    (highest mean test All). Across variants (when several fed stage 2): under each method, the best
+    variant against the runner-up. See :func:`paired_test`."""
+    exps = res.header.stage2_experiments() if exps is None else exps
+    if not exps:
+        return "Significance: the study has no stage 2."
+    several = len(res.header.fed_variants) > 1
+    out = []
+    for exp in exps:
+        on = f" on {variant_label(exp.variant or '')}" if several else ""
+        if "wb" not in res.methods(exp):
+            out.append(f"Significance{on}: no wb (CB + WD + MaxNorm) method, so no test was made.")
+            continue
+        wb = res.selected(exp, "wb")
+        if wb["test_all"].dropna().empty:
+            out.append(f"Significance{on}: wb has no test results yet, so no test was made.")
+            continue
+        means = _means(res, exp, [m for m in res.methods(exp) if m != "wb"])
+        if not means:
+            out.append(f"Significance{on}: no other stage-2 method has test results to compare wb with.")
+            continue
+        other = max(means, key=means.get)
+        out.append(paired_test(f"Significance{on}: WB vs {label(exp, other)} (the best other stage-2 method by "
+                               "mean test All)", wb, res.selected(exp, other)))
+        if "none" in res.methods(exp):  # what stage 2 adds where it matters most: the tail
+            out.append(paired_test(f"WB vs the stage-1 classifier{on}", wb, res.selected(exp, "none"), "test_few"))
+    if len(exps) > 1:
+        methods = [m for m in res.methods(exps[0]) if all(m in res.methods(e) for e in exps[1:])]
+        for m in methods:
+            by_variant = {e.variant: res.selected(e, m)["test_all"].mean() for e in exps}
+            by_variant = {v: x for v, x in by_variant.items() if math.isfinite(x)}
+            if len(by_variant) < 2:
+                continue
+            best, second = sorted(by_variant, key=by_variant.get, reverse=True)[:2]
+            e_of = {e.variant: e for e in exps}
+            out.append(paired_test(f"Variants under {label(exps[0], m)}: {variant_label(best)} vs "
+                                   f"{variant_label(second)} (the best two by mean test All)",
+                                   res.selected(e_of[best], m), res.selected(e_of[second], m)))
+    return " ".join(out)
 
 
 # --- the tables ---------------------------------------------------------------------------------------------
 
 LEAD = [Column("stage_n", "Stage", show="display"), Column("stage", "stage", show="csv"),
+        Column("variant", "variant", show="csv"), Column("variant_label", "Variant", show="display"),
         Column("method", "method", show="csv"), Column("label", "Method")]
 ACC_COLUMNS = [Column(g, g.capitalize(), "stat", 2, bold_max=True) for g in GROUPS]
 NORM_COLUMNS = [Column("norm_ratio", "Max/min norm", "stat", 2), Column("norm_cv", "Norm CV", "stat", 3),
                 Column("norm_spearman", "Spearman ρ", "stat", 3)]
 
 
-def _lead(exp: dict, method: str) -> dict[str, Any]:
-    return {"stage_n": _stage_words(exp).replace("stage ", ""), "stage": exp["name"], "method": method,
-            "label": label(exp, method)}
+def _lead(exp: ExperimentInfo, method: str) -> dict[str, Any]:
+    """The leading cells of a row: stage, variant (the representation), method (the classifier). A
+    stage-1 row is its variant's own jointly trained classifier."""
+    variant = exp.variant_of(method)
+    return {"stage_n": _stage_words(exp).replace("stage ", ""), "stage": exp.name, "variant": variant,
+            "variant_label": variant_label(variant), "method": method,
+            "label": METHODS["none"].label if exp.stage == "stage1" else label(exp, method)}
 
 
 def _cells(cols: list[Column], values: dict[str, Any], row: pd.Series | None = None) -> list[Any]:
@@ -477,7 +542,7 @@ def _cells(cols: list[Column], values: dict[str, Any], row: pd.Series | None = N
     return [get(c.key) for c in cols]
 
 
-def _per_method(res: Results, exps: list[dict], cols: list[Column]) -> tuple[list[list[Any]], list[int]]:
+def _per_method(res: Results, exps: list[ExperimentInfo], cols: list[Column]) -> tuple[list[list[Any]], list[int]]:
     """One row per (experiment, method) of the selected configuration: stat columns hold the per-seed
     values (test accuracies in percent, norm statistics as they are)."""
     rows, breaks = [], []
@@ -493,35 +558,55 @@ def _per_method(res: Results, exps: list[dict], cols: list[Column]) -> tuple[lis
 
 def split_word(res: Results) -> str:
     """``validation`` or ``test``: the split that selected hyperparameters and epochs."""
-    return "test" if (res.header.get("data") or {}).get("selection_split") == "test" else "validation"
+    return "test" if res.header.data.selection_split == "test" else "validation"
 
 
 def _name(res: Results, kind: str) -> str:
-    return f"{res.header.get('study', 'study')}-{kind}"
+    return f"{res.header.study or 'study'}-{kind}"
+
+
+def _fed_words(res: Results, exps: list[ExperimentInfo] | None = None) -> str:
+    fed = [variant_label(e.variant or "") for e in (exps if exps is not None else res.header.stage2_experiments())]
+    if not fed:
+        return "no stage-1 variant"
+    return f"the stage-1 {'model' if len(fed) == 1 else 'models'} {', '.join(fed)}"
 
 
 def main_table(res: Results) -> Table:
-    """Stage-1 baselines and every stage-2 method: test Many/Medium/Few/All, best in bold."""
-    exps = [e for e in res.experiments if e.get("stage") in ("stage1", "stage2")]
+    """The grid of representation × classifier (Kang et al.'s layout): one row per stage-1 variant
+    (its own classifier), then one row per (fed variant, stage-2 method); test Many/Medium/Few/All,
+    mean ± std over seeds, best in bold."""
+    exps = [e for e in res.experiments if e.stage in ("stage1", "stage2")]
     cols = LEAD + [Column("n_seeds", "n_seeds", "int", show="csv")] + ACC_COLUMNS
     rows, breaks = _per_method(res, exps, cols)
-    hp = [f"{label(e, m)}: {s}" for e in exps for m in res.methods(e) if (s := selected_hyperparameters(res, e, m))]
-    caption = (f"Test accuracy (%) on {_context(res)}; best per column in bold. Stage-2 methods adjust or "
-               f"re-train the classifier of the stage-1 CE + tuned WD model. {_protocol(res)} "
+    hp = [f"{long_label(res, e, m)}: {s}" for e in exps for m in res.methods(e)
+          if (s := selected_hyperparameters(res, e, m))]
+    caption = (f"Test accuracy (%) on {_context(res)}; best per column in bold. Stage-1 rows are each variant's "
+               f"jointly trained classifier; stage-2 methods adjust or re-train the classifier of "
+               f"{_fed_words(res)}. {_protocol(res)} "
                f"Selected hyperparameters: {'; '.join(hp) if hp else 'none searched'}.")
     return Table(_name(res, "main"), cols, rows, caption, notes(res), breaks)
 
 
-def ablation_table(res: Results) -> Table:
-    """The stage-2 methods on the tuned backbone with accuracy and weight-norm balance columns, and
-    the significance of WB against the best other method in the caption."""
+def ablation_table(res: Results, variant: str | None = None) -> Table:
+    """The stage-2 methods on each fed variant (or only ``variant``) with accuracy and weight-norm
+    balance columns, and the significance tests in the caption."""
+    exps = res.header.stage2_experiments()
+    if variant is not None:
+        fed = [e.variant for e in exps]
+        if variant not in fed:
+            from .errors import unknown
+
+            raise UserError(f"--variant {variant}: " + unknown("variant that fed stage 2", variant, fed))
+        exps = [e for e in exps if e.variant == variant]
     cols = LEAD[1:] + [Column("n_seeds", "n_seeds", "int", show="csv")] + ACC_COLUMNS + NORM_COLUMNS
-    rows, _ = _per_method(res, [e for e in res.experiments if e.get("stage") == "stage2"], cols)
-    caption = (f"Stage-2 ablation on the stage-1 CE + tuned WD model: test accuracy (%) and balance of the "
+    rows, breaks = _per_method(res, exps, cols)
+    caption = (f"Stage-2 ablation on {_fed_words(res, exps)}: test accuracy (%) and balance of the "
                f"per-class classifier weight norms (max/min ratio, coefficient of variation, Spearman ρ between "
                f"class training count and norm) on {_context(res)}; best accuracy per column in bold. "
-               f"{_protocol(res)} {significance(res)}")
-    return Table(_name(res, "ablation"), cols, rows, caption, notes(res))
+               f"{_protocol(res)} {significance(res, exps)}")
+    name = _name(res, "ablation") + (f"-{variant}" if variant else "")
+    return Table(name, cols, rows, caption, notes(res), breaks)
 
 
 def seeds_table(res: Results) -> Table:
@@ -568,7 +653,7 @@ def search_table(res: Results, k: int = TOP_K) -> Table:
     return Table(_name(res, "search"), cols, rows, caption, notes(res) + importances(res, searched), breaks)
 
 
-def importances(res: Results, searched: list[tuple[dict, str]]) -> list[str]:
+def importances(res: Results, searched: list[tuple[ExperimentInfo, str]]) -> list[str]:
     """One line per searched stage/method: Optuna's (fANOVA) parameter importances, or why not."""
     if not searched:
         return []
@@ -583,9 +668,9 @@ def importances(res: Results, searched: list[tuple[dict, str]]) -> list[str]:
     out = []
     try:
         for e, m in searched:
-            key = f"{e['name']}/{m}"
+            key = f"{e.name}/{m}"
             try:
-                study = optuna.load_study(study_name=f"{e['name']}-{m}", storage=storage)
+                study = optuna.load_study(study_name=optuna_study_name(e.name, m), storage=storage)
             except KeyError:
                 out.append(f"Parameter importances of {key}: not in optuna.db.")
                 continue
@@ -610,25 +695,59 @@ def importances(res: Results, searched: list[tuple[dict, str]]) -> list[str]:
     return out
 
 
-BUILDERS = {"main": main_table, "ablation": ablation_table, "seeds": seeds_table, "search": search_table}
+ANALYSIS_COLUMNS = [
+    Column("fdr_train", "FDR train", "stat", 2), Column("fdr_test", "FDR test", "stat", 2),
+    Column("class_cos_train", "Class cos", "stat", 3), Column("class_cos_centred_test", "Centred cos", "stat", 3),
+    Column("cone_cos_test", "Cone cos", "stat", 3), Column("feature_norm_spearman", "Feat. norm ρ", "stat", 2),
+    Column("norm_ratio", "Max/min norm", "stat", 2), Column("maxnorm_binding", "MaxNorm binds", "stat", 2),
+    Column("maxnorm_rows_clipped", "Rows clipped", "stat", 1)]
 
 
-def build_table(res: Results, kind: str) -> Table:
-    """The table of one kind (``main``, ``ablation``, ``seeds`` or ``search``)."""
+def analysis_table(res: Results) -> Table:
+    """Why the methods work (Hasegawa & Sato): feature geometry and whether MaxNorm binds, per
+    (variant, method), mean ± std over seeds."""
+    exps = [e for e in res.experiments if e.stage in ("stage1", "stage2")]
+    cols = LEAD + [Column("n_seeds", "n_seeds", "int", show="csv")] + ANALYSIS_COLUMNS
+    rows, breaks = _per_method(res, exps, cols)
+    caption = (f"Feature geometry and classifier balance of each selected configuration on {_context(res)}. "
+               "FDR: Fisher's discriminant ratio tr(S_B)/tr(S_W) of the penultimate features on the training "
+               "and the test split (higher: classes better separated). Class cos: mean pairwise cosine of the "
+               "class-mean features (training split; lower: class directions further apart); Centred cos: the "
+               "same for class means minus the global mean (test split; −1/(C−1) for a simplex). Cone cos: mean "
+               "cosine of the test features to their global mean (the cone effect). Feat. norm ρ: Spearman ρ "
+               "between a class's mean feature norm (training split) and its training count. Max/min norm: of "
+               "the classifier's per-class weight norms. MaxNorm binds: the fraction of MaxNorm projections that "
+               "clipped at least one row (0: the constraint never acted); Rows clipped: the mean number of rows "
+               "a projection clipped; both empty for methods without MaxNorm. Stage-2 methods run on the frozen "
+               f"backbone of their variant, so their feature columns repeat the variant's. {_protocol(res)}")
+    return Table(_name(res, "analysis"), cols, rows, caption, notes(res), breaks)
+
+
+BUILDERS = {"main": main_table, "ablation": ablation_table, "seeds": seeds_table, "search": search_table,
+            "analysis": analysis_table}
+
+
+def build_table(res: Results, kind: str, variant: str | None = None) -> Table:
+    """The table of one kind (``main``, ``ablation``, ``seeds`` or ``search``); ``variant`` restricts
+    the ablation to one fed variant."""
     if kind not in BUILDERS:
         raise UserError(f"unknown table kind {kind!r}; valid: {', '.join(BUILDERS)}")
+    if variant is not None:
+        if kind != "ablation":
+            raise UserError(f"--variant applies to --kind ablation only (not {kind})")
+        return ablation_table(res, variant)
     return BUILDERS[kind](res)
 
 
 # --- commands -------------------------------------------------------------------------------------------------
 
 def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "markdown",
-                  out: str | os.PathLike | None = None) -> int:
+                  out: str | os.PathLike | None = None, variant: str | None = None) -> int:
     """``study table``: print (or write to ``out``) one table. CSV carries no caption, so its notes
     (failures, what is missing) go to stderr."""
     if fmt not in RENDERERS:
         raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
-    table = build_table(load_results(study), kind)
+    table = build_table(load_results(study), kind, variant)
     text = render(table, fmt)
     if fmt == "csv":
         for n in table.notes:

@@ -25,18 +25,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _fmt_pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
-
-
 def cmd_data(args: argparse.Namespace) -> int:
-    from .config import PROTOCOL_PRESETS, build, check_protocol
-    from .config import DataConfig
+    from .config import PROTOCOL_PRESETS, DataConfig, build, check_protocol
     from .data import DATASETS, describe
 
     values = {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[args.protocol].items() if k.startswith("data.")}
     values["dataset"] = args.dataset
-    for key in ("imbalance_factor", "profile", "subset", "rounding", "val_per_class", "many_threshold",
+    for key in ("imbalance_factor", "profile", "subset", "rounding", "val_per_class", "n_max", "many_threshold",
                 "few_threshold"):
         v = getattr(args, key)
         if v is not None:
@@ -92,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     space = load_space(args.space, args.set, seeds=args.seeds)
     out = Path(args.out or Path(args.results_dir) / f"{space.name}-train")
     metrics = train_once(space, out, data_dir=args.data_dir, method=args.method, device=args.device,
-                         console=lambda s: print(s, flush=True))
+                         console=lambda s: print(s, flush=True), variant=args.variant)
     from rich.console import Console
     from rich.table import Table
 
@@ -125,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # later local cluster in the same process does not start its GCS in token mode.
         os.environ["RAY_AUTH_MODE"] = "token"
     try:
-        from .search import run_study  # imports Ray: only here
+        from .driver import run_study  # imports Ray: only here
 
         run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,
                   gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, data_dir=args.data_dir,
@@ -137,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .layout import FAILURE_STATUSES, INTERRUPTED, PENDING, RUNNING, STOPPED
     from .records import fmt_params, study_status
 
     st = study_status(args.study)
@@ -147,11 +143,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                                                                                   "command again to resume)")
     print(f"study {st['study']}: {state}  [{st['root']}]")
     for e in st["experiments"]:
-        print(f"  {e['name']}: {'finished' if e['finished'] else 'not finished'}")
+        what = "variants" if e["name"] == "stage1" else f"methods on variant {e['variant']}"
+        print(f"  {e['name']} ({what}): {'finished' if e['finished'] else 'not finished'}")
         for method, m in e["methods"].items():
             c = m["counts"]
             parts = [f"{c['completed']} completed"]
-            for k in ("diverged", "failed", "stopped", "running", "interrupted", "pending"):
+            for k in (*FAILURE_STATUSES, STOPPED, RUNNING, INTERRUPTED, PENDING):
                 if c.get(k):
                     parts.append(f"{c[k]} {k}")
             best = ""
@@ -168,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     from .analysis import table_command
 
-    return table_command(args.study, kind=args.kind, fmt=args.format, out=args.out)
+    return table_command(args.study, kind=args.kind, fmt=args.format, out=args.out, variant=args.variant)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -178,19 +175,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PROTOCOLS
+
     p = _Parser(prog="study", description="Hyperparameter-search studies for long-tailed recognition "
                                           "by weight balancing.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
 
     d = sub.add_parser("data", help="per-class training counts, split sizes and groups of a dataset")
-    d.add_argument("dataset", help="cifar10-lt, cifar100-lt or digits-lt")
+    d.add_argument("dataset", help="cifar10-lt, cifar100-lt, fashion-mnist-lt or digits-lt")
     d.add_argument("--imbalance-factor", type=float, dest="imbalance_factor")
-    d.add_argument("--protocol", default="honest", choices=("honest", "wb-parity"))
+    d.add_argument("--protocol", default="honest", choices=PROTOCOLS)
     d.add_argument("--profile", choices=("exp", "step"))
     d.add_argument("--subset", choices=("shuffle", "first"))
     d.add_argument("--rounding", choices=("floor", "round"), help="floor (LDAM/WB) or round (ICLR'24 code)")
     d.add_argument("--val-per-class", type=int, dest="val_per_class")
+    d.add_argument("--n-max", type=int, dest="n_max", help="training images of the largest class (a smaller study)")
     d.add_argument("--many-threshold", type=int, dest="many_threshold")
     d.add_argument("--few-threshold", type=int, dest="few_threshold")
     d.add_argument("--format", choices=("table", "json"), default="table")
@@ -203,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a value of the space, e.g. --set stage1.epochs=5 (repeatable)")
         q.add_argument("--seeds", type=int, help="use seeds 0..K-1 instead of the space's seeds")
         q.add_argument("--data-dir", default=os.environ.get("STUDY_DATA_DIR"),
-                       help="folder holding cifar-100-python/ or cifar-10-batches-py/ (default ./data "
-                            "or $STUDY_DATA_DIR)")
+                       help="folder holding cifar-100-python/, cifar-10-batches-py/ or FashionMNIST/raw/ "
+                            "(default ./data or $STUDY_DATA_DIR)")
         q.add_argument("--results-dir", default=DEFAULT_RESULTS, help="parent folder of results (default results/)")
 
     t = sub.add_parser("train", help="one stage-1 + stage-2 run at the space's fixed/default values")
     space_options(t)
     t.add_argument("--out", help="output folder (default RESULTS_DIR/SPACE-train)")
     t.add_argument("--method", help="stage-2 method (default: the space's train_method, usually wb)")
+    t.add_argument("--variant", help="stage-1 variant (default: the first that feeds stage 2)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     t.set_defaults(func=cmd_train)
 
@@ -236,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb = sub.add_parser("table", help="paper-style tables from a study's results (no Ray, no GPU)")
     tb.add_argument("study", help="a study folder, e.g. results/digits-lt")
-    tb.add_argument("--kind", choices=("main", "ablation", "seeds", "search"), default="main")
+    tb.add_argument("--kind", choices=("main", "ablation", "seeds", "search", "analysis"), default="main")
     tb.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
     tb.add_argument("--out", help="write to FILE instead of stdout")
+    tb.add_argument("--variant", help="--kind ablation: only the stage-2 methods on this stage-1 variant "
+                                      "(default: each variant that fed stage 2 in turn)")
     tb.set_defaults(func=cmd_table)
 
     pl = sub.add_parser("plot", help="weight-norm, per-class accuracy and search-history plots (PNG)")

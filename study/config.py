@@ -7,7 +7,7 @@ valid choices. Values are checked in ``__post_init__``, so every way of building
 CLI, tests) goes through the same checks; the search-space loader also builds a config at both
 ends of every searched range, so an out-of-range *bound* is caught before any trial runs.
 
-Defaults are the honest protocol with the reference recipes (see ``../shared/notes/reference.md``
+Defaults are the honest protocol with the reference recipes (see ``docs/reference.md``
 §4–5). :data:`PROTOCOL_PRESETS` holds what the ``wb-parity`` protocol changes; a search-space file
 may still override each value, and every output records the resolved configuration.
 """
@@ -22,11 +22,15 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, unknown
 
-PROTOCOLS = ("honest", "wb-parity")
+PROTOCOLS = ("honest", "wb-parity", "test-selection")
 """``honest``: hyperparameters and best epochs are selected on a validation split carved from the
 training images, and the test set is evaluated once per final configuration.
 ``wb-parity``: no validation split; selection on the test set, exactly as the weight-balancing demo
-notebooks do. Kept for reproducing the reference numbers; every output says which protocol it used."""
+notebooks do. Kept for reproducing the reference numbers; every output says which protocol it used.
+``test-selection``: every switch as under ``honest``, but no validation split: epochs and
+hyperparameters are selected on the test set, as the reference code does. It isolates what
+test-set selection alone does to the reported numbers (compare with the same space under
+``honest``; fix ``data.n_max`` in both so that the training images are identical)."""
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,7 +58,7 @@ class DataConfig:
     """Which long-tailed dataset to build and how."""
 
     dataset: str = "cifar100-lt"
-    """Registered dataset name: ``cifar10-lt``, ``cifar100-lt`` or ``digits-lt``."""
+    """Registered dataset name: ``cifar10-lt``, ``cifar100-lt``, ``fashion-mnist-lt`` or ``digits-lt``."""
 
     imbalance_factor: float | None = None
     """n_max / n_min of the training counts (>= 1; 1 = balanced). None: the dataset's default
@@ -79,7 +83,14 @@ class DataConfig:
     val_per_class: int = 20
     """Images per class reserved for the balanced validation split before the long-tailed subset
     is drawn (so n_max becomes n_per_class - val_per_class). 0 means no validation split, which is
-    only allowed under the ``wb-parity`` protocol."""
+    only allowed under the ``wb-parity`` and ``test-selection`` protocols."""
+
+    n_max: int | None = None
+    """Training images of the largest class, n_0 of the count profile. None: all that the
+    validation split leaves (n_per_class - val_per_class: 480 for CIFAR-100-LT, 5,980 for
+    Fashion-MNIST-LT). A smaller value shrinks every class by the same factor, keeping the profile
+    and the imbalance factor (a CPU-sized study); it must not exceed that default. Fixing it also
+    keeps the training counts identical whether or not a validation split is reserved."""
 
     val_from: str = "end"
     """Which images of each class's order form the validation split: the last ``val_per_class``
@@ -111,6 +122,15 @@ class DataConfig:
         if self.val_per_class >= spec.train_per_class:
             raise ConfigError("val_per_class", f"{self.val_per_class} leaves no training images "
                               f"({self.dataset} has {spec.train_per_class} per class)")
+        if self.n_max is not None:
+            from .data import n_max_for
+
+            _range("n_max", self.n_max, 1)
+            most = n_max_for(spec, self.val_per_class)
+            if self.n_max > most:
+                raise ConfigError("n_max", f"{self.n_max} is more than the {most} training images per class "
+                                  f"that {self.dataset} has left after a validation split of "
+                                  f"{self.val_per_class}; use at most {most} (or null)")
         if self.many_threshold is not None:
             _range("many_threshold", self.many_threshold, 0)
         if self.few_threshold is not None:
@@ -237,6 +257,27 @@ class TrainConfig:
     """bfloat16 autocast on CUDA devices (ignored on CPU). Faster on recent GPUs; off by default
     so that results match fp32 references."""
 
+    memory_format: str = "auto"
+    """Tensor layout of the model and its training batches: ``contiguous`` (NCHW), ``channels_last``
+    (NHWC: faster convolutions on many CPUs and on GPU tensor cores) or ``auto`` (what was measured
+    fastest on the trial's device: see ``study.stages.AUTO_MEMORY_FORMAT``). Changes float rounding
+    only; the resolved value is recorded with every trial."""
+
+    compile: str = "off"
+    """``torch.compile`` of the training forward pass: ``off``, ``default`` or ``reduce-overhead``
+    (CUDA graphs). Compilation takes seconds to minutes, so it pays back only in long trials."""
+
+    tf32: bool = False
+    """Allow TF32 matrix multiplications and convolutions on CUDA (faster on Ampere and newer GPUs,
+    ~1e-3 relative rounding); off by default so that results match fp32 references."""
+
+    sampler: str = "instance"
+    """How an epoch's batches are drawn (Kang et al.'s samplers, ``study.data.epoch_order``):
+    ``instance`` (every image once per epoch), ``class-balanced`` (the class-aware sampler: classes
+    in reshuffled cycles, 4 images per visit), ``square-root`` (class probability proportional to
+    sqrt(n_c)) or ``progressive`` (from instance- to class-balanced over the epochs:
+    p_c(t) = (1 - t/T) n_c/N + (t/T)/C). Every epoch draws N images."""
+
     def __post_init__(self) -> None:
         _range("epochs", self.epochs, 1)
         _range("batch_size", self.batch_size, 1)
@@ -261,6 +302,11 @@ class TrainConfig:
             _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, lo_open=True,
                    what="absolute radius")
         _choice("pgd_every", self.pgd_every, ("step", "epoch"))
+        from .data import SAMPLERS
+
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("memory_format", self.memory_format, ("auto", "contiguous", "channels_last"))
+        _choice("compile", self.compile, ("off", "default", "reduce-overhead"))
 
 
 @dataclass(frozen=True)
@@ -270,8 +316,24 @@ class Stage1Config(TrainConfig):
     paper's 200 epochs."""
 
     backbone: str = "resnet32"
-    """Registered backbone: ``resnet32`` (true CIFAR ResNet-32, 0.47 M parameters), ``resnet34-wb``
-    (the WB code's torchvision ResNet-34 with a 3x3 stem, 21 M), ``digits-cnn``, ``resnetN``."""
+    """Registered backbone: ``resnet32`` (true CIFAR ResNet-32, 0.47 M parameters, 64-d features),
+    ``resnet34-wb`` (the WB code's torchvision ResNet-34 with a 3x3 stem, 21 M, 512-d), ``resnet8``
+    (75 k, for fashion-mnist-lt), ``digits-cnn`` (128-d), ``resnetN``."""
+
+    classifier: str = "linear"
+    """``linear`` (a trained linear layer with bias) or ``etf`` (Hasegawa & Sato: the weight rows are
+    fixed to a simplex equiangular tight frame — unit norms, pairwise cosine -1/(C-1), seeded by the
+    trial seed — and never train; the bias trains). ``etf`` needs a feature dimension of at least
+    C - 1."""
+
+    feature_reg: float = 0.0
+    """Feature regularisation zeta: adds zeta * mean_i ||f_i||^2 / 2 over the batch's penultimate
+    features to the loss (Hasegawa & Sato use 0.01)."""
+
+    wd_form: str = "optimizer"
+    """How weight decay enters: ``optimizer`` (SGD's coupled ``weight_decay``) or ``loss`` (an explicit
+    term weight_decay * sum ||theta||^2 / 2 over the trained parameters, as the ICLR'24 code does;
+    for SGD the two give the same update up to float rounding)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -279,6 +341,9 @@ class Stage1Config(TrainConfig):
 
         if not known_model(self.backbone):
             raise ConfigError("backbone", unknown("backbone", self.backbone, MODELS))
+        _choice("classifier", self.classifier, ("linear", "etf"))
+        _range("feature_reg", self.feature_reg, 0.0)
+        _choice("wd_form", self.wd_form, ("optimizer", "loss"))
 
 
 @dataclass(frozen=True)
@@ -301,9 +366,6 @@ class Stage2Config(TrainConfig):
     classifier_init: str = "continue"
     """``continue`` from the stage-1 classifier (WB) or ``reinit`` it (cRT)."""
 
-    sampler: str = "instance"
-    """``instance`` (every image once per epoch) or ``class-balanced`` (the decoupling paper's
-    class-aware sampler: classes in reshuffled cycles, 4 images per class draw)."""
 
     posthoc_bias: str = "drop"
     """For L2- and tau-normalisation: ``drop`` the bias (Kang et al.) or ``keep`` it (WB demo)."""
@@ -326,7 +388,6 @@ class Stage2Config(TrainConfig):
             raise ConfigError("method", unknown("stage-2 method", self.method, METHODS))
         _choice("bn_mode", self.bn_mode, ("eval", "train"))
         _choice("classifier_init", self.classifier_init, ("continue", "reinit"))
-        _choice("sampler", self.sampler, ("instance", "class-balanced"))
         _choice("posthoc_bias", self.posthoc_bias, ("drop", "keep"))
         if self.tau is not None:
             _range("tau", self.tau, 0.0)
@@ -343,7 +404,7 @@ class Stage2Config(TrainConfig):
 
 PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
     "honest": {},
-    # What the WB demo notebooks do (reference.md §4-5, §9). A space file may still override any of
+    # What the WB demo notebooks do (docs/reference.md §4–5, §6). A space file may still override any of
     # these; the resolved values are written to study.yaml / metrics.json.
     "wb-parity": {
         "data.subset": "first",
@@ -356,6 +417,10 @@ PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
         "stage2.bn_mode": "train",
         "stage2.posthoc_bias": "keep",
     },
+    # Only the selection split changes: the honest recipe, selected on the test set.
+    "test-selection": {
+        "data.val_per_class": 0,
+    },
 }
 
 
@@ -364,9 +429,9 @@ def check_protocol(protocol: str, data: DataConfig) -> None:
     _choice("protocol", protocol, PROTOCOLS)
     if protocol == "honest" and data.val_per_class == 0:
         raise ConfigError("data.val_per_class", "the honest protocol needs a validation split "
-                          "(val_per_class > 0); use protocol wb-parity to select on the test set")
-    if protocol == "wb-parity" and data.val_per_class != 0:
-        raise ConfigError("data.val_per_class", "the wb-parity protocol selects on the test set and "
+                          "(val_per_class > 0); use protocol wb-parity or test-selection to select on the test set")
+    if protocol in ("wb-parity", "test-selection") and data.val_per_class != 0:
+        raise ConfigError("data.val_per_class", f"the {protocol} protocol selects on the test set and "
                           "has no validation split; set val_per_class: 0 or use protocol honest")
 
 

@@ -1,9 +1,9 @@
 """Long-tailed datasets: counts, subsets, splits, real loading and on-device augmentation.
 
-Every dataset is built in the same three steps (reference.md §1):
+Every dataset is built in the same three steps (docs/reference.md §1):
 
-1. load the official balanced train/test images in file order (torchvision's CIFAR reader, or
-   scikit-learn's bundled ``digits`` with a fixed balanced test hold-out);
+1. load the official balanced train/test images in file order (torchvision's CIFAR and IDX
+   readers, or scikit-learn's bundled ``digits`` with a fixed balanced test hold-out);
 2. per class, order the images (file order for ``subset: first``; a seeded shuffle for ``shuffle``,
    identical to LDAM-DRW's ``np.random.seed(s)`` + per-class ``np.random.shuffle``), keep the
    *first* n_c as the long-tailed training subset and reserve ``val_per_class`` images of the same
@@ -19,10 +19,13 @@ Every dataset is built in the same three steps (reference.md §1):
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
 import socket
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -212,8 +215,125 @@ def _load_digits(data_dir: str | os.PathLike | None = None, download: bool = Tru
                    source="sklearn.datasets.load_digits")
 
 
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+FASHION_MNIST_MD5 = {
+    # md5 of the *uncompressed* official files (Zalando's release; identical in Debian's
+    # dataset-fashion-mnist 0.0~git20200523.55506a9-1). The content is checked rather than the .gz
+    # files because Debian recompresses them: its .gz md5s (cf8536b0..., 10bea18f..., f78720b4...,
+    # 0d30e22e...) differ from the upstream ones torchvision lists (8d4fb7e6..., 25c81989...,
+    # bef4ecab..., bb300cfd...), while the decompressed bytes are the same. sha256 of the same
+    # uncompressed files: c59f468a..., bad3541b..., 5b4141f0..., 0402a96d....
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+FASHION_MNIST_SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+"""Tried after ``--data-dir``: where Debian's ``dataset-fashion-mnist`` package installs the files."""
+FASHION_MNIST_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # torchvision's mirror
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    """``folder/name`` or ``folder/name.gz`` (the uncompressed file first: no decompression)."""
+    for p in (folder / name, folder / f"{name}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_idx(path: Path, images: bool) -> tuple[np.ndarray, str]:
+    """One IDX file through torchvision's reader, gzipped or not; returns the array and the md5 of
+    the uncompressed bytes."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    reader = read_image_file if images else read_label_file
+    blob = path.read_bytes()
+    if path.suffix == ".gz":
+        blob = gzip.decompress(blob)
+        # torchvision's reader takes a path to an uncompressed file: decompress into a private
+        # temporary file (the Debian folder is read-only, and nothing is left behind).
+        with tempfile.TemporaryDirectory(prefix="study-idx-") as tmp:
+            plain = Path(tmp) / path.stem
+            plain.write_bytes(blob)
+            arr = reader(str(plain)).numpy()
+    else:
+        arr = reader(str(path)).numpy()
+    return arr, hashlib.md5(blob).hexdigest()
+
+
+def _load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
+    """Fashion-MNIST (Xiao et al. 2017: 60,000 training / 10,000 test 28x28 grey images of 10
+    clothing classes, 6,000 / 1,000 per class) from the four official IDX files, gzipped or not.
+
+    Looked for, in order: ``DIR/FashionMNIST/raw/`` (torchvision's layout), ``DIR/`` itself (a
+    folder holding the four files), then Debian's ``/usr/share/datasets/fashion-mnist/``; ``DIR`` is
+    ``--data-dir`` (default ``./data``). When none has them and the network allows, torchvision
+    downloads them into ``DIR/FashionMNIST/raw/``."""
+    root = Path(data_dir or DEFAULT_DATA_DIR).expanduser().resolve()
+    raw_dir = root / "FashionMNIST" / "raw"  # torchvision's FashionMNIST(root).raw_folder
+    folders = [raw_dir, root, *(Path(d) for d in FASHION_MNIST_SYSTEM_DIRS)]
+
+    def find() -> tuple[Path, dict[str, Path]]:
+        """The first folder holding all four files; else the one holding most of them."""
+        best: tuple[Path, dict[str, Path]] = (folders[0], {})
+        for folder in folders:
+            found = {n: p for n in FASHION_MNIST_FILES if (p := _idx_path(folder, n)) is not None}
+            if len(found) == len(FASHION_MNIST_FILES):
+                return folder, found
+            if len(found) > len(best[1]):
+                best = (folder, found)
+        return best
+
+    folder, files = find()
+    if len(files) < len(FASHION_MNIST_FILES) and download and _network_reachable(FASHION_MNIST_HOST, 80):
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+        except Exception as e:  # network trouble mid-download: fall through to the clear error
+            print(f"download of Fashion-MNIST from {FASHION_MNIST_HOST} failed: {e}")
+        folder, files = find()
+    wanted = ", ".join(f"{n}[.gz]" for n in FASHION_MNIST_FILES)
+    if files and len(files) < len(FASHION_MNIST_FILES):  # a folder holds part of them: say what is missing
+        missing = ", ".join(f"{n}[.gz]" for n in FASHION_MNIST_FILES if n not in files)
+        raise UserError(f"Fashion-MNIST files incomplete: {folder}/ lacks {missing}; put all four files there, "
+                        f"run `apt-get install dataset-fashion-mnist`, or pass --data-dir DIR for a folder "
+                        f"holding {wanted}")
+    if not files:
+        raise UserError(
+            f"Fashion-MNIST files not found in {', '.join(f'{d}/' for d in folders[:-1])} or {folders[-1]}/"
+            f"; run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --data-dir DIR "
+            f"for a folder holding {wanted} (or DIR/FashionMNIST/raw/, torchvision's layout)")
+
+    arrays, official = {}, True
+    for n, path in files.items():
+        try:
+            arr, md5 = _read_idx(path, images="images" in n)
+        except (AssertionError, TypeError, ValueError, RuntimeError, KeyError, IndexError, OSError, EOFError,
+                zlib.error) as e:
+            raise UserError(f"Fashion-MNIST file {path} is truncated or corrupt ({type(e).__name__}: "
+                            f"{str(e)[:80]}); reinstall dataset-fashion-mnist or fetch the official files "
+                            f"again") from None
+        arrays[n] = arr
+        official = official and md5 == FASHION_MNIST_MD5[n]
+    out = []
+    for split in ("train", "t10k"):
+        x, y = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"].astype(np.int64)
+        if x.shape[1:] != (28, 28):
+            raise UserError(f"Fashion-MNIST {split} images in {folder} are {x.shape[1]}x{x.shape[2]}, not 28x28; "
+                            "the files are not Fashion-MNIST")
+        if len(x) != len(y):
+            raise UserError(f"Fashion-MNIST {split} files in {folder} disagree: {len(x)} images but {len(y)} labels")
+        if y.size == 0 or y.min() < 0 or y.max() >= 10:
+            raise UserError(f"Fashion-MNIST {split} labels in {folder} are outside 0..9; the files are not "
+                            "Fashion-MNIST")
+        out += [np.ascontiguousarray(x[:, None], dtype=np.uint8), y]
+    return RawData(*out, official=official, source=str(folder))
+
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-# The WB and LDAM code normalise CIFAR-100 with these CIFAR-10 statistics too (reference.md §1.1).
+# The WB and LDAM code normalise CIFAR-100 with these CIFAR-10 statistics too (docs/reference.md §1.1).
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -229,6 +349,22 @@ DATASETS: dict[str, DatasetSpec] = {
         name="cifar100-lt", num_classes=100, train_per_class=500, test_per_class=100,
         shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, default_imbalance_factor=100.0,
         many_threshold=100, few_threshold=20, crop_padding=4, flip=True, load=_cifar_loader(100)),
+    # fashion-mnist-lt: real 28x28 grey clothing images, long-tailed like CIFAR-10-LT. n_max =
+    # 6000 - val_per_class (5980) and IF 100 give 5980, 3584, 2149, 1288 | 772, 463, 277 | 166, 99, 59
+    # (14,837 images); Hasegawa & Sato's MNIST-LT / CIFAR-10-LT thresholds (> 1000 / < 200) put
+    # 4 / 3 / 3 classes in Many / Medium / Few (3 / 3 / 4 with n_max 3000), where the CIFAR-100 ones
+    # (> 100 / < 20) would give 8 / 2 / 0. Mean / std: the 60,000 official training images (0.2860,
+    # 0.3530). Augmentation: random crop with 2 px of black padding (shifts of up to 7%, less than
+    # CIFAR's 4 of 32 px: the garments fill most of the 28x28 frame, and larger shifts cut off sleeves
+    # and soles) and a horizontal flip (clothing is left-right symmetric: a mirrored garment or shoe
+    # is the same class).
+    "fashion-mnist-lt": DatasetSpec(
+        name="fashion-mnist-lt", num_classes=10, train_per_class=6000, test_per_class=1000,
+        shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,), default_imbalance_factor=100.0,
+        many_threshold=1000, few_threshold=200, crop_padding=2, flip=True, load=_load_fashion_mnist,
+        note="thresholds 1000/200 as Hasegawa & Sato use for MNIST-LT (4/3/3 classes at IF 100); files from "
+             "--data-dir, DIR/FashionMNIST/raw/ or /usr/share/datasets/fashion-mnist/ "
+             "(apt-get install dataset-fashion-mnist)"),
     # digits-lt: n_max = 100 and IF 20 give counts 100, 71, 51, 36, 26, 18, 13, 9, 6, 5. The CIFAR
     # thresholds (>100 / <20 of n_max 500) scale to >20 / <4 here, which would leave no Few class;
     # we instead place the thresholds so the groups split 3 / 3 / 4 like CIFAR-100-LT's 35 / 35 / 30:
@@ -292,20 +428,25 @@ class LTData:
         return c / c.sum()
 
 
-def n_max_for(spec: DatasetSpec, val_per_class: int) -> int:
+def n_max_for(spec: DatasetSpec, val_per_class: int, n_max: int | None = None) -> int:
+    """The largest class's training count: the pool left after the validation split (capped by the
+    dataset's ``max_per_class``), or the configuration's smaller ``n_max`` (DataConfig checks that it
+    fits)."""
     n = spec.train_per_class - val_per_class
-    return min(n, spec.max_per_class) if spec.max_per_class else n
+    n = min(n, spec.max_per_class) if spec.max_per_class else n
+    return n if n_max is None else min(n, n_max)
 
 
 def describe(cfg) -> dict:
     """Counts and group sizes of a DataConfig, without loading any images (``study data``)."""
     spec = get_spec(cfg.dataset)
-    counts = lt_counts(n_max_for(spec, cfg.val_per_class), spec.num_classes,
-                       cfg.resolved_imbalance_factor, cfg.profile, cfg.rounding)
+    n_max = n_max_for(spec, cfg.val_per_class, getattr(cfg, "n_max", None))
+    counts = lt_counts(n_max, spec.num_classes, cfg.resolved_imbalance_factor, cfg.profile, cfg.rounding)
     groups = shot_groups(counts, cfg.resolved_many, cfg.resolved_few)
     return {
         "dataset": spec.name,
         "imbalance_factor": cfg.resolved_imbalance_factor,
+        "n_max": n_max,
         "profile": cfg.profile,
         "subset": cfg.subset,
         "num_classes": spec.num_classes,
@@ -323,7 +464,8 @@ def build_lt(raw: RawData, cfg, spec: DatasetSpec | None = None) -> LTData:
     spec = spec or get_spec(cfg.dataset)
     C = spec.num_classes
     V = cfg.val_per_class
-    counts = lt_counts(n_max_for(spec, V), C, cfg.resolved_imbalance_factor, cfg.profile, cfg.rounding)
+    counts = lt_counts(n_max_for(spec, V, getattr(cfg, "n_max", None)), C, cfg.resolved_imbalance_factor,
+                       cfg.profile, cfg.rounding)
     # LDAM-DRW seeds numpy's global RNG and shuffles class by class in order; a RandomState with the
     # same seed gives the identical sequence without touching global state.
     rng = np.random.RandomState(cfg.subset_seed) if cfg.subset == "shuffle" else None
@@ -366,13 +508,6 @@ def load_data(cfg, data_dir: str | os.PathLike | None = None, download: bool = T
     """Load the dataset's files and build the long-tailed splits for ``cfg`` (a DataConfig)."""
     spec = get_spec(cfg.dataset)
     return build_lt(spec.load(data_dir, download), cfg, spec)
-
-
-def check_data_available(cfg, data_dir: str | os.PathLike | None) -> None:
-    """Fail early, with the loader's one-line message, when the dataset's files are missing."""
-    spec = get_spec(cfg.dataset)
-    if spec.needs_files:
-        spec.load(data_dir, True)
 
 
 # --- on-device batches ------------------------------------------------------------------------------
@@ -432,18 +567,107 @@ class Augmenter:
         return (x - self.mean) / self.std
 
 
-def epoch_order(labels, num_classes: int, sampler: str, gen):
-    """Indices for one epoch (CPU int64 tensor of length N).
+SAMPLERS = ("instance", "class-balanced", "square-root", "progressive")
+"""Stage-1 samplers :func:`epoch_order` understands (``instance`` is the plain shuffle)."""
 
-    ``instance``: a random permutation. ``class-balanced``: the decoupling paper's class-aware
-    sampler — classes visited in reshuffled cycles, 4 consecutive images per visit taken from the
-    class's own reshuffled cycle — until N indices are drawn. (Kang et al. keep the cycles' positions
-    across epochs; here each epoch starts fresh cycles so that a checkpoint only needs the generator.)
+
+def _class_index(labels, num_classes: int):
+    """Per-class image counts (length ``num_classes``) and the dataset indices grouped by class
+    (ascending class, each class's indices ascending) with each class's start offset."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    grouped = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return counts, grouped, starts
+
+
+def _class_draws(labels, num_classes: int, probs, gen):
+    """N draws of the multinomial-class + per-class-cycle scheme: each draw picks a class from
+    ``probs`` (one ``torch.multinomial`` call, with replacement, over the non-empty classes only),
+    then the class's next image from its own reshuffled cycle. A class drawn k_c times with n_c
+    images takes the first k_c entries of ceil(k_c / n_c) concatenated random permutations of its
+    images (each permutation the argsort of n_c float64 uniforms), so its images are drawn without
+    replacement as far as possible: within a class, the draw counts of any two images differ by at
+    most 1. Random numbers: the class draw first, then one ``torch.rand`` per drawn class in
+    ascending class order — all from ``gen``."""
+    import torch
+
+    n = int(labels.shape[0])
+    counts, grouped, starts = _class_index(labels, num_classes)
+    present = torch.nonzero(counts > 0).flatten()
+    if n == 0 or present.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    p = probs.to(torch.float64)[present]
+    cls = present[torch.multinomial(p, n, replacement=True, generator=gen)]  # class of each draw
+    drawn = torch.bincount(cls, minlength=num_classes)
+    slots = torch.argsort(cls, stable=True)  # draw positions grouped by class, in draw order
+    fills = []
+    for c in present.tolist():
+        k, nc = int(drawn[c]), int(counts[c])
+        if k == 0:
+            continue
+        cycles = -(-k // nc)
+        perm = torch.rand(cycles, nc, generator=gen, dtype=torch.float64).argsort(dim=1).flatten()[:k]
+        fills.append(grouped[int(starts[c]) + perm])
+    out = torch.empty(n, dtype=torch.int64)
+    out[slots] = torch.cat(fills)
+    return out
+
+
+def epoch_order(labels, num_classes: int, sampler: str, gen, epoch: int = 0, epochs: int = 1):
+    """Indices for one epoch (CPU int64 tensor of length N = ``len(labels)``), the stage-1 samplers
+    of Kang et al. (ICLR 2020), with n_c the number of images of class c in ``labels``, C the number
+    of non-empty classes, and every random number drawn from ``gen`` (a CPU ``torch.Generator``), so
+    the order is a function of the generator state and a resumed run replays it exactly. Empty
+    classes (n_c = 0) are never drawn.
+
+    ``instance``: a random permutation (p_c = n_c / N, each image exactly once).
+
+    ``class-balanced``: the decoupling paper's class-aware sampler — classes visited in reshuffled
+    cycles, 4 consecutive images per visit taken from the class's own reshuffled cycle — until N
+    indices are drawn, so every non-empty class gets N / C images up to ±4. (Kang et al. keep the
+    cycles' positions across epochs; here each epoch starts fresh cycles so that a checkpoint only
+    needs the generator.)
+
+    ``square-root``: p_c ∝ n_c^(1/2). N draws, each a class from p (one ``torch.multinomial`` with
+    replacement) and then that class's next image from its own reshuffled cycle (a per-class
+    permutation, reshuffled when exhausted): images of a class are drawn without replacement as far
+    as possible — any two images of a class are drawn a number of times that differs by at most 1.
+
+    ``progressive``: p_c(t) = (1 − t/T)·n_c/N + (t/T)·1/C with t/T = ``epoch`` / (``epochs`` − 1)
+    (0 when ``epochs`` == 1; ``epoch`` counts from 0), interpolating from instance-balanced at the
+    first epoch to class-balanced at the last. At t/T == 0 the order is exactly ``instance``'s and at
+    t/T == 1 exactly ``class-balanced``'s (the same tensor for the same generator state); strictly
+    between, the class-draw + per-class-cycle scheme of ``square-root`` with p(t).
+
+    ``epoch`` and ``epochs`` only matter to ``progressive`` (0 <= ``epoch`` < ``epochs`` there).
     """
     import torch
 
+    if sampler not in SAMPLERS:
+        raise UserError(unknown("sampler", str(sampler), SAMPLERS))
     labels = torch.as_tensor(labels).cpu()
     n = int(labels.shape[0])
+    if sampler == "progressive":
+        epoch, epochs = int(epoch), int(epochs)
+        if epochs < 1 or not 0 <= epoch < epochs:
+            raise ValueError(f"progressive sampler: epoch {epoch} outside 0..{epochs - 1} (epochs {epochs})")
+        if epochs == 1 or epoch == 0:
+            sampler = "instance"
+        elif epoch == epochs - 1:
+            sampler = "class-balanced"
+        else:
+            labels = labels.to(torch.int64)
+            counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(torch.float64)
+            present = (counts > 0).to(torch.float64)
+            a = epoch / (epochs - 1)
+            probs = (1 - a) * counts / counts.sum() + a * present / present.sum()
+            return _class_draws(labels, num_classes, probs, gen)
+    if sampler == "square-root":
+        labels = labels.to(torch.int64)
+        counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(torch.float64)
+        return _class_draws(labels, num_classes, counts.sqrt(), gen)
     if sampler == "instance":
         return torch.randperm(n, generator=gen)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]

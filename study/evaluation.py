@@ -1,6 +1,6 @@
 """Accuracy by class and by Many / Medium / Few group, and classifier weight-norm balance.
 
-Definitions (reference.md §2, the OLTR ``shot_acc`` used by all three reference repos):
+Definitions (docs/reference.md §2, the OLTR ``shot_acc`` used by all three reference repos):
 - per-class accuracy on a balanced split;
 - **All** = the mean of the per-class accuracies (balanced accuracy; on a balanced test set it
   equals plain accuracy);

@@ -1,4 +1,4 @@
-"""Losses: cross-entropy and the class-balanced loss in its two forms (reference.md §5.1)."""
+"""Losses: cross-entropy and the class-balanced loss in its two forms (docs/reference.md §5.1)."""
 
 from __future__ import annotations
 

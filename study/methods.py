@@ -34,6 +34,12 @@ class Method:
     """Post-hoc transform: ``tau-norm``, ``la-add`` or ``la-mul``."""
     description: str = ""
 
+    @property
+    def trains(self) -> bool:
+        """A classifier (or LWS scales) is trained by SGD; the other kinds are closed-form functions
+        of the stage-1 classifier and cached features (``study.posthoc``)."""
+        return self.kind == "trained"
+
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("none", "Stage-1 classifier", "identity",

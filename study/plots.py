@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import Results, as_results, label, split_word
+from .analysis import Results, as_results, label, long_label, split_word
 from .data import shot_groups
-from .records import FAILURE_STATUSES
+from .layout import COMPLETED, FAILURE_STATUSES, ExperimentInfo
 
 
 def _figure(width: float, height: float) -> Any:
@@ -32,18 +32,18 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _methods(res: Results) -> list[tuple[dict, str]]:
+def _methods(res: Results) -> list[tuple[ExperimentInfo, str]]:
     return [(e, m) for e in res.experiments for m in res.methods(e)]
 
 
-def _title(exp: dict, method: str) -> str:
-    return f"{label(exp, method)}" + (" (stage 1)" if exp.get("stage") == "stage1" else "")
+def _title(res: Results, exp: ExperimentInfo, method: str) -> str:
+    return long_label(res, exp, method) + (" (stage 1)" if exp.stage == "stage1" else "")
 
 
 def _groups(res: Results) -> list[str]:
     """Each class's group (classes sorted by training count); empty without counts or thresholds."""
-    data = res.header.get("data") or {}
-    counts, many, few = data.get("train_counts") or [], data.get("many_threshold"), data.get("few_threshold")
+    data = res.header.data
+    counts, many, few = data.train_counts or [], data.many_threshold, data.few_threshold
     if not counts or many is None or few is None:
         return []
     return [str(g) for g in shot_groups(counts, many, few)]
@@ -66,7 +66,7 @@ def weight_norm_figure(res: Results) -> Any:
     """Figure 2 layout: one panel per method, mean per-class weight norm over seeds with a min-max
     band, shared y axis. None when no method has per-class norms."""
     pc = res.per_class.dropna(subset=["weight_norm"])
-    panels = [(e, m, pc[(pc["experiment"] == e["name"]) & (pc["method"] == m)]) for e, m in _methods(res)]
+    panels = [(e, m, pc[(pc["experiment"] == e.name) & (pc["method"] == m)]) for e, m in _methods(res)]
     panels = [p for p in panels if not p[2].empty]
     if not panels:
         return None
@@ -80,7 +80,7 @@ def weight_norm_figure(res: Results) -> Any:
         ax.fill_between(x, g.min().to_numpy(), g.max().to_numpy(), color="C0", alpha=0.25, lw=0)
         ax.plot(x, g.mean().to_numpy(), "o-", color="C0", ms=3, lw=1.2)
         _mark_groups(ax, res)
-        ax.set_title(_title(e, m), fontsize=9)
+        ax.set_title(_title(res, e, m), fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -91,7 +91,7 @@ def weight_norm_figure(res: Results) -> Any:
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("class index (by training count)")
     n = int(pc["seed"].nunique())
-    fig.suptitle(f"Per-class classifier weight norms ({res.header.get('study', '')}; mean over {n} seed"
+    fig.suptitle(f"Per-class classifier weight norms ({res.header.study}; mean over {n} seed"
                  f"{'s' * (n != 1)}, band = min-max)", fontsize=10)
     return fig
 
@@ -100,7 +100,7 @@ def accuracy_figure(res: Results) -> Any:
     """Per-class test accuracy (mean over seeds), one line per method, many/medium/few marked. None
     when there are no test results yet."""
     pc = res.per_class.dropna(subset=["test_acc"])
-    lines = [(e, m, pc[(pc["experiment"] == e["name"]) & (pc["method"] == m)]) for e, m in _methods(res)]
+    lines = [(e, m, pc[(pc["experiment"] == e.name) & (pc["method"] == m)]) for e, m in _methods(res)]
     lines = [p for p in lines if not p[2].empty]
     if not lines:
         return None
@@ -111,36 +111,31 @@ def accuracy_figure(res: Results) -> Any:
     cmap = colormaps["tab20"]
     for k, (e, m, df) in enumerate(lines):
         acc = df.groupby("class")["test_acc"].mean() * 100
-        style = "--" if e.get("stage") == "stage1" else "-"
+        style = "--" if e.stage == "stage1" else "-"
         ax.plot(acc.index, acc.to_numpy(), style, marker="o", ms=3, lw=1.3, color=cmap(k % 20),
-                label=_title(e, m))
+                label=_title(res, e, m))
     _mark_groups(ax, res, text=True)
     ax.set_xlabel("class index (by training count)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.suptitle(f"Per-class test accuracy ({res.header.get('study', '')}; mean over seeds)", fontsize=10)
+    fig.suptitle(f"Per-class test accuracy ({res.header.study}; mean over seeds)", fontsize=10)
     return fig
 
 
-def _search_spec(res: Results, exp: dict, method: str) -> dict:
-    space = res.header.get("space") or {}
-    if exp.get("stage") == "stage1":
-        return (space.get("stage1") or {}).get("search") or {}
-    return ((space.get("stage2") or {}).get(method) or {}).get("search") or {}
 
 
-def search_figure(res: Results, exp: dict, method: str) -> Any:
+def search_figure(res: Results, exp: ExperimentInfo, method: str) -> Any:
     """Objective by trial with the best-so-far line, then objective against each searched parameter
     (log x axis for ``loguniform`` ones, x range = the search range). None without searched trials."""
     searched = res.searched(exp, method)
     trials = res.trial_list(exp, method)
     if not searched or trials.empty:
         return None
-    spec = _search_spec(res, exp, method)
+    spec = res.header.search_space(exp, method)
     trials = trials.assign(order=np.arange(1, len(trials) + 1), obj=trials["objective"] * 100)
-    ok = trials[trials["status"] == "completed"].dropna(subset=["obj"])
+    ok = trials[trials["status"] == COMPLETED].dropna(subset=["obj"])
     other = trials[~trials.index.isin(ok.index)].dropna(subset=["obj"])
     bad = trials[trials["status"].isin(FAILURE_STATUSES)]
     waiting = trials[~trials["status"].isin(FAILURE_STATUSES) & trials["obj"].isna()]
@@ -195,8 +190,56 @@ def search_figure(res: Results, exp: dict, method: str) -> Any:
             ax.set_xlim(*((lo / 1.3, hi * 1.3) if log else (lo - pad, hi + pad)))
         ax.set_xlabel(p + (" (log scale)" if log else ""))
     n = len(trials)
-    fig.suptitle(f"Search of {exp['name']}/{method} ({label(exp, method)}): {n} trial{'s' * (n != 1)}, "
+    fig.suptitle(f"Search of {exp.name}/{method} ({label(exp, method)}): {n} trial{'s' * (n != 1)}, "
                  f"{len(ok)} completed", fontsize=10)
+    return fig
+
+
+def _norm_evolution(res: Results, exp: ExperimentInfo, method: str):
+    """Seed-mean per-epoch per-class norms (epochs x classes) of the selected trial, or None."""
+    import json
+
+    from .layout import NORMS_FILE, StageMarker
+
+    marker = StageMarker.read(res.paths.stage_marker(exp.name))
+    sel = marker.selection(method) if marker else None
+    if sel is None:
+        return None
+    path = res.paths.trial_dir(exp.name, sel.trial_index, sel.trial_id) / NORMS_FILE
+    try:
+        per_seed = [np.asarray(v, dtype=float) for v in json.loads(path.read_text()).values() if v]
+    except (OSError, ValueError):
+        return None
+    shapes = {a.shape for a in per_seed}
+    if not per_seed or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        return None
+    return np.mean(per_seed, axis=0)
+
+
+def norm_evolution_figure(res: Results) -> Any:
+    """The weight-norm evolution (as the WB authors' ``plot_weights_evolution``): for every stage-1
+    variant and every stage-2 method that trains, the selected configuration's per-class classifier
+    norm at the end of each epoch (mean over seeds), epochs down, classes (largest first) across.
+    None when no trained method wrote its norms."""
+    panels = [(e, m, a) for e, m in _methods(res) if (a := _norm_evolution(res, e, m)) is not None]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig = _figure(3.2 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (e, m, a) in zip(axes.flat, panels):
+        im = ax.imshow(a, aspect="auto", interpolation="nearest", cmap="viridis",
+                       extent=(-0.5, a.shape[1] - 0.5, a.shape[0] + 0.5, 0.5))
+        ax.set_title(_title(res, e, m), fontsize=8)
+        ax.set_xlabel("class (by training count)", fontsize=7)
+        ax.set_ylabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Per-class classifier weight norm by epoch ({res.header.study}; selected configurations, "
+                 "mean over seeds)", fontsize=10)
     return fig
 
 
@@ -208,11 +251,12 @@ def write_plots(root: str | os.PathLike | Results,
     folder = Path(out) if out else res.paths.plots
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
-            ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies")]
+            ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies"),
+            ("weight_norm_evolution.png", lambda: norm_evolution_figure(res), "no per-epoch weight norms")]
     for e, m in _methods(res):
         if res.searched(e, m):
-            jobs.append((f"search-{e['name']}-{m}.png", lambda e=e, m=m: search_figure(res, e, m),
-                         f"no trials of {e['name']}/{m}"))
+            jobs.append((f"search-{e.name}-{m}.png", lambda e=e, m=m: search_figure(res, e, m),
+                         f"no trials of {e.name}/{m}"))
     written, skipped = [], []
     for name, make, why in jobs:
         fig = make()

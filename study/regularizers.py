@@ -1,5 +1,5 @@
 """Weight-balancing regularizers on the classifier rows: MaxNorm by projected gradient descent,
-and the L2 / tau normalisation used by the post-hoc methods (reference.md §5)."""
+and the L2 / tau normalisation used by the post-hoc methods (docs/reference.md §5)."""
 
 from __future__ import annotations
 
@@ -39,19 +39,48 @@ def project_rows_(weight: torch.Tensor, radius: float) -> torch.Tensor:
 
 class MaxNorm:
     """MaxNorm constraint on a weight matrix: radius fixed once from the initial rows, projection
-    applied after every SGD step or once per epoch (``pgd_every``)."""
+    applied after every SGD step or once per epoch (``pgd_every``).
+
+    It also counts whether the constraint binds (WB issues #5 and #18 report that MaxNorm changes
+    nothing): the projection calls, those that clipped at least one row, and the rows clipped. The
+    counts stay on the weight's device until read, so counting costs no synchronisation per step."""
 
     def __init__(self, weight: torch.Tensor, threshold: float, mode: str = "relative", every: str = "step"):
         self.radius = maxnorm_radius(weight, threshold, mode)
         self.every = every
+        self.calls = 0
+        self._binding = torch.zeros((), dtype=torch.int64, device=weight.device)
+        self._rows = torch.zeros((), dtype=torch.int64, device=weight.device)
+
+    def _project(self, weight: torch.Tensor) -> None:
+        clipped = (project_rows_(weight, self.radius) < 1).sum()
+        self.calls += 1
+        self._binding += (clipped > 0).to(torch.int64)
+        self._rows += clipped
 
     def after_step(self, weight: torch.Tensor) -> None:
         if self.every == "step":
-            project_rows_(weight, self.radius)
+            self._project(weight)
 
     def after_epoch(self, weight: torch.Tensor) -> None:
         if self.every == "epoch":
-            project_rows_(weight, self.radius)
+            self._project(weight)
+
+    def stats(self) -> dict:
+        """``maxnorm_calls``, ``maxnorm_binding`` (the fraction of calls that clipped at least one row)
+        and ``maxnorm_rows_clipped`` (the mean number of rows clipped per call)."""
+        n = max(self.calls, 1)
+        return {"maxnorm_calls": self.calls, "maxnorm_binding": int(self._binding) / n if self.calls else None,
+                "maxnorm_rows_clipped": int(self._rows) / n if self.calls else None}
+
+    def state_dict(self) -> dict:
+        return {"radius": self.radius, "calls": self.calls, "binding": int(self._binding), "rows": int(self._rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.radius = float(state["radius"])
+        self.calls = int(state.get("calls", 0))
+        self._binding.fill_(int(state.get("binding", 0)))
+        self._rows.fill_(int(state.get("rows", 0)))
 
 
 def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
@@ -59,3 +88,16 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     (L2 normalisation)."""
     norms = weight.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     return weight / norms.pow(tau).to(weight.dtype)
+
+
+def feature_penalty(features: torch.Tensor, zeta: float) -> torch.Tensor:
+    """Feature regularisation (Hasegawa & Sato): zeta * mean_i ||f_i||^2 / 2 over a batch of
+    penultimate features, whose gradient with respect to f_i is zeta * f_i / B."""
+    return 0.5 * zeta * features.float().pow(2).sum(1).mean()
+
+
+def weight_decay_penalty(params, weight_decay: float) -> torch.Tensor:
+    """Weight decay as a loss term: weight_decay * sum ||theta||^2 / 2 over ``params`` (the ICLR'24
+    code's form; for SGD its gradient weight_decay * theta equals coupled weight decay's)."""
+    return 0.5 * weight_decay * sum(p.pow(2).sum() for p in params)
+

@@ -8,11 +8,13 @@ searched parameters with their distributions, and the trial budget::
     seeds: 3                    # or a list: [0, 1, 2]
     data: {imbalance_factor: 100}
     stage1:
-      backbone: resnet32
+      backbone: resnet32        # values shared by every variant
       epochs: 200
-      weight_decay: {loguniform: [1.0e-4, 2.0e-2], default: 5.0e-3}
-      budget: 16                # configurations tried; each trains every seed
-      baseline: true            # also train the naive model (weight_decay 0)
+      variants:                 # named stage-1 configurations, each fixed or searched, own budget
+        ce:     {weight_decay: 0}
+        ce-wd:  {weight_decay: {loguniform: [1.0e-4, 2.0e-2], default: 5.0e-3}, budget: 16}
+        cb-sampler: {sampler: class-balanced, weight_decay: 5.0e-4}
+      feeds_stage2: [ce, ce-wd] # the selected variants stage 2 runs on (default: all)
     stage2:
       epochs: 10                # values shared by every method
       methods:
@@ -21,6 +23,10 @@ searched parameters with their distributions, and the trial budget::
           maxnorm_threshold: {uniform: [0.0, 1.0]}
           budget: 16
         tau-norm: {}
+
+The older form of ``stage1`` — searched fields directly under it, plus ``budget`` and ``baseline:
+true`` — means the two variants ``naive`` (weight decay 0) and ``tuned`` (the searched fields), with
+``tuned`` feeding stage 2; such a space runs exactly the study it ran before variants existed.
 
 A value is either fixed (``epochs: 10``) or a distribution: ``{loguniform: [lo, hi]}``,
 ``{uniform: [lo, hi]}``, ``{int: [lo, hi]}`` or ``{choice: [a, b, ...]}``, with an optional
@@ -34,6 +40,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +54,12 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 TOP_KEYS = {"description": "free text", "dataset": "", "protocol": "", "seeds": "", "data": "",
             "eval": "", "search": "", "stage1": "", "stage2": ""}
-STAGE1_KEYS = {"budget", "baseline", "scheduler"}
+STAGE1_KEYS = {"budget", "baseline", "scheduler", "variants", "feeds_stage2"}
+VARIANT_KEYS = {"budget", "scheduler"}
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+]*(-[a-z0-9_.+]+)*$")
+LEGACY_VARIANTS = ("naive", "tuned")
+"""The variants an old-form space (no ``stage1.variants``) means: CE without weight decay, and the
+searched stage-1 fields; ``tuned`` feeds stage 2."""
 STAGE2_KEYS = {"methods", "train_method"}
 METHOD_KEYS = {"budget", "scheduler"}
 SEARCH_KEYS = {"sampler_seed", "startup_trials", "retries", "max_concurrent"}
@@ -121,15 +133,18 @@ class MethodPlan:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One Ray Tune experiment: a stage, with one Optuna study and budget per method.
+    """One Ray Tune experiment, with one Optuna study and budget per method.
 
-    Stage 1 has the methods ``naive`` (weight decay 0, when ``baseline``) and ``tuned`` (the searched
-    stage-1 space); stage 2 has one method per entry of ``stage2.methods``. All trials of a stage run
-    in one Tuner, so methods share workers (and a GPU) instead of waiting for each other."""
+    ``stage1`` has one method per stage-1 variant; each fed variant has a stage-2 experiment
+    (``stage2-<variant>``; ``stage2`` in an old-form space) with one method per entry of
+    ``stage2.methods``. All trials of an experiment run in one Tuner, so methods share workers (and
+    a GPU) instead of waiting for each other."""
 
     name: str
     stage: str
     plans: tuple[MethodPlan, ...]
+    variant: str | None = None
+    """Stage 2: the stage-1 variant whose selected backbone the methods run on."""
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -154,11 +169,13 @@ class StudySpace:
     data: DataConfig
     eval: EvalConfig
     search: SearchSettings
-    stage1: Stage1Config
-    stage1_params: dict[str, Dist]
-    stage1_budget: int
-    stage1_scheduler: Scheduler | None
-    baseline: bool
+    variants: dict[str, MethodPlan]
+    """Stage-1 variants by name, in the order of the space file."""
+    feeds_stage2: tuple[str, ...]
+    """The variants whose selected models stage 2 runs on."""
+    legacy_stage1: bool
+    """The space used the older form (variants ``naive`` and ``tuned``; one stage-2 experiment
+    called ``stage2``)."""
     stage2: dict[str, Stage2Config]
     stage2_params: dict[str, dict[str, Dist]]
     stage2_budget: dict[str, int]
@@ -167,15 +184,29 @@ class StudySpace:
     description: str = ""
 
     # -- derived
+    @property
+    def train_variant(self) -> str:
+        """The variant ``study train`` runs by default: the first that feeds stage 2."""
+        return self.feeds_stage2[0]
+
+    @property
+    def stage1(self) -> Stage1Config:
+        """The stage-1 configuration of :attr:`train_variant`."""
+        return self.variants[self.train_variant].config
+
+    def stage2_experiment_name(self, variant: str) -> str:
+        return "stage2" if self.legacy_stage1 else f"stage2-{variant}"
+
     def experiments(self) -> list[Experiment]:
-        """The study's two Tune experiments, in the order they run."""
-        s1 = []
-        if self.baseline:
-            s1.append(MethodPlan("naive", replace(self.stage1, weight_decay=0.0), {}, 1))
-        s1.append(MethodPlan("tuned", self.stage1, self.stage1_params, self.stage1_budget, self.stage1_scheduler))
-        s2 = [MethodPlan(m, self.stage2[m], self.stage2_params[m], self.stage2_budget[m], self.stage2_scheduler[m])
-              for m in self.stage2]
-        return [Experiment("stage1", "stage1", tuple(s1)), Experiment("stage2", "stage2", tuple(s2))]
+        """The study's Tune experiments, in the order they run: stage 1 (every variant), then one
+        stage-2 experiment per fed variant."""
+        s2 = tuple(MethodPlan(m, self.stage2[m], self.stage2_params[m], self.stage2_budget[m],
+                              self.stage2_scheduler[m]) for m in self.stage2)
+        return [Experiment("stage1", "stage1", tuple(self.variants.values()))] + [
+            Experiment(self.stage2_experiment_name(v), "stage2", s2, variant=v) for v in self.feeds_stage2]
+
+    def backbone_of(self, variant: str) -> str:
+        return self.variants[variant].config.backbone
 
     def to_dict(self) -> dict:
         """The resolved space as plain data (written to study.yaml; its hash identifies the study)."""
@@ -190,9 +221,9 @@ class StudySpace:
         return {
             "space": self.name, "protocol": self.protocol, "seeds": list(self.seeds),
             "data": to_dict(self.data), "eval": to_dict(self.eval), "search": to_dict(self.search),
-            "stage1": {"config": to_dict(self.stage1), "search": params(self.stage1_params),
-                       "budget": self.stage1_budget, "scheduler": sched(self.stage1_scheduler),
-                       "baseline": self.baseline},
+            "stage1": {"variants": {v: {"config": to_dict(p.config), "search": params(p.params), "budget": p.budget,
+                                        "scheduler": sched(p.scheduler)} for v, p in self.variants.items()},
+                       "feeds_stage2": list(self.feeds_stage2), "legacy_form": self.legacy_stage1},
             "stage2": {m: {"config": to_dict(self.stage2[m]), "search": params(self.stage2_params[m]),
                            "budget": self.stage2_budget[m], "scheduler": sched(self.stage2_scheduler[m])}
                        for m in self.stage2},
@@ -226,15 +257,48 @@ def resolve_space_path(space: str) -> Path:
                     f"(or pass a path to a .yaml file)")
 
 
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last
+    one silently, so a duplicated ``dataset:`` would change the study without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if first is not None:
+                    raise DuplicateKey(key, first + 1, key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"key '{key}' is written twice (lines {first} and {second}); keep one")
+
+
 def read_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                        "pass a YAML search-space file such as search_spaces/digits-lt.yaml") from None
     try:
-        raw = yaml.safe_load(text)  # safe loader: no arbitrary Python objects from a space file
+        # safe loader: no arbitrary Python objects from a space file
+        raw = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506
+    except DuplicateKey as e:
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -266,6 +330,8 @@ def _check_set_path(parts: list[str]) -> None:
         _known(sub, SEARCH_KEYS, "search")
     elif top == "stage1":
         _known(sub, set(field_types(Stage1Config)) | STAGE1_KEYS, "stage1")
+        if sub == "variants" and len(parts) >= 4:
+            _known(parts[3], set(field_types(Stage1Config)) | VARIANT_KEYS, f"stage1.variants.{parts[2]}")
     elif top == "stage2":
         if sub == "methods":
             if len(parts) >= 3:
@@ -370,7 +436,8 @@ def typing_base(tp: Any) -> Any:
 
 
 def _split_values(section: dict, cls: type, special: set[str], where: str, allow_search: bool = True,
-                  forbid: set[str] = frozenset()) -> tuple[dict, dict[str, Dist], dict]:
+                  forbid: set[str] = frozenset(), search_home: str = "stage2.methods.<method>"
+                  ) -> tuple[dict, dict[str, Dist], dict]:
     """Split a stage mapping into fixed values, distributions and special keys (budget, ...)."""
     types = field_types(cls)
     fixed, params, extra = {}, {}, {}
@@ -383,8 +450,8 @@ def _split_values(section: dict, cls: type, special: set[str], where: str, allow
             raise ConfigError(f"{where}.{key}", unknown("key", key, valid))
         if isinstance(value, dict):
             if not allow_search:
-                raise ConfigError(f"{where}.{key}", "search distributions go under stage2.methods.<method>, "
-                                  "not in the values shared by every method")
+                raise ConfigError(f"{where}.{key}", f"search distributions go under {search_home}, "
+                                  "not in the values they all share")
             params[key] = _parse_dist(f"{where}.{key}", value, types[key])
         else:
             fixed[key] = value
@@ -443,6 +510,87 @@ def _presets(protocol: str, section: str) -> dict:
     return {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[protocol].items() if k.startswith(section + ".")}
 
 
+def _parse_stage1(s1: dict, protocol: str) -> tuple[dict[str, MethodPlan], tuple[str, ...], bool]:
+    """(variants, fed variants, old form?) of the ``stage1`` section."""
+    presets = _presets(protocol, "stage1")
+    if "variants" not in s1:
+        # the older form: the searched fields directly under stage1, plus the untuned baseline
+        if "feeds_stage2" in s1:
+            raise ConfigError("stage1.feeds_stage2", "needs stage1.variants (name the variants it refers to)")
+        fixed, params, extra = _split_values(s1, Stage1Config, STAGE1_KEYS - {"variants", "feeds_stage2"}, "stage1")
+        cfg = _check_searchable(Stage1Config, {**presets, **fixed}, params, "stage1")
+        tuned = MethodPlan("tuned", cfg, params, _budget(extra.get("budget"), "stage1.budget", bool(params)),
+                           _scheduler(extra.get("scheduler"), "stage1.scheduler", cfg.epochs))
+        variants = {"tuned": tuned}
+        if coerce("stage1.baseline", extra.get("baseline", True), bool):
+            variants = {"naive": MethodPlan("naive", replace(cfg, weight_decay=0.0), {}, 1), **variants}
+        return variants, ("tuned",), True
+    for key in ("baseline", "budget", "scheduler"):
+        if key in s1:
+            raise ConfigError(f"stage1.{key}", "with stage1.variants, give each variant its own "
+                              f"{'budget and scheduler' if key != 'baseline' else 'entry (e.g. ce: {weight_decay: 0})'}")
+    shared, _, extra = _split_values(s1, Stage1Config, {"variants", "feeds_stage2"}, "stage1", allow_search=False,
+                                     search_home="stage1.variants.<variant>")
+    shared = {**presets, **shared}
+    build(Stage1Config, shared, "stage1")  # the shared values alone must be valid, so errors name stage1.<key>
+    body = extra["variants"]
+    if not isinstance(body, dict) or not body:
+        raise ConfigError("stage1.variants", "expected a mapping of variant name -> settings, e.g. "
+                          "{ce: {weight_decay: 0}, ce-wd: {weight_decay: {loguniform: [1.0e-4, 2.0e-2]}, budget: 8}}")
+    variants: dict[str, MethodPlan] = {}
+    for v, settings in body.items():
+        where = f"stage1.variants.{v}"
+        if not isinstance(v, str) or not VARIANT_NAME.match(v):
+            raise ConfigError(where, "a variant name uses lower-case letters, digits, '.', '_', '+' and single "
+                              "'-' (e.g. ce-wd), and starts with a letter or digit")
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(where, "expected a mapping of stage-1 fields (or {} for the shared values)")
+        fixed, params, vextra = _split_values(settings, Stage1Config, VARIANT_KEYS, where)
+        cfg = _check_searchable(Stage1Config, {**shared, **fixed}, params, where)
+        variants[v] = MethodPlan(v, cfg, params, _budget(vextra.get("budget"), f"{where}.budget", bool(params)),
+                                 _scheduler(vextra.get("scheduler"), f"{where}.scheduler", cfg.epochs))
+    feeds_raw = extra.get("feeds_stage2")
+    if feeds_raw is None:
+        feeds = tuple(variants)
+    else:
+        if isinstance(feeds_raw, str):
+            feeds_raw = [feeds_raw]
+        if not isinstance(feeds_raw, list) or not feeds_raw:
+            raise ConfigError("stage1.feeds_stage2", f"expected a list of variant names, e.g. [{next(iter(variants))}]")
+        for f in feeds_raw:
+            if f not in variants:
+                raise ConfigError("stage1.feeds_stage2", unknown("variant", str(f), variants))
+        if len(set(feeds_raw)) != len(feeds_raw):
+            raise ConfigError("stage1.feeds_stage2", "names a variant twice")
+        feeds = tuple(feeds_raw)
+    return variants, feeds, False
+
+
+def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
+    """An ETF classifier for C classes needs features of at least C - 1 dimensions: say so before
+    anything runs, with the backbones that would do."""
+    if cfg.classifier != "etf":
+        return
+    from .data import DATASETS
+    from .models import MODELS, build_model
+
+    spec = DATASETS[data.dataset]
+    need = spec.num_classes - 1
+
+    def dim(name: str) -> int:
+        return build_model(name, spec.num_classes, spec.shape[0]).feat_dim
+
+    have = dim(cfg.backbone)
+    if have < need:
+        # digits-cnn is sized for 8x8 digits: not a suggestion for real images
+        wide = [f"{m} ({d})" for m in MODELS if (m != "digits-cnn" or data.dataset == "digits-lt")
+                and (d := dim(m)) >= need]
+        raise ConfigError(f"{where}.classifier", f"etf needs a feature dimension of at least {need} for "
+                          f"{data.dataset}'s {spec.num_classes} classes, but {cfg.backbone} gives {have}; use "
+                          + (" or ".join(wide) if wide else "a wider backbone") + " as the backbone")
+
+
 def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
     """Validate a raw space mapping; ConfigErrors carry the offending key."""
     for key in raw:
@@ -452,7 +600,9 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
     if protocol not in PROTOCOLS:
         raise ConfigError("protocol", unknown("protocol", protocol, PROTOCOLS))
     if "dataset" not in raw:
-        raise ConfigError("dataset", "missing; name a dataset (cifar10-lt, cifar100-lt, digits-lt)")
+        from .data import DATASETS
+
+        raise ConfigError("dataset", f"missing; name a dataset ({', '.join(DATASETS)})")
 
     def section(key: str) -> dict:
         value = raw.get(key) or {}
@@ -490,12 +640,9 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         raise ConfigError("seeds", "needs at least one seed and no repeats")
 
     # stage 1
-    s1_fixed, s1_params, s1_extra = _split_values(section("stage1"), Stage1Config, STAGE1_KEYS, "stage1")
-    s1_fixed = {**_presets(protocol, "stage1"), **s1_fixed}
-    stage1 = _check_searchable(Stage1Config, s1_fixed, s1_params, "stage1")
-    s1_budget = _budget(s1_extra.get("budget"), "stage1.budget", bool(s1_params))
-    s1_sched = _scheduler(s1_extra.get("scheduler"), "stage1.scheduler", stage1.epochs)
-    baseline = coerce("stage1.baseline", s1_extra.get("baseline", True), bool)
+    variants, feeds, legacy = _parse_stage1(section("stage1"), protocol)
+    for v, plan in variants.items():
+        _check_etf(plan.config, data, "stage1" if legacy else f"stage1.variants.{v}")
 
     # stage 2
     s2 = section("stage2")
@@ -532,8 +679,7 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
                           f"{', '.join(stage2)}")
     return StudySpace(
         name=name, source=source, protocol=protocol, seeds=seeds, data=data, eval=eval_cfg, search=search,
-        stage1=stage1, stage1_params=s1_params, stage1_budget=s1_budget, stage1_scheduler=s1_sched,
-        baseline=baseline, stage2=stage2, stage2_params=params2, stage2_budget=budget2,
+        variants=variants, feeds_stage2=feeds, legacy_stage1=legacy, stage2=stage2, stage2_params=params2, stage2_budget=budget2,
         stage2_scheduler=sched2, train_method=train_method,
         description=str(raw.get("description", "")).strip())
 
@@ -555,7 +701,7 @@ def load_space(space: str, sets: list[str] | None = None, seeds: int | None = No
     if num_samples is not None:
         if num_samples < 1:
             raise UserError(f"--num-samples {num_samples}: use at least 1")
-        sp = replace(sp, stage1_budget=num_samples if sp.stage1_params else 1,
+        sp = replace(sp, variants={v: replace(p, budget=num_samples if p.params else 1) for v, p in sp.variants.items()},
                      stage2_budget={m: (num_samples if sp.stage2_params[m] else 1) for m in sp.stage2})
     return sp
 

@@ -1,16 +1,16 @@
 """The two training stages as plain, framework-free code.
 
 ``train_stage1(config, data, seed)`` and ``train_stage2(config, data, seed, stage1_state)`` run a
-stage to the end and return a result dict; the search adapter (``study.search``) and ``study train``
-drive the same trainers one epoch at a time (``run_epoch``) so they can report, checkpoint and
+stage to the end and return a result dict; a trial (``study.trial``, run by ``study run``'s Tune
+adapter and by ``study train``) drives the same trainers one epoch at a time (``run_epoch``) so they can report, checkpoint and
 interleave seeds. A trainer's ``state_dict()`` holds everything needed to continue exactly (model,
 optimizer, step counter, the CPU generator that orders batches and draws augmentations, history,
 best-so-far), so a resumed run ends with the same weights as an uninterrupted one.
 
 Selection: each epoch is evaluated on the data's *selection split* — the validation split under
 the honest protocol, the test set only under ``wb-parity`` — and the best epoch's weights are kept
-(``select_best_epoch``). Tests are never evaluated here: ``evaluate_final`` does that once, for the
-final configuration.
+(``select_best_epoch``). The test set is never evaluated here: :func:`evaluate_selected` does that
+once per selected configuration.
 """
 
 from __future__ import annotations
@@ -19,22 +19,37 @@ import copy
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import EvalConfig, Stage1Config, Stage2Config
 from .data import Augmenter, DeviceSplit, LTData, epoch_order
-from .evaluation import accuracy_report, balance_stats, compute_features, evaluate_head, summarize, _autocast
+from .evaluation import (accuracy_report, balance_stats, compute_features, evaluate_head, logits_from_features, summarize,
+                         _autocast)
+from .heads import AffineHead, LinearHead, LWSHead, frozen_model, stage1_head_state
 from .losses import make_loss
 from .methods import get_method
 from .models import build_model
-from .regularizers import MaxNorm, row_norms, tau_normalize
+from .posthoc import fit_posthoc
+from .regularizers import MaxNorm, feature_penalty, row_norms, weight_decay_penalty
 
 STAGE2_SEED_OFFSET = 1_000_003
 """Stage 2 draws its batches from a generator seeded with seed + this offset, so its random stream
 is independent of stage 1's for the same seed."""
+
+
+AUTO_MEMORY_FORMAT = {"cpu": "contiguous", "cuda": "contiguous"}
+"""``memory_format: auto`` per device type, from ``benchmarks/bench_data_pipeline.py`` (CPU) and
+``benchmarks/device_check.sh`` (CUDA)."""
+
+
+def runtime_settings(cfg, device) -> dict:
+    """The resolved speed settings of a trainer on ``device`` (recorded with every trial)."""
+    kind = getattr(device, "type", str(device)).split(":")[0]
+    fmt = cfg.memory_format if cfg.memory_format != "auto" else AUTO_MEMORY_FORMAT.get(kind, "contiguous")
+    return {"device": str(device), "memory_format": fmt, "compile": cfg.compile,
+            "tf32": bool(cfg.tf32 and kind == "cuda"), "amp": bool(cfg.amp and kind == "cuda"),
+            "threads": torch.get_num_threads()}
 
 
 class Diverged(RuntimeError):
@@ -81,59 +96,6 @@ def _to_list(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.detach().cpu().flatten()]
 
 
-class AffineHead(nn.Module):
-    """The classifier every stage-2 method ends up as: logits = W g(f) + b, where g optionally
-    centres and L2-normalises the feature (NCM). L2/tau-norm, logit adjustment and LWS are all
-    affine maps of the stage-1 classifier, and NCM's -||x - m_c||^2 equals 2(m_c.x - ||m_c||^2/2)
-    up to a per-sample constant, so one head type serves every method and the final evaluation."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, center: torch.Tensor | None = None,
-                 l2: bool = False):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone().float())
-        self.register_buffer("bias", bias.detach().clone().float())
-        self.register_buffer("center", None if center is None else center.detach().clone().float())
-        self.l2 = l2
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        f = f.float()
-        if self.center is not None:
-            f = f - self.center
-        if self.l2:
-            f = F.normalize(f, dim=1)
-        return F.linear(f, self.weight, self.bias)
-
-    def to_state(self) -> dict:
-        return {"weight": self.weight.cpu(), "bias": self.bias.cpu(),
-                "center": None if self.center is None else self.center.cpu(), "l2": self.l2}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "AffineHead":
-        return cls(state["weight"], state["bias"], state.get("center"), bool(state.get("l2", False)))
-
-
-class LWSHead(nn.Module):
-    """Learnable weight scaling (Kang et al.): z_c = s_c (w_c.f + b_c), W and b frozen, s from 1."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone().float())
-        self.register_buffer("bias", bias.detach().clone().float())
-        self.scale = nn.Parameter(torch.ones(weight.shape[0], device=weight.device))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(f.float(), self.weight, self.bias)
-
-    def affine(self) -> AffineHead:
-        s = self.scale.detach()
-        return AffineHead(self.weight * s[:, None], self.bias * s)
-
-
-class LinearHead(nn.Linear):
-    def affine(self) -> AffineHead:
-        return AffineHead(self.weight.detach(), self.bias.detach())
-
-
 class _Trainer:
     """Shared epoch loop: schedule, divergence check, best-epoch tracking, checkpoint state."""
 
@@ -155,7 +117,12 @@ class _Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
+        self.norm_history: list[list[float]] = []
+        """Per-epoch per-class classifier weight norms (the weight-norm evolution plot)."""
         self.best: dict | None = None
+        self.wd_penalty = None
+        """Weight decay written as a loss term (``wd_form: loss``): a function giving the term."""
+        self.maxnorm: MaxNorm | None = None
 
     # -- to be provided by subclasses
     @property
@@ -195,7 +162,13 @@ class _Trainer:
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size].to(self.device)
             lr = self._set_lr(self.opt)
-            loss = self.loss_fn(logits_of(idx), self.train_split.y[idx])
+            out = logits_of(idx)
+            if isinstance(out, tuple):  # logits and a regulariser on the batch's features
+                loss = self.loss_fn(out[0], self.train_split.y[idx]) + out[1]
+            else:
+                loss = self.loss_fn(out, self.train_split.y[idx])
+            if self.wd_penalty is not None:
+                loss = loss + self.wd_penalty()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -208,9 +181,13 @@ class _Trainer:
         self._check_finite(loss_sum, params)
         return loss_sum, lr
 
-    def _close_epoch(self, report: dict, snapshot, loss_sum: torch.Tensor, n: int, lr: float) -> dict:
-        """Keep the epoch if it is the best so far on the selection split; record its history line."""
+    def _close_epoch(self, report: dict, snapshot, loss_sum: torch.Tensor, n: int, lr: float,
+                     weight: torch.Tensor | None = None) -> dict:
+        """Keep the epoch if it is the best so far on the selection split; record its history line
+        and the classifier's per-class norms (``weight``)."""
         self._update_best(report, snapshot)
+        if weight is not None:
+            self.norm_history.append(_to_list(row_norms(weight)))
         rec = {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / n, "lr": lr,
                **{f"sel_{k}": v for k, v in summarize(report).items()}}
         self.history.append(rec)
@@ -226,6 +203,8 @@ class _Trainer:
     def _base_state(self) -> dict:
         return {"stage": self.stage, "seed": self.seed, "epoch": self.epoch, "step": self.step,
                 "gen": self.gen.get_state(), "history": copy.deepcopy(self.history),
+                "norm_history": copy.deepcopy(self.norm_history),
+                "maxnorm": None if self.maxnorm is None else self.maxnorm.state_dict(),
                 "best": None if self.best is None else {
                     "epoch": self.best["epoch"], "report": self.best["report"], "state": self.best["state"]}}
 
@@ -234,7 +213,17 @@ class _Trainer:
         self.step = int(state["step"])
         self.gen.set_state(state["gen"])
         self.history = list(state["history"])
+        self.norm_history = [list(r) for r in state.get("norm_history", [])]
         self.best = state["best"]
+        if self.maxnorm is not None:
+            if state.get("maxnorm") is not None:
+                self.maxnorm.load_state_dict(state["maxnorm"])
+            elif state.get("maxnorm_radius") is not None:  # a checkpoint written before the counts
+                self.maxnorm.radius = float(state["maxnorm_radius"])
+
+    def _maxnorm_result(self) -> dict:
+        stats = self.maxnorm.stats() if self.maxnorm is not None else {}
+        return {"maxnorm_radius": None if self.maxnorm is None else self.maxnorm.radius, **stats}
 
 
 class Stage1Trainer(_Trainer):
@@ -247,27 +236,56 @@ class Stage1Trainer(_Trainer):
         super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig())
         self.gen.manual_seed(self.seed)
         self.model = build_model(cfg.backbone, data.num_classes, data.spec.shape[0], seed=self.seed).to(self.device)
-        if self.amp:
+        if cfg.classifier == "etf":
+            from .geometry import etf_directions
+
+            # fixed directions: never handed to the optimizer, so never changed (nor decayed)
+            with torch.no_grad():
+                self.model.classifier.weight.copy_(etf_directions(data.num_classes, self.model.feat_dim, self.seed))
+            self.model.classifier.weight.requires_grad_(False)
+        self.runtime = runtime_settings(cfg, self.device)
+        self.channels_last = self.runtime["memory_format"] == "channels_last"
+        if self.channels_last or self.amp:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        if self.runtime["tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        # the compiled module shares the parameters: state_dict and the optimizer see the same tensors
+        self.forward = self.model if cfg.compile == "off" else torch.compile(
+            self.model, mode=None if cfg.compile == "default" else cfg.compile)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        coupled = cfg.weight_decay if cfg.wd_form == "optimizer" else 0.0
+        self.opt = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=coupled)
+        if cfg.wd_form == "loss" and cfg.weight_decay:
+            self.wd_penalty = lambda: weight_decay_penalty(trained, cfg.weight_decay)
         self.maxnorm = (MaxNorm(self.model.classifier.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode,
                                 cfg.pgd_every) if cfg.maxnorm else None)
 
     def run_epoch(self) -> dict:
         model = self.model
         model.train()
-        order = epoch_order(self.data.train_y, self.data.num_classes, "instance", self.gen)
+        order = epoch_order(self.data.train_y, self.data.num_classes, self.cfg.sampler, self.gen, self.epoch,
+                            self.cfg.epochs)
+
+        zeta = self.cfg.feature_reg
+
+        forward = self.forward
 
         def logits_of(idx):
             x = self.aug(self.train_split.x[idx], self.gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(self.device, self.amp):
-                return model(x)
+                if not zeta:
+                    return forward(x)
+                f = model.backbone(x)
+                return model.classifier(f), feature_penalty(f, zeta)
 
         w = model.classifier.weight
         loss_sum, lr = self._sgd_epoch(order, logits_of, (w,), w)
         return self._close_epoch(self.evaluate_selection(), lambda: _cpu_state(model.state_dict()),
-                                 loss_sum, len(order), lr)
+                                 loss_sum, len(order), lr, w)
 
     def evaluate_selection(self) -> dict:
         self.model.eval()
@@ -275,16 +293,12 @@ class Stage1Trainer(_Trainer):
                              self.data, self.eval_cfg.batch_for(self.device), tta_flip=False, amp=self.amp)
 
     def state_dict(self) -> dict:
-        return {**self._base_state(), "model": _cpu_state(self.model.state_dict()),
-                "opt": self.opt.state_dict(),
-                "maxnorm_radius": None if self.maxnorm is None else self.maxnorm.radius}
+        return {**self._base_state(), "model": _cpu_state(self.model.state_dict()), "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._load_base_state(state)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        if self.maxnorm is not None and state.get("maxnorm_radius") is not None:
-            self.maxnorm.radius = float(state["maxnorm_radius"])
 
     def result(self) -> dict:
         """The selected epoch: its weights, selection-split report and weight-norm balance."""
@@ -293,13 +307,15 @@ class Stage1Trainer(_Trainer):
         norms = _to_list(row_norms(w))
         return {"stage": "stage1", "seed": self.seed, "best_epoch": self.best["epoch"] + 1,
                 "epochs_run": self.epoch, "selection": self.best["report"], "weight_norms": norms,
-                "balance": balance_stats(norms, self.data.train_counts),
-                "maxnorm_radius": None if self.maxnorm is None else self.maxnorm.radius,
-                "history": self.history, "state": self.best["state"]}
+                "balance": balance_stats(norms, self.data.train_counts), **self._maxnorm_result(),
+                "history": self.history, "norm_history": self.norm_history, "runtime": self.runtime,
+                "state": self.best["state"]}
 
 
 class Stage2Trainer(_Trainer):
-    """Stage 2: a classifier on the frozen stage-1 backbone, by method (see ``study.methods``)."""
+    """Stage 2 for the methods that train (``Method.trains``): a classifier, or LWS scales, trained
+    by SGD on the frozen stage-1 backbone. The other methods are plain functions (``study.posthoc``,
+    run by :func:`posthoc_result`)."""
 
     stage = "stage2"
 
@@ -308,47 +324,32 @@ class Stage2Trainer(_Trainer):
         super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig())
         self.gen.manual_seed(self.seed + STAGE2_SEED_OFFSET)
         self.method = get_method(cfg.method)
-        model = build_model(backbone, data.num_classes, data.spec.shape[0])
-        model.load_state_dict(stage1_state)
-        model.to(self.device)
-        self.backbone = model.backbone
-        # Every backbone parameter is frozen; only the head below is handed to the optimizer.
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
+        if not self.method.trains:
+            raise ValueError(f"{cfg.method} does not train; use posthoc_result")
+        model = frozen_model(backbone, stage1_state, data, self.device)
+        self.backbone = model.backbone  # every backbone parameter is frozen; only the head trains
         self.w0 = model.classifier.weight.detach().clone()
         self.b0 = model.classifier.bias.detach().clone()
-        self.maxnorm: MaxNorm | None = None
-        self.tau: float | None = None
-        self.tau_curve: list[list[float]] = []
         self._train_feats = None
         self._select_feats = None
         self.head: nn.Module
-        if self.method.kind == "trained":
-            if self.method.head == "lws":
-                self.head = LWSHead(self.w0, self.b0).to(self.device)
-            else:
-                self.head = LinearHead(self.w0.shape[1], self.w0.shape[0]).to(self.device)
-                with torch.no_grad():
-                    if cfg.classifier_init == "reinit":
-                        g = torch.Generator().manual_seed(self.seed + STAGE2_SEED_OFFSET)
-                        bound = 1.0 / math.sqrt(self.w0.shape[1])  # nn.Linear's default init
-                        self.head.weight.copy_(torch.empty_like(self.w0, device="cpu").uniform_(-bound, bound, generator=g))
-                        self.head.bias.copy_(torch.empty_like(self.b0, device="cpu").uniform_(-bound, bound, generator=g))
-                    else:
-                        self.head.weight.copy_(self.w0)
-                        self.head.bias.copy_(self.b0)
-                if cfg.maxnorm:
-                    self.maxnorm = MaxNorm(self.head.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode, cfg.pgd_every)
-            self.opt = torch.optim.SGD(self.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        if self.method.head == "lws":
+            self.head = LWSHead(self.w0, self.b0).to(self.device)
         else:
-            self.head = AffineHead(self.w0, self.b0).to(self.device)
-            self.opt = None
-
-    @property
-    def epochs(self) -> int:
-        return self.cfg.epochs if self.method.kind == "trained" else 1
+            self.head = LinearHead(self.w0.shape[1], self.w0.shape[0]).to(self.device)
+            with torch.no_grad():
+                if cfg.classifier_init == "reinit":
+                    g = torch.Generator().manual_seed(self.seed + STAGE2_SEED_OFFSET)
+                    bound = 1.0 / math.sqrt(self.w0.shape[1])  # nn.Linear's default init
+                    self.head.weight.copy_(torch.empty_like(self.w0, device="cpu").uniform_(-bound, bound, generator=g))
+                    self.head.bias.copy_(torch.empty_like(self.b0, device="cpu").uniform_(-bound, bound, generator=g))
+                else:
+                    self.head.weight.copy_(self.w0)
+                    self.head.bias.copy_(self.b0)
+            if cfg.maxnorm:
+                self.maxnorm = MaxNorm(self.head.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode, cfg.pgd_every)
+        self.opt = torch.optim.SGD(self.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     @property
     def _features_fixed(self) -> bool:
@@ -368,8 +369,6 @@ class Stage2Trainer(_Trainer):
                                self.data.many_threshold, self.data.few_threshold)
 
     def run_epoch(self) -> dict:
-        if self.method.kind != "trained":
-            return self._fit_posthoc()
         cfg = self.cfg
         self.backbone.train(cfg.bn_mode == "train")
         self.head.train()
@@ -379,7 +378,7 @@ class Stage2Trainer(_Trainer):
         if cache and self._train_feats is None:
             self._train_feats = compute_features(self.backbone, self.train_split, self.plain,
                                                  self.eval_cfg.batch_for(self.device), amp=self.amp)
-        order = epoch_order(self.data.train_y, self.data.num_classes, cfg.sampler, self.gen)
+        order = epoch_order(self.data.train_y, self.data.num_classes, cfg.sampler, self.gen, self.epoch, cfg.epochs)
 
         def logits_of(idx):
             if cache:
@@ -395,7 +394,7 @@ class Stage2Trainer(_Trainer):
                                        getattr(self.head, "weight", None))
         self.head.eval()
         report = self._report(self.head, self._selection_features())
-        return self._close_epoch(report, self._snapshot, loss_sum, len(order), lr)
+        return self._close_epoch(report, self._snapshot, loss_sum, len(order), lr, self.head.affine().weight)
 
     def _snapshot(self) -> dict:
         snap: dict[str, Any] = {"head": self.head.affine().to_state()}
@@ -403,82 +402,19 @@ class Stage2Trainer(_Trainer):
             snap["buffers"] = _cpu_state(dict(self.backbone.named_buffers()))
         return snap
 
-    def _fit_posthoc(self) -> dict:
-        """Identity, tau-norm / L2-norm, logit adjustment (tau on the selection split) and NCM."""
-        self.backbone.eval()
-        feats = self._selection_features()
-        kind, transform = self.method.kind, self.method.transform
-        W, b = self.w0.float(), self.b0.float()
-        if kind == "identity":
-            candidates = [(None, AffineHead(W, b))]
-        elif kind == "ncm":
-            train_f = compute_features(self.backbone, self.train_split, self.plain, self.eval_cfg.batch_for(self.device),
-                                       amp=self.amp)
-            mu = train_f.mean(0)
-            z = F.normalize(train_f - mu, dim=1)
-            y = self.train_split.y
-            means = torch.stack([z[y == c].mean(0) for c in range(self.data.num_classes)])
-            candidates = [(None, AffineHead(means, -0.5 * means.pow(2).sum(1), center=mu, l2=True))]
-        else:
-            log_prior = torch.as_tensor(np.log(self.data.priors()), dtype=torch.float32, device=self.device)
-            candidates = []
-            for tau in self.cfg.tau_grid():
-                if transform == "tau-norm":
-                    bias = b if self.cfg.posthoc_bias == "keep" else torch.zeros_like(b)
-                    head = AffineHead(tau_normalize(W, tau), bias)
-                elif transform == "la-add":
-                    head = AffineHead(W, b - tau * log_prior)
-                elif transform == "la-mul":
-                    s = torch.exp(-tau * log_prior)  # pi_c^(-tau)
-                    head = AffineHead(W * s[:, None], b * s)
-                else:
-                    raise ValueError(f"unknown post-hoc transform {transform!r}")
-                candidates.append((tau, head))
-        best = None
-        for tau, head in candidates:
-            report = self._report(head, feats)
-            if tau is not None:
-                self.tau_curve.append([tau, report["all"]])
-            # strict '>' keeps the smallest tau among ties (the least change to the classifier)
-            if best is None or report["all"] > best[2]["all"]:
-                best = (tau, head, report)
-        tau, head, report = best
-        self.tau = tau
-        self.head = head
-        self.best = {"epoch": 0, "report": report, "state": {"head": head.to_state()}}
-        rec = {"epoch": 1, "train_loss": math.nan, "lr": 0.0, "tau": tau,
-               **{f"sel_{k}": v for k, v in summarize(report).items()}}
-        self.history.append(rec)
-        self.epoch = 1
-        return rec
-
     def state_dict(self) -> dict:
-        st = self._base_state()
-        if self.method.kind == "trained":
-            st.update(head=_cpu_state(self.head.state_dict()), opt=self.opt.state_dict(),
-                      maxnorm_radius=None if self.maxnorm is None else self.maxnorm.radius,
-                      buffers=_cpu_state(dict(self.backbone.named_buffers())))
-        else:
-            st.update(tau=self.tau, tau_curve=self.tau_curve)
-        return st
+        return {**self._base_state(), "head": _cpu_state(self.head.state_dict()), "opt": self.opt.state_dict(),
+                "buffers": _cpu_state(dict(self.backbone.named_buffers()))}
 
     def load_state_dict(self, state: dict) -> None:
         self._load_base_state(state)
-        if self.method.kind == "trained":
-            self.head.load_state_dict(state["head"])
-            self.opt.load_state_dict(state["opt"])
-            if self.maxnorm is not None and state.get("maxnorm_radius") is not None:
-                self.maxnorm.radius = float(state["maxnorm_radius"])
-            bufs = dict(self.backbone.named_buffers())
-            with torch.no_grad():
-                for k, v in state["buffers"].items():
-                    bufs[k].copy_(v)
-            self._select_feats = None
-        else:
-            self.tau = state.get("tau")
-            self.tau_curve = list(state.get("tau_curve", []))
-            if self.best is not None:
-                self.head = AffineHead.from_state(self.best["state"]["head"]).to(self.device)
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        bufs = dict(self.backbone.named_buffers())
+        with torch.no_grad():
+            for k, v in state["buffers"].items():
+                bufs[k].copy_(v)
+        self._select_feats = None
 
     def result(self) -> dict:
         assert self.best is not None, "no epoch has run"
@@ -487,10 +423,31 @@ class Stage2Trainer(_Trainer):
         return {"stage": "stage2", "method": self.method.name, "seed": self.seed,
                 "best_epoch": self.best["epoch"] + 1, "epochs_run": self.epoch,
                 "selection": self.best["report"], "weight_norms": norms,
-                "balance": balance_stats(norms, self.data.train_counts),
-                "maxnorm_radius": None if self.maxnorm is None else self.maxnorm.radius,
-                "tau": self.tau, "tau_curve": self.tau_curve, "history": self.history,
+                "balance": balance_stats(norms, self.data.train_counts), **self._maxnorm_result(),
+                "tau": None, "tau_curve": [], "history": self.history, "norm_history": self.norm_history,
                 "state": self.best["state"]}
+
+
+def posthoc_result(config: Stage2Config, data: LTData, seed: int, stage1_state: dict, backbone: str,
+                   device=None, eval_cfg: EvalConfig | None = None) -> dict:
+    """A method that does not train (identity, L2/tau-norm, logit adjustment, NCM), on features of
+    the frozen stage-1 backbone computed once (selection split; training split for NCM)."""
+    method = get_method(config.method)
+    eval_cfg = eval_cfg or EvalConfig()
+    device = pick_device(device)
+    amp = bool(config.amp and device.type == "cuda")
+    model = frozen_model(backbone, stage1_state, data, device)
+    plain = Augmenter(data.spec, device, False)
+    batch = eval_cfg.batch_for(device)
+    select = DeviceSplit(*data.split("selection"), device)
+    select_feats = compute_features(model.backbone, select, plain, batch, amp=amp)
+    train_feats = train_y = None
+    if method.kind == "ncm":
+        train = DeviceSplit(data.train_x, data.train_y, device)
+        train_feats, train_y = compute_features(model.backbone, train, plain, batch, amp=amp), train.y
+    return fit_posthoc(config, method, data, seed, model.classifier.weight.detach().clone(),
+                       model.classifier.bias.detach().clone(), select_feats, select.y.cpu().numpy(),
+                       train_feats, train_y)
 
 
 def train_stage1(config: Stage1Config, data: LTData, seed: int = 0, device=None,
@@ -507,6 +464,8 @@ def train_stage1(config: Stage1Config, data: LTData, seed: int = 0, device=None,
 def train_stage2(config: Stage2Config, data: LTData, seed: int, stage1_state: dict, backbone: str,
                  device=None, eval_cfg: EvalConfig | None = None, on_epoch=None) -> dict:
     """Run one stage-2 method on a frozen stage-1 model (its ``state_dict``); returns its result."""
+    if not get_method(config.method).trains:
+        return posthoc_result(config, data, seed, stage1_state, backbone, device, eval_cfg)
     t = Stage2Trainer(config, data, seed, stage1_state, backbone, pick_device(device), eval_cfg)
     while not t.done:
         rec = t.run_epoch()
@@ -515,27 +474,60 @@ def train_stage2(config: Stage2Config, data: LTData, seed: int, stage1_state: di
     return t.result()
 
 
-def stage1_head_state(stage1_state: dict) -> dict:
-    """The stage-1 classifier as an AffineHead state."""
-    return AffineHead(stage1_state["classifier.weight"], stage1_state["classifier.bias"]).to_state()
+def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict], data: LTData,
+                      eval_cfg: EvalConfig | None = None, device=None, split: str = "test",
+                      geometry: bool = True) -> dict[str, dict]:
+    """Accuracy reports on ``split`` (the test set) of selected models of one seed: ``finals`` maps a
+    key to a trial's final state — a stage-1 model (its own backbone and classifier) or a stage-2
+    head (``{"head": ..., "buffers"?: ...}``) on ``stage1_state``'s backbone. The backbone's features
+    are computed once and shared by every head, except for heads whose stage 2 updated batch-norm
+    statistics (``bn_mode: train``), which carry their own buffers. Both ``study run`` and ``study
+    train`` evaluate through this function.
 
+    With ``geometry``, each report also has ``geometry``: the feature measures of
+    :func:`study.geometry.feature_summary` on the training split and on ``split`` (unaugmented,
+    unflipped features of the backbone the head runs on)."""
+    from .geometry import feature_summary
 
-def evaluate_final(backbone: str, stage1_state: dict, head_state: dict | None, data: LTData,
-                   split: str = "test", eval_cfg: EvalConfig | None = None, device=None,
-                   buffers: dict | None = None) -> dict:
-    """Evaluate a final model once: the stage-1 backbone with ``head_state`` (None: the stage-1
-    classifier) and, for stage-2 runs with batch-norm in train mode, their updated BN ``buffers``."""
     eval_cfg = eval_cfg or EvalConfig()
     device = pick_device(device)
-    model = build_model(backbone, data.num_classes, data.spec.shape[0])
-    model.load_state_dict(stage1_state)
-    if buffers:
-        named = dict(model.backbone.named_buffers())
-        with torch.no_grad():
-            for k, v in buffers.items():
-                named[k].copy_(v)
-    model.to(device).eval()
-    head = AffineHead.from_state(head_state or stage1_head_state(stage1_state)).to(device)
     x, y = data.split(split)
-    return evaluate_head(model.backbone, head, DeviceSplit(x, y, device), Augmenter(data.spec, device, False),
-                         data, eval_cfg.batch_for(device), tta_flip=eval_cfg.tta_flip)
+    plain = Augmenter(data.spec, device, False)
+    batch = eval_cfg.batch_for(device)
+    flip = bool(eval_cfg.tta_flip and data.spec.flip)
+    eval_split = DeviceSplit(x, y, device)
+    train_split = DeviceSplit(data.train_x, data.train_y, device) if geometry else None
+    cache: dict[str, tuple] = {}
+
+    def features(key: str, model_backbone) -> tuple:
+        """(eval features, flipped eval features or None, geometry) of one backbone."""
+        if key not in cache:
+            f = compute_features(model_backbone, eval_split, plain, batch, flip=flip)
+            f, ff = f if flip else (f, None)
+            geo = None
+            if geometry:
+                ft = compute_features(model_backbone, train_split, plain, batch)
+                geo = {"train": feature_summary(ft, data.train_y, data.train_counts),
+                       split: feature_summary(f, y, data.train_counts)}
+            cache[key] = (f, ff, geo)
+        return cache[key]
+
+    out = {}
+    for key, state in finals.items():
+        if "head" not in state:  # a stage-1 model: its own backbone and classifier
+            model = frozen_model(backbone, state, data, device)
+            head, feats = AffineHead.from_state(stage1_head_state(state)), features(key, model.backbone)
+        elif state.get("buffers"):
+            model = frozen_model(backbone, stage1_state, data, device, buffers=state["buffers"])
+            head, feats = AffineHead.from_state(state["head"]), features(key, model.backbone)
+        else:
+            if "shared" not in cache:
+                features("shared", frozen_model(backbone, stage1_state, data, device).backbone)
+            head, feats = AffineHead.from_state(state["head"]), cache["shared"]
+        f, ff, geo = feats
+        logits = logits_from_features(head.to(device), f, ff)
+        out[key] = accuracy_report(logits.argmax(1).cpu().numpy(), y, data.train_counts, data.many_threshold,
+                                   data.few_threshold)
+        if geo is not None:
+            out[key]["geometry"] = geo
+    return out

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-# Reference long-tailed training counts (reference.md §1.1: LDAM-DRW's get_img_num_per_cls, int
+# Reference long-tailed training counts (docs/reference.md §1.1: LDAM-DRW's get_img_num_per_cls, int
 # truncation, img_max 500 / 5000), shared by the tests of the counts and of ``study data``.
 CIFAR100_IF100 = [
     500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248, 237, 226, 216, 206,

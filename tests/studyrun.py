@@ -54,15 +54,15 @@ def toy_budgets(b1: int = 2, b2: int = 2) -> dict[tuple[str, str], int]:
 
 
 def assert_complete(root: Path, budgets: dict, seeds: int = 2) -> list[dict]:
-    """Exactly the budgeted trials per stage and method, each (trial, seed) once, all completed;
-    returns the rows of trials.csv."""
+    """Exactly the budgeted trials per experiment and method, each (trial, seed) once, all completed
+    (in trials.csv and in optuna.db); returns the rows of trials.csv."""
     import optuna
 
     assert (root / "done.json").exists()
     rows = read_rows(root / "trials.csv")
     per_method = collections.defaultdict(set)
-    for row in rows:
-        per_method[(row["stage"], row["method"])].add(row["trial_id"])
+    for row in rows:  # keyed by experiment (``stage1``, ``stage2``, ``stage2-<variant>``) and method
+        per_method[(row["experiment"], row["method"])].add(row["trial_id"])
     assert {k: len(v) for k, v in per_method.items()} == budgets
     assert len({(r["trial_id"], r["seed"]) for r in rows}) == len(rows) == sum(budgets.values()) * seeds
     assert {r["status"] for r in rows} == {"completed"}

@@ -1,5 +1,5 @@
 """Long-tailed counts, Many/Medium/Few groups, the real CIFAR loader on generated files, and the
-on-device augmentation (reference.md §1, §2)."""
+on-device augmentation (docs/reference.md §1, §2)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_honest_split_val_and_train_are_disjoint(cifar100_lt_files, raw100):
 
 def test_iclr24_split_rounds_counts_and_takes_validation_after_the_training_images():
     """HN410's split: round() counts (10,457 images, smallest class 5, groups 34/35/31) and the 20
-    validation images right after each class's n_c training images (reference.md §1.1). Checked on
+    validation images right after each class's n_c training images (docs/reference.md §1.1). Checked on
     a full-size pool of image ids (build_lt only indexes the arrays)."""
     from study.data import RawData
 

@@ -1,4 +1,4 @@
-"""Accuracy by class and by Many / Medium / Few group, and weight-norm balance (reference.md §2)."""
+"""Accuracy by class and by Many / Medium / Few group, and weight-norm balance (docs/reference.md §2)."""
 
 from __future__ import annotations
 

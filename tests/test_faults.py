@@ -37,6 +37,7 @@ def _wait_log(log: Path, text: str):
     return lambda: text in log.read_text()
 
 
+@pytest.mark.slow  # about 4 minutes: seven stops and restarts of a 60/80-epoch study
 def test_kill_in_every_phase(tmp_path, toy_study):
     """Stop the driver in every phase, each time the way that phase is most likely to be stopped,
     and run the same command again: the study ends exactly as an uninterrupted one.
@@ -118,28 +119,119 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     _same_tables(root, toy_study)
 
 
-def test_kills_at_random_moments(tmp_path, toy_study):
-    """Seeded random moments and signals, one run: the study still ends exactly as an uninterrupted one."""
-    rng = random.Random(20241123)
-    space = toy_space(tmp_path, e1=30, e2=30)
+# The phases of a study in the order it passes them. Trial phases are hit while a trial of that stage is
+# mid-way (its newest checkpoint between two epochs); the others are driver phase boundaries where a
+# STUDY_FAULT pause holds the driver for a minute, so the kill lands in them for certain.
+PHASES = ("stage1", "between-stages", "stage2", "final-eval", "tables")
+PAUSED = ("between-stages", "final-eval", "tables")
+RANDOM_E1, RANDOM_E2 = 30, 80  # epochs of the random-kill space's stage-1 and WB stage-2 trials
+# A trial-phase kill aims at a trial whose newest epoch is in [k, hi] (k drawn from 2-8; tau-norm and
+# NCM trials have one epoch, so only WB trials qualify in stage 2): at least 15 stage-1 epochs (~3 s
+# on 2 CPU cores) or 40 WB epochs (~3 s) of that trial are still to run when the signal is sent.
+WINDOW_HI = {"stage1": RANDOM_E1 - 15, "stage2": RANDOM_E2 - 40}
+SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+
+
+def phase_on_disk(root: Path) -> str:
+    """The phase a study folder is in, from what the driver writes at the end of each phase: the
+    stage markers (stages/stage1.json, stages/stage2.json), the final test reports (final/*.json,
+    one per stage and method) and done.json; between the stages no stage-2 trial folder exists yet."""
+    if (root / "done.json").exists():
+        return "done"
+    if not (root / "stages" / "stage1.json").exists():
+        return "stage1"
+    if not (root / "stages" / "stage2.json").exists():
+        return "stage2" if any((root / "trials" / "stage2").glob("trial-*")) else "between-stages"
+    finals = {p.name for p in (root / "final").glob("*.json")}
+    return "tables" if finals == {f"{s}--{m}.json" for s, m in toy_budgets()} else "final-eval"
+
+
+def random_draws(seed: int, n: int) -> list[dict]:
+    """n seeded kills in the order the study can meet them: phase, signal, and the moment inside the
+    phase (trial phases: the epoch k to wait for, then a delay of up to 0.25 s; paused phases: a delay
+    of up to 3 s into the 60-s pause)."""
+    rng = random.Random(seed)
+    phases = sorted(rng.choices(PHASES, k=n), key=PHASES.index)
+    draws = []
+    for phase in phases:
+        sig = rng.choice(SIGNALS)
+        if phase in PAUSED:
+            draws.append({"phase": phase, "sig": sig, "epoch": None, "delay": rng.uniform(0.0, 3.0)})
+        else:
+            draws.append({"phase": phase, "sig": sig, "epoch": rng.randint(2, 8), "delay": rng.uniform(0.0, 0.25)})
+    return draws
+
+
+def _mid_trial(root: Path, stage: str, lo: int, hi: int, since: float):
+    """(trial folder, newest epoch) of an unfinished ``stage`` trial whose newest epoch checkpointed
+    since ``since`` is in [lo, hi]."""
+    folder = root / "trials" / stage
+    for tdir in sorted(folder.glob("trial-*")) if folder.is_dir() else []:
+        if (tdir / "record.json").exists():
+            continue
+        eps = [e.get("epoch", 0) for e in events(tdir) if e.get("event") == "epoch" and e.get("t", 0) >= since]
+        if eps and lo <= max(eps) <= hi:
+            return tdir, max(eps)
+    return None
+
+
+@pytest.mark.parametrize("seed, n_kills", [
+    pytest.param(1, 2, id="2-kills"),
+    pytest.param(20241123, 6, id="6-kills", marks=pytest.mark.slow),
+])
+def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
+    """Seeded random phases, moments inside them and signals: each kill lands in the phase it aimed
+    at (read from the study folder and the driver's output at the moment of the signal), every trial
+    killed mid-way later resumes from its checkpoint, and the study still ends exactly as an
+    uninterrupted one."""
+    draws = random_draws(seed, n_kills)
+    space = toy_space(tmp_path, e1=RANDOM_E1, e2=RANDOM_E2)
     args = ("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "toy")
     root = tmp_path / "res" / "toy"
     log = tmp_path / "driver.log"
-    for _ in range(4):
-        delay = rng.uniform(4.0, 30.0)
-        sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-        p = start(*args, log=log)
+    aimed, hit, victims = [], [], []
+    for draw in draws:
+        phase, sig = draw["phase"], draw["sig"]
+        log_start = log.stat().st_size if log.exists() else 0
+
+        def output() -> str:
+            return log.read_bytes()[log_start:].decode(errors="replace")
+
         t0 = time.time()
-        while time.time() - t0 < delay and p.poll() is None:
-            time.sleep(0.05)
-        if p.poll() is not None:  # finished before this moment: the rest of the draws are moot
-            break
+        if phase in PAUSED:
+            p = start(*args, log=log, env_extra={"STUDY_FAULT": f"pause:{phase}:60"})
+            wait_for(lambda: f"pausing at {phase}" in output(), 300, f"the pause at {phase}", p, log)
+        else:
+            p = start(*args, log=log)
+            victim, epoch = wait_for(lambda: _mid_trial(root, phase, draw["epoch"], WINDOW_HI[phase], t0), 300,
+                                     f"a {phase} trial between epochs {draw['epoch']} and {WINDOW_HI[phase]}", p, log)
+        time.sleep(draw["delay"])
+        # where the signal lands: the folder's phase and, for the pauses, the pause the driver announced
+        paused_at = [ln.rsplit(" ", 1)[-1] for ln in output().splitlines() if "fault-injection: pausing at" in ln]
+        hit.append((phase_on_disk(root), paused_at[-1] if paused_at else None))
+        aimed.append((phase, phase if phase in PAUSED else None))
+        assert p.poll() is None, log.read_text()[-2000:]
+        t_kill = time.time()
+        if phase not in PAUSED:
+            victims.append((phase, events(victim)[0]["t"], epoch, t_kill))
         kill_hard(p, sig)
-        expected = (-signal.SIGKILL,) if sig == signal.SIGKILL else (130,)
-        assert p.returncode in expected, (sig, p.returncode, log.read_text()[-2000:])
+        expected = -signal.SIGKILL if sig == signal.SIGKILL else 130
+        assert p.returncode == expected, (draw, p.returncode, log.read_text()[-2000:])
+        assert phase_on_disk(root) == phase, draw  # the killed run wrote nothing of the next phase
+    assert hit == aimed, draws
+
     r = study(*args, timeout=400)
     assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
-    assert_complete(root, toy_budgets())
+    rows = assert_complete(root, toy_budgets())
+    # every trial killed mid-way resumed from a checkpoint at least as new as the epoch it had reached,
+    # instead of starting over (found by its first event: a trial Tune's snapshot had missed is adopted,
+    # events and checkpoints, by a new trial folder)
+    for stage, started, epoch, t_kill in victims:
+        (tdir,) = [d for d in (root / "trials" / stage).glob("trial-*") if events(d) and events(d)[0]["t"] == started]
+        starts = [e for e in events(tdir) if e.get("event") == "start" and e["t"] > t_kill]
+        assert starts and starts[0]["start_epoch"] >= epoch, (stage, epoch, starts)
+        row = next(r for r in rows if r["trial_id"] == tdir.name.split("-")[-1])
+        assert int(row["resumed_from_epoch"]) >= epoch
     _same_tables(root, toy_study)
 
 
@@ -261,7 +353,7 @@ def test_stop_signal_during_ray_init_is_not_lost(sig, monkeypatch):
     returns; a second request interrupts at once. Ray cannot replace the SIGTERM handler meanwhile."""
     from ray._private import utils as ray_utils
 
-    from study import search
+    from study import ray_runtime as search
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray_set_handler = ray_utils.set_sigterm_handler
@@ -271,7 +363,7 @@ def test_stop_signal_during_ray_init_is_not_lost(sig, monkeypatch):
     seen = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with search._stop_signals_deferred():
+            with search.stop_signals_deferred():
                 ray_utils.set_sigterm_handler(lambda *a: seen.append("ray's handler"))
                 assert signal.getsignal(signal.SIGTERM) is search._on_stop_signal
                 os.kill(os.getpid(), sig)

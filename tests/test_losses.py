@@ -1,4 +1,4 @@
-"""Class-balanced weights and the two CB loss forms (reference.md §5.1)."""
+"""Class-balanced weights and the two CB loss forms (docs/reference.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backbones (reference.md §3): the true CIFAR ResNet-32, the WB code's ResNet-34 variant, digits-cnn."""
+"""Backbones (docs/reference.md §3): the true CIFAR ResNet-32, the WB code's ResNet-34 variant, digits-cnn."""
 
 from __future__ import annotations
 

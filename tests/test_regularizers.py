@@ -1,4 +1,4 @@
-"""MaxNorm by projection, its relative radius, and tau-normalisation (reference.md §5.1-5.2)."""
+"""MaxNorm by projection, its relative radius, and tau-normalisation (docs/reference.md §5.1-5.2)."""
 
 from __future__ import annotations
 

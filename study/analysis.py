@@ -739,6 +739,43 @@ def build_table(res: Results, kind: str, variant: str | None = None) -> Table:
     return BUILDERS[kind](res)
 
 
+def compare_table(a: Results, b: Results) -> Table:
+    """Two studies of the same experiments and seeds — typically one space under ``honest`` and
+    under ``test-selection`` — compared per (variant, method): the paired difference a − b of test
+    All and Few accuracy over the seeds both evaluated, with its 95% confidence interval (t
+    distribution). Under test-set selection the difference is how much selecting on the test set
+    inflates the reported numbers."""
+    cols = LEAD + [Column("n", "Seeds", "int"), Column("d_all", "Δ All", "num", 2),
+                   Column("ci_all", "95% CI (All)"), Column("d_few", "Δ Few", "num", 2),
+                   Column("ci_few", "95% CI (Few)")]
+    other = {e.name: e for e in b.experiments}
+    rows, breaks = [], []
+    for exp in a.experiments:
+        if exp.name not in other:
+            continue
+        breaks.append(len(rows))
+        for m in a.methods(exp):
+            if m not in b.methods(other[exp.name]):
+                continue
+            cells = {**_lead(exp, m)}
+            for g in ("all", "few"):
+                st = paired_stats(a.selected(exp, m), b.selected(other[exp.name], m), f"test_{g}")
+                cells["n"] = st["n"]
+                cells[f"d_{g}"] = st["mean"] if st["n"] else None
+                cells[f"ci_{g}"] = (f"[{st['mean'] - st['half']:+.2f}, {st['mean'] + st['half']:+.2f}]"
+                                    if st["half"] is not None else "–")
+            rows.append(_cells(cols, cells))
+
+    def who(r: Results) -> str:
+        return f"{r.header.study} (protocol {r.header.protocol}, selection on the {split_word(r)} split)"
+
+    caption = (f"Test accuracy of {who(a)} minus that of {who(b)}, in points, per stage-1 variant and "
+               "method: the mean over the seeds both studies evaluated of the paired difference, and its 95% "
+               "confidence interval (t distribution; – with fewer than 3 seeds). On "
+               f"{_context(a, False)}.")
+    return Table(f"{a.header.study}-vs-{b.header.study}", cols, rows, caption, [], breaks)
+
+
 # --- commands -------------------------------------------------------------------------------------------------
 
 def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "markdown",
@@ -752,6 +789,22 @@ def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "mark
     if fmt == "csv":
         for n in table.notes:
             print(n, file=sys.stderr)
+    if out:
+        from .fsutil import atomic_write_text
+
+        atomic_write_text(out, text)
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def compare_command(a: str | os.PathLike, b: str | os.PathLike, fmt: str = "markdown",
+                    out: str | os.PathLike | None = None) -> int:
+    """``study compare A B``: print (or write to ``out``) :func:`compare_table`."""
+    if fmt not in RENDERERS:
+        raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
+    text = render(compare_table(load_results(a), load_results(b)), fmt)
     if out:
         from .fsutil import atomic_write_text
 

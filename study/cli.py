@@ -168,6 +168,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     return table_command(args.study, kind=args.kind, fmt=args.format, out=args.out, variant=args.variant)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis import compare_command
+
+    return compare_command(args.a, args.b, fmt=args.format, out=args.out)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_command
 
@@ -243,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--variant", help="--kind ablation: only the stage-2 methods on this stage-1 variant "
                                       "(default: each variant that fed stage 2 in turn)")
     tb.set_defaults(func=cmd_table)
+
+    cp = sub.add_parser("compare", help="test accuracy of study A minus study B per variant and method, with "
+                                        "95%% intervals (e.g. test-set selection vs honest)")
+    cp.add_argument("a", help="a study folder, e.g. results/fashion-mnist-lt-test-selection")
+    cp.add_argument("b", help="the study to subtract, e.g. results/fashion-mnist-lt")
+    cp.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    cp.add_argument("--out", help="write to FILE instead of stdout")
+    cp.set_defaults(func=cmd_compare)
 
     pl = sub.add_parser("plot", help="weight-norm, per-class accuracy and search-history plots (PNG)")
     pl.add_argument("study", help="a study folder, e.g. results/digits-lt")

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from study.fsutil import atomic_write_bytes, atomic_write_json
-from study.layout import (FAILED_FILE, PER_CLASS_COLUMNS, TRIALS_COLUMNS, FinalReport, PerClassRow, Selection,
+from study.layout import (FAILED_FILE, NORMS_FILE, PER_CLASS_COLUMNS, TRIALS_COLUMNS, FinalReport, PerClassRow, Selection,
                           StageMarker, StudyHeader, StudyPaths, TrialInfo, TrialRecord, TrialRow)
 from study.records import csv_text
 
@@ -54,6 +54,8 @@ NORMS = {"naive": [2.0, 1.8, 1.6, 1.4, 1.2, 1.0], "tuned": [1.6, 1.5, 1.4, 1.3, 
          "none": [1.6, 1.5, 1.4, 1.3, 1.2, 1.1], "tau-norm": [1.2, 1.18, 1.16, 1.14, 1.12, 1.10],
          "wb": [1.0, 0.99, 1.0, 0.98, 0.99, 0.97], "lws": [1.0] * 6}
 TAU = {"tau-norm": [1.0, 1.2, 1.1]}
+TRAINED = ("naive", "tuned", "wb")
+"""Methods whose trials train and so write their per-epoch weight norms (weight_norms.json)."""
 
 # (experiment, method, trial index, status, params, objective, selected, reason)
 TRIALS = [
@@ -174,6 +176,10 @@ def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, 
             TrialRecord(status=status, reason=reason, stage=exp, experiment=exp, trial_index=index, params=params,
                         seeds=list(seeds), objective=objective, epochs_run=3,
                         per_seed=per_seed).write(tdir / TrialRecord.FILE)
+        if status == "completed" and method in TRAINED:  # per-epoch norms, growing to the final ones
+            atomic_write_json(tdir / NORMS_FILE, {str(seed): [[0.5 * (e + 1) / 3 * n + 0.5 * n for n in
+                                                               norms(method, pos, 0 if is_sel else index)]
+                                                              for e in range(3)] for pos, seed in enumerate(seeds)})
         elif status == "failed":
             atomic_write_json(tdir / FAILED_FILE, {"reason": reason})
         if is_sel:

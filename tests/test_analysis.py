@@ -539,3 +539,21 @@ def test_hyperparameter_formatting():
     assert [fmt_value(v) for v in (1e-5, 0.000178, np.float64(0.04432), 2.5)] == ["1e-05", "0.000178", "0.0443", "2.5"]
     assert [fmt_value(v) for v in (True, "relu", None)] == ["True", "relu", "None"]
     assert fmt_params({"weight_decay": 5e-4, "epochs": 200}) == "weight_decay=0.0005, epochs=200"
+
+
+def test_compare_gives_the_paired_difference_with_its_interval(tmp_path, capsys):
+    """`study compare A B`: A's test accuracy minus B's per (variant, method), paired over seeds."""
+    a, b = make_study(tmp_path / "a", name="on-test"), make_study(tmp_path / "b")
+    df = pd.read_csv(a / "trials.csv")
+    shift = {0: 0.01, 1: 0.02, 2: 0.03}  # +1, +2, +3 points on wb's three seeds
+    wb = df["method"] == "wb"
+    df.loc[wb, "test_all"] += df.loc[wb, "seed"].map(shift)
+    df.to_csv(a / "trials.csv", index=False)
+    assert main(["compare", str(a), str(b), "--format", "csv"]) == 0
+    got = csv_frame(capsys.readouterr().out).set_index(["stage", "method"])
+    assert got.loc[("stage2", "wb"), "d_all"] == pytest.approx(2.0)
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # the differences 1, 2, 3 have std 1
+    assert got.loc[("stage2", "wb"), "ci_all"] == f"[{2 - half:+.2f}, {2 + half:+.2f}]"
+    assert got.loc[("stage2", "wb"), "d_few"] == pytest.approx(0.0) and got.loc[("stage2", "wb"), "ci_few"] == "–"
+    assert (got.drop(index=[("stage2", "wb")])["d_all"].abs() < 1e-9).all()
+    assert set(got["n"]) == {3}

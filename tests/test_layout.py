@@ -63,7 +63,7 @@ def test_trial_folder_names_round_trip():
 
 
 def test_csv_columns_are_the_row_views_fields():
-    assert TRIALS_COLUMNS[:4] == ["study", "stage", "experiment", "method"] and "params" not in TRIALS_COLUMNS
+    assert TRIALS_COLUMNS[:5] == ["study", "stage", "experiment", "variant", "method"] and "params" not in TRIALS_COLUMNS
     row = TrialRow(method="wb", params={"weight_decay": 0.1}).to_dict()
     assert list(row)[:len(TRIALS_COLUMNS)] == TRIALS_COLUMNS and row["param.weight_decay"] == 0.1
     assert list(PerClassRow(klass=3).to_dict()) == PER_CLASS_COLUMNS and PerClassRow(klass=3).to_dict()["class"] == 3

@@ -18,7 +18,8 @@ from study.plots import search_figure, weight_norm_figure, write_plots  # noqa: 
 from analysis_fixture import make_study  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-EXPECTED = ["weight_norms.png", "per_class_accuracy.png", "search-stage1-tuned.png", "search-stage2-wb.png"]
+EXPECTED = ["weight_norms.png", "per_class_accuracy.png", "weight_norm_evolution.png", "search-stage1-tuned.png",
+            "search-stage2-wb.png"]
 
 
 def _is_png(path: Path) -> bool:
@@ -38,7 +39,7 @@ def test_finish_outputs_written_without_torch_or_ray(tmp_path):
     written = [Path(p) for p in r.stdout.split()]
     assert [p.name for p in written] == EXPECTED
     assert all(p.parent == root / "plots" and _is_png(p) for p in written)
-    assert len(list((root / "tables").iterdir())) == 12
+    assert len(list((root / "tables").iterdir())) == 15  # 5 kinds x 3 formats
 
 
 def test_search_figure_axes(tmp_path):
@@ -80,3 +81,21 @@ def test_plot_not_a_study_exits_2(tmp_path, capsys, sub):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "plots").exists()
+
+
+def test_weight_norm_evolution_shows_the_selected_trials_epochs(tmp_path):
+    from study.plots import norm_evolution_figure
+
+    res = load_results(make_study(tmp_path / "toy-lt"))
+    fig = norm_evolution_figure(res)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.images]
+    # the trained methods of the fixture (naive, tuned, wb); the post-hoc ones have no epochs
+    assert [ax.get_title() for ax in panels] == ["CE without WD (stage 1)", "CE + tuned WD (stage 1)",
+                                                 "CB + WD + MaxNorm (WB)"]
+    img = panels[2].images[0].get_array()
+    assert img.shape == (3, 6)  # epochs x classes
+    # mean over the 3 seeds of the fixture's last epoch equals the mean final norms
+    import numpy as np
+
+    from analysis_fixture import norms
+    np.testing.assert_allclose(img[-1], np.mean([norms("wb", p) for p in range(3)], axis=0))

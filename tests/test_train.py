@@ -22,7 +22,7 @@ def train_run(tmp_path_factory):
 
 def test_metrics_schema_and_summary(train_run):
     out, stdout, m = train_run
-    assert "stage 1 (CE)" in stdout and "stage 2 (wb)" in stdout and "metrics.json" in stdout
+    assert "stage 1 (ce-wd)" in stdout and "stage 2 (wb)" in stdout and "metrics.json" in stdout
     assert m["protocol"] == "honest" and m["selection_split"] == "val"
     assert [r["seed"] for r in m["runs"]] == [0, 1, 2]
     for run in m["runs"]:

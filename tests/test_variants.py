@@ -114,14 +114,13 @@ stage2:
   methods:
     none: {{}}
     tau-norm: {{}}
-    crt: {{lr: {{loguniform: [1.0e-2, 1.0], default: 0.1}}, budget: 2}}
     wb:
       weight_decay: {{loguniform: [1.0e-3, 1.0], default: 0.1}}
       maxnorm_threshold: {{uniform: [0.0, 1.0], default: 0.1}}
       budget: 2
 """
 VARIANTS = ("ce", "ce-wd", "cb-sampler")
-STAGE2 = {"none": 1, "tau-norm": 1, "crt": 2, "wb": 2}
+STAGE2 = {"none": 1, "tau-norm": 1, "wb": 2}
 
 
 def test_three_variants_feed_stage2_and_resume_after_kills(tmp_path):

@@ -778,13 +778,11 @@ def compare_table(a: Results, b: Results) -> Table:
 
 # --- commands -------------------------------------------------------------------------------------------------
 
-def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "markdown",
-                  out: str | os.PathLike | None = None, variant: str | None = None) -> int:
-    """``study table``: print (or write to ``out``) one table. CSV carries no caption, so its notes
+def _emit(table: Table, fmt: str, out: str | os.PathLike | None) -> int:
+    """Print ``table`` in ``fmt`` (or write it to ``out``). CSV carries no caption, so its notes
     (failures, what is missing) go to stderr."""
     if fmt not in RENDERERS:
         raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
-    table = build_table(load_results(study), kind, variant)
     text = render(table, fmt)
     if fmt == "csv":
         for n in table.notes:
@@ -799,20 +797,18 @@ def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "mark
     return 0
 
 
+def table_command(study: str | os.PathLike, kind: str = "main", fmt: str = "markdown",
+                  out: str | os.PathLike | None = None, variant: str | None = None) -> int:
+    """``study table``: print (or write to ``out``) one table."""
+    if fmt not in RENDERERS:  # before reading the study: a bad option is the first thing to hear
+        raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
+    return _emit(build_table(load_results(study), kind, variant), fmt, out)
+
+
 def compare_command(a: str | os.PathLike, b: str | os.PathLike, fmt: str = "markdown",
                     out: str | os.PathLike | None = None) -> int:
     """``study compare A B``: print (or write to ``out``) :func:`compare_table`."""
-    if fmt not in RENDERERS:
-        raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
-    text = render(compare_table(load_results(a), load_results(b)), fmt)
-    if out:
-        from .fsutil import atomic_write_text
-
-        atomic_write_text(out, text)
-        print(f"wrote {out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(compare_table(load_results(a), load_results(b)), fmt, out)
 
 
 def write_all_tables(root: str | os.PathLike | Results) -> list[Path]:

@@ -137,17 +137,11 @@ def main() -> None:
         cfg = Stage1Config(backbone=args.model, batch_size=args.batch, lr=0.01, weight_decay=5e-3, memory_format=fmt)
         t = Stage1Trainer(cfg, data, 0, device)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        t.model.train()
-
-        def logits_of(idx):
-            xb = t.aug(t.train_split.x[idx], t.gen)
-            return t.forward(xb.contiguous(memory_format=torch.channels_last) if t.channels_last else xb)
-
-        t._sgd_epoch(order[:args.batch], logits_of, [], t.model.classifier.weight)  # warm-up step
+        t.train_steps(order[:args.batch])  # warm-up step
         sync()
         t0 = time.perf_counter()
         n = args.batch * args.train_steps
-        t._sgd_epoch(order[args.batch:args.batch + n], logits_of, [], t.model.classifier.weight)
+        t.train_steps(order[args.batch:args.batch + n])
         sync()
         return n / (time.perf_counter() - t0), t.runtime["memory_format"]
 

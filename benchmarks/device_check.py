@@ -186,8 +186,8 @@ class PeakMemory:
         self.mib = kib / 1024
 
 
-def time_steps(step, steps: int, warmup: int, batch: int, device) -> tuple[float, float, float]:
-    """(first-step seconds, ms per step, images per second) of ``step(k)`` (runs k SGD steps)."""
+def first_step(step, warmup: int, device) -> float:
+    """Seconds of the first ``step(1)`` (compilation, allocations), then ``warmup`` more steps."""
     sync(device)
     t = time.perf_counter()
     step(1)
@@ -195,7 +195,13 @@ def time_steps(step, steps: int, warmup: int, batch: int, device) -> tuple[float
     first = time.perf_counter() - t
     if warmup:
         step(warmup)
-        sync(device)
+    sync(device)
+    return first
+
+
+def time_steps(step, steps: int, warmup: int, batch: int, device) -> tuple[float, float, float]:
+    """(first-step seconds, ms per step, images per second) of ``step(k)`` (runs k SGD steps)."""
+    first = first_step(step, warmup, device)
     t = time.perf_counter()
     step(steps)
     sync(device)
@@ -299,36 +305,15 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
 
 # --- step 2: the project's trainer ------------------------------------------------------------------
 
-class _Captured(Exception):
-    pass
-
-
 def trainer_stepper(trainer):
-    """``step(k)``: k SGD steps of the trainer's own loop (``_sgd_epoch`` with the ``logits_of``
-    that ``run_epoch`` builds: augmentation, memory format, autocast, the compiled forward), on
-    full batches of a random order that continues across calls (a fixed number of steps, no
-    selection-split evaluation in between)."""
+    """``step(k)``: k SGD steps of the trainer's own loop (``Stage1Trainer.train_steps``:
+    augmentation, memory format, autocast, the compiled forward), on full batches of a random order
+    that continues across calls (a fixed number of steps, no selection-split evaluation in between)."""
     import torch
 
-    grabbed: dict = {}
-
-    def grab(order, logits_of, params, constrained):
-        grabbed.update(order=order, logits_of=logits_of, params=params, constrained=constrained)
-        raise _Captured
-
-    trainer._sgd_epoch = grab  # instance attribute: shadows the method for this one call
-    try:
-        trainer.run_epoch()
-    except _Captured:
-        pass
-    finally:
-        del trainer._sgd_epoch
-    if not grabbed:
-        raise RuntimeError("Stage1Trainer.run_epoch no longer calls self._sgd_epoch(order, logits_of, params, "
-                           "constrained); update benchmarks/device_check.py")
     n, bs = len(trainer.train_split), trainer.cfg.batch_size
     gen = torch.Generator().manual_seed(12345)
-    state = {"order": grabbed["order"], "pos": 0}
+    state = {"order": torch.randperm(n, generator=gen), "pos": 0}
 
     def step(k: int) -> None:
         need = k * bs
@@ -337,7 +322,7 @@ def trainer_stepper(trainer):
             state["pos"] = 0
         chunk = state["order"][state["pos"]:state["pos"] + need]
         state["pos"] += need
-        trainer._sgd_epoch(chunk, grabbed["logits_of"], grabbed["params"], grabbed["constrained"])
+        trainer.train_steps(chunk)
 
     return step
 
@@ -476,14 +461,7 @@ def ray_trial(repo: str, threads: int | None, backbone: str, fields: dict, sizes
         with PeakMemory(device) as peak:
             trainer = Stage1Trainer(Stage1Config(backbone=backbone, batch_size=batch, **fields), data, 0, device)
             step = trainer_stepper(trainer)
-            sync(device)
-            t = time.perf_counter()
-            step(1)
-            sync(device)
-            first = time.perf_counter() - t
-            if warmup:
-                step(warmup)
-            sync(device)
+            first = first_step(step, warmup, device)
             Path(barrier, f"ready-{os.getpid()}-{time.time_ns()}").touch()
             give_up = time.time() + wait_s
             while len(os.listdir(barrier)) < k:

@@ -59,8 +59,10 @@ def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], da
     from .fsutil import safe_torch_load
     from .stages import evaluate_selected
 
-    return evaluate_selected(backbone, safe_torch_load(stage1_file),
-                             {key: safe_torch_load(f) for key, f in finals.items()}, data, EvalConfig(**eval_cfg))
+    stage1 = safe_torch_load(stage1_file)
+    # the variant's own stage-1 model is the backbone of its heads: the same object, one feature pass
+    states = {key: stage1 if f == stage1_file else safe_torch_load(f) for key, f in finals.items()}
+    return evaluate_selected(backbone, stage1, states, data, EvalConfig(**eval_cfg))
 
 
 def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections: dict[str, StageMarker],

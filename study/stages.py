@@ -269,25 +269,30 @@ class Stage1Trainer(_Trainer):
         model.train()
         order = epoch_order(self.data.train_y, self.data.num_classes, self.cfg.sampler, self.gen, self.epoch,
                             self.cfg.epochs)
-
-        zeta = self.cfg.feature_reg
-
-        forward = self.forward
-
-        def logits_of(idx):
-            x = self.aug(self.train_split.x[idx], self.gen)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(self.device, self.amp):
-                if not zeta:
-                    return forward(x)
-                f = model.backbone(x)
-                return model.classifier(f), feature_penalty(f, zeta)
-
         w = model.classifier.weight
-        loss_sum, lr = self._sgd_epoch(order, logits_of, (w,), w)
+        loss_sum, lr = self._sgd_epoch(order, self._batch_logits, (w,), w)
         return self._close_epoch(self.evaluate_selection(), lambda: _cpu_state(model.state_dict()),
                                  loss_sum, len(order), lr, w)
+
+    def _batch_logits(self, idx):
+        """The training forward pass of a batch of training-split indices: augmentation, memory
+        format, autocast, the (compiled) model; with ``feature_reg``, also the feature penalty."""
+        x = self.aug(self.train_split.x[idx], self.gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.amp):
+            if not self.cfg.feature_reg:
+                return self.forward(x)
+            f = self.model.backbone(x)
+            return self.model.classifier(f), feature_penalty(f, self.cfg.feature_reg)
+
+    def train_steps(self, order) -> torch.Tensor:
+        """SGD steps over ``order`` (training-split indices, batch by batch) exactly as an epoch
+        trains, without the epoch's bookkeeping (no selection-split evaluation, history or best
+        epoch): what the benchmarks time. Returns the summed loss."""
+        self.model.train()
+        w = self.model.classifier.weight
+        return self._sgd_epoch(order, self._batch_logits, (w,), w)[0]
 
     def evaluate_selection(self) -> dict:
         self.model.eval()
@@ -483,8 +488,9 @@ def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict]
     key to a trial's final state — a stage-1 model (its own backbone and classifier) or a stage-2
     head (``{"head": ..., "buffers"?: ...}``) on ``stage1_state``'s backbone. The backbone's features
     are computed once and shared by every head, except for heads whose stage 2 updated batch-norm
-    statistics (``bn_mode: train``), which carry their own buffers. Both ``study run`` and ``study
-    train`` evaluate through this function.
+    statistics (``bn_mode: train``), which carry their own buffers; a stage-1 entry that *is*
+    ``stage1_state`` shares them too. Both ``study run`` and ``study train`` evaluate through this
+    function.
 
     With ``geometry``, each report also has ``geometry``: the feature measures of
     :func:`study.geometry.feature_summary` on the training split and on ``split`` (unaugmented,
@@ -516,7 +522,11 @@ def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict]
 
     out = {}
     for key, state in finals.items():
-        if "head" not in state:  # a stage-1 model: its own backbone and classifier
+        if "head" not in state and state is stage1_state:  # the backbone the heads share: one pass
+            if "shared" not in cache:
+                features("shared", frozen_model(backbone, stage1_state, data, device).backbone)
+            head, feats = AffineHead.from_state(stage1_head_state(state)), cache["shared"]
+        elif "head" not in state:  # another stage-1 model: its own backbone and classifier
             model = frozen_model(backbone, state, data, device)
             head, feats = AffineHead.from_state(stage1_head_state(state)), features(key, model.backbone)
         elif state.get("buffers"):

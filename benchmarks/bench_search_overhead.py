@@ -1,7 +1,9 @@
 """What the search harness costs: a real `study run` vs. the same trials run one after another.
 
-Baseline: every trial of the study (same configurations, same seeds, same epochs) run in this
-process with ``study.trial.run_trial`` — no Ray, no Optuna, no scheduling, no resume machinery.
+Baseline: every trial of the study (same number per method, same seeds, same epochs; searched
+parameters at their defaults) run one after another in this process with ``study.trial.run_trial``,
+then the final test evaluation (``study.stages.evaluate_selected``) — no Ray, no Optuna, no
+scheduling, no resume machinery.
 Harness: ``study run`` on the same space (Ray Tune + Optuna, one CPU per trial, trials in parallel
 as the cores allow), then its final test evaluation, tables and plots.
 
@@ -9,6 +11,7 @@ Prints wall time, peak resident memory of the whole process tree (sampled every 
 ratios. Needs psutil (a dev dependency).
 
     .venv/bin/python benchmarks/bench_search_overhead.py [--epochs 20] [--budget 4]
+    .venv/bin/python benchmarks/bench_search_overhead.py --space search_spaces/digits-lt.yaml   # the demo
 """
 
 from __future__ import annotations
@@ -78,34 +81,48 @@ class PeakRSS:
 
 
 def baseline(space_path: Path, out: Path) -> None:
-    """Run every trial the study would run, sequentially, in this process."""
+    """Run every trial the study would run (each experiment, method and budget; searched parameters
+    at their defaults), sequentially, in this process, then the final test evaluation of the first
+    trial of each method — the work ``study run`` does, without Ray Tune, Optuna or resume."""
     import torch
 
     from study.data import load_data
+    from study.fsutil import safe_torch_load
+    from study.layout import final_weights
     from study.spaces import load_space
+    from study.stages import evaluate_selected
     from study.trial import TrialSpec, run_trial
 
     torch.set_num_threads(1)  # the harness gives each trial one CPU
     space = load_space(str(space_path))
     data = load_data(space.data)
-    (exp1, exp2) = space.experiments()
-    plan1 = exp1.plan("tuned")
-    s1 = None
-    for i in range(plan1.budget):
-        d = out / "s1" / str(i)
-        run_trial(TrialSpec("stage1", plan1.config, space.seeds, space.eval, d, space.stage1.backbone,
-                            experiment="stage1", trial_index=i), data, "cpu")
-        s1 = s1 or d
-    plan2 = exp2.plan("wb")
-    for i in range(plan2.budget):
-        run_trial(TrialSpec("stage2", plan2.config, space.seeds, space.eval, out / "s2" / str(i),
-                            space.stage1.backbone, stage1_dir=s1, experiment="stage2", trial_index=i), data, "cpu")
+    first: dict[tuple[str, str], Path] = {}  # (experiment, method) -> its first trial's folder
+    for exp in space.experiments():
+        s1 = first.get(("stage1", exp.variant)) if exp.stage == "stage2" else None
+        for plan in exp.plans:
+            for i in range(plan.budget):
+                d = out / exp.name / plan.method / str(i)
+                backbone = space.backbone_of(exp.variant or plan.method)
+                run_trial(TrialSpec(exp.stage, plan.config, space.seeds, space.eval, d, backbone, stage1_dir=s1,
+                                    experiment=exp.name, trial_index=i, method=plan.method), data, "cpu")
+                first.setdefault((exp.name, plan.method), d)
+    torch.set_num_threads(psutil.cpu_count())  # the study evaluates in the driver, on every core
+    for variant in space.variants:
+        s1 = first[("stage1", variant)]
+        heads = {f"{e}--{m}": d for (e, m), d in first.items()
+                 if e == "stage1" and m == variant or e == space.stage2_experiment_name(variant)}
+        for seed in space.seeds:
+            stage1 = safe_torch_load(final_weights(s1, seed))
+            states = {k: safe_torch_load(final_weights(d, seed)) for k, d in heads.items()}
+            evaluate_selected(space.backbone_of(variant), stage1, states, data, space.eval)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--budget", type=int, default=4)
+    ap.add_argument("--space", help="time this space file instead (e.g. search_spaces/digits-lt.yaml: the "
+                                    "demo's size); --epochs and --budget are then ignored")
     ap.add_argument("--baseline", nargs=2, metavar=("SPACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:  # the plain baseline, run in its own process so its peak memory is its own
@@ -113,8 +130,17 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     space = tmp / "space.yaml"
-    space.write_text(SPACE.format(epochs=args.epochs, budget=args.budget))
-    n = 2 * args.budget
+    if args.space:
+        space.write_text(Path(args.space).read_text())
+        from study.spaces import load_space
+
+        loaded = load_space(str(space))
+        n = sum(e.budget for e in loaded.experiments())
+        what = f"{n} trials of {args.space}, {len(loaded.seeds)} seeds"
+    else:
+        space.write_text(SPACE.format(epochs=args.epochs, budget=args.budget))
+        n = 2 * args.budget
+        what = f"{n} trials ({args.budget} stage-1 + {args.budget} stage-2), 2 seeds, {args.epochs} epochs"
 
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, __file__, "--baseline", str(space), str(tmp / "plain")])
@@ -132,7 +158,7 @@ def main() -> None:
     assert p.returncode == 0, "study run failed"
 
     cores = psutil.cpu_count()
-    print(f"{n} trials ({args.budget} stage-1 + {args.budget} stage-2), 2 seeds, {args.epochs} epochs, {cores} cores")
+    print(f"{what}, {cores} cores")
     print(f"plain sequential run_trial    {t_plain:7.1f} s   peak RSS {mem_plain.peak / 2**20:7.0f} MB")
     print(f"study run (Ray Tune + Optuna) {t_study:7.1f} s   peak RSS {mem_study.peak / 2**20:7.0f} MB"
           f"   (includes the final test evaluation, tables and plots)")

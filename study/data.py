@@ -190,6 +190,25 @@ DIGITS_TEST_PER_CLASS = 50
 DIGITS_SPLIT_SEED = 20240601
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits()`` images (1797 x 8 x 8, values 0-16) and targets, read from
+    its bundled ``digits.csv.gz`` as load_digits reads it, without importing scikit-learn (which
+    imports scipy: most of a second per process for a 1797-line file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits  # another layout: the public API
+
+    d = load_digits()
+    return d.images, d.target
+
+
 def _load_digits(data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
     """scikit-learn's bundled 8x8 ``digits`` (1,797 real scans, 174-183 per class).
 
@@ -197,11 +216,9 @@ def _load_digits(data_dir: str | os.PathLike | None = None, download: bool = Tru
     the long-tailed subset and the validation split are drawn from. The hold-out seed is fixed so
     every study of this dataset tests on the same images.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
+    images, target = _digits_arrays()
+    x = np.clip(np.round(images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
     rng = np.random.RandomState(DIGITS_SPLIT_SEED)
     test_idx, pool_idx = [], []
     for c in range(10):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -66,13 +67,15 @@ def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], da
 
 
 def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections: dict[str, StageMarker],
-                         cpus: float, gpus: float, log: Callable[[str], None]) -> None:
+                         cpus: float, gpus: float, log: Callable[[str], None], in_driver: bool = False) -> None:
     """Evaluate each method's selected configuration once per seed on the test set (skipping those
-    already written, so a resumed study never evaluates a configuration twice). One Ray task per
+    already written, so a resumed study never evaluates a configuration twice). One evaluation per
     stage-1 variant and seed: the variant's own model and the stage-2 heads on its backbone, which
-    share the backbone's test features."""
-    import ray
+    share the backbone's test features.
 
+    ``in_driver``: evaluate here, one after another, with all of this machine's cores and GPU (a
+    local Ray runs nothing else by now, and a fresh Ray worker would first spend seconds importing
+    torch); otherwise one Ray task each, on the cluster's resources."""
     stage_of = {e.name: e for e in space.experiments()}
     todo = [(exp, method, marker.selection(method)) for exp, marker in selections.items()
             for method in marker.selected
@@ -84,17 +87,23 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
     for exp, method, sel in todo:
         e = stage_of[exp]
         groups.setdefault(method if e.stage == "stage1" else e.variant, []).append((exp, method, sel))
-    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
-    data_ref = ray.put(data)
-    futures = {}
+    jobs = {}
     for variant, items in groups.items():
         s1_dir = selections["stage1"].selection(variant).dir
         for seed in space.seeds:
-            futures[variant, seed] = remote.remote(
-                space.backbone_of(variant), str(final_weights(s1_dir, seed)),
-                {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items}, data_ref, asdict(space.eval))
-    pause_point("final-eval", log)
-    reports = {key: ray.get(f) for key, f in futures.items()}
+            jobs[variant, seed] = (space.backbone_of(variant), str(final_weights(s1_dir, seed)),
+                                   {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items})
+    if in_driver:
+        pause_point("final-eval", log)
+        reports = {key: _final_eval_task(*job, data, asdict(space.eval)) for key, job in jobs.items()}
+    else:
+        import ray
+
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
+        data_ref = ray.put(data)
+        futures = {key: remote.remote(*job, data_ref, asdict(space.eval)) for key, job in jobs.items()}
+        pause_point("final-eval", log)
+        reports = {key: ray.get(f) for key, f in futures.items()}
     for variant, items in groups.items():
         for exp, method, sel in items:
             FinalReport(experiment=exp, method=method, trial_id=sel.trial_id, trial_index=sel.trial_index,
@@ -169,7 +178,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     folder, the resources, the cluster address, a changed space, the dataset files."""
     from .data import load_data
 
-    lock = None
+    lock = stopping = None
     try:
         # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.ray_runtime).
         with stop_signals():
@@ -193,8 +202,12 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                 log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
                     f"trials in {paths.trials_csv}")
                 return paths.root
-            data = load_data(space.data, data_dir)  # a missing or corrupt dataset fails here, before any write
-            init_ray(address, verbose, ray_temp_dir)  # an unreachable cluster fails here, before any write
+            # The dataset loads (torch imported, files read and checked) while Ray starts its processes:
+            # both take seconds, and Ray's mostly wait. A missing or corrupt dataset, or an unreachable
+            # cluster, fails here, before any write.
+            loading = _Background(load_data, space.data, data_dir)
+            init_ray(address, verbose, ray_temp_dir)
+            data = loading.result()
             gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
             paths.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(" ".join(sys.argv))
@@ -203,8 +216,13 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
                 f"{data.selection_split}), seeds {list(space.seeds)} -> {paths.root}"
                 + ("" if state == "new" else " (resuming)"))
-            _run_stages(space, paths, data, cpus, gpus, verbose, log)
+            _run_stages(space, paths, data, cpus, gpus, verbose, log, in_driver=not address)
             check_stop()
+            if not address:
+                # Nothing needs Ray any more: let it stop (about a second of waiting for its processes)
+                # while the records, tables and plots are written.
+                stopping = threading.Thread(target=_shutdown_ray, name="ray-shutdown", daemon=True)
+                stopping.start()
             finish_study(paths, view_log=log)
             check_stop()
             atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
@@ -215,17 +233,44 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     finally:
         if lock is not None:
             lock.release()
-        try:
-            import ray
+        if stopping is not None:
+            stopping.join()
+        elif not address:  # also after a ray.init interrupted half-way: it stops what was started
+            _shutdown_ray()
 
-            if not address:  # also after a ray.init interrupted half-way: it stops what was started
-                ray.shutdown()
-        except Exception:
-            pass
+
+class _Background:
+    """``fn(*args)`` in a thread; ``result()`` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:
+        pass
 
 
 def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float, verbose: bool,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], in_driver: bool = False) -> None:
     """Every experiment not finished yet, in order, then the final evaluation on the test set."""
     from .progress import ProgressView
     from .tune_adapter import run_experiment
@@ -250,7 +295,7 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
                                       for m, v in select_best(paths, exp).items()}).write(marker)
             selections[exp.name] = StageMarker.read(marker)
         check_stop()
-        run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log)
+        run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
 
 
 def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print) -> None:

@@ -44,6 +44,29 @@ def accuracy_report(preds, labels, train_counts: Sequence[int], many: int, few: 
     }
 
 
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (scipy.stats.rankdata's 'average')."""
+    order = np.argsort(a, kind="mergesort")
+    s = a[order]
+    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
+    ends = np.r_[starts[1:], s.size]
+    ranks = np.empty(a.size, dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties: average ranks), as ``scipy.stats.spearmanr(x, y)`` gives
+    it; here in numpy because importing scipy.stats costs every fresh Ray worker half a second
+    for this one number. NaN when either side is constant."""
+    rx = _average_ranks(np.asarray(x, dtype=np.float64))
+    ry = _average_ranks(np.asarray(y, dtype=np.float64))
+    rx -= rx.mean()
+    ry -= ry.mean()
+    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry / den) if den > 0 else math.nan
+
+
 def balance_stats(norms: Sequence[float], counts: Sequence[int]) -> dict:
     """How balanced the per-class weight norms are.
 
@@ -52,8 +75,6 @@ def balance_stats(norms: Sequence[float], counts: Sequence[int]) -> dict:
     - ``norm_spearman``: Spearman rank correlation between class training count and norm (+1: the
       frequent classes have the larger weights, the naive-training pattern of WB Fig. 2).
     """
-    from scipy.stats import spearmanr
-
     n = np.asarray(norms, dtype=np.float64)
     c = np.asarray(counts, dtype=np.float64)
     ratio = float(n.max() / n.min()) if n.size and n.min() > 0 else math.nan
@@ -62,7 +83,7 @@ def balance_stats(norms: Sequence[float], counts: Sequence[int]) -> dict:
     # a meaningless rho, so constant norms (CV < 1e-6) or constant counts report NaN.
     constant = not n.size or not n.mean() > 0 or n.std() / n.mean() < 1e-6
     if n.size > 2 and not constant and np.ptp(c) > 0:
-        rho = float(spearmanr(c, n).statistic)
+        rho = spearman(c, n)
     else:
         rho = math.nan
     return {"norm_ratio": ratio, "norm_cv": cv, "norm_spearman": rho}

@@ -216,7 +216,7 @@ def norm_count_spearman(norms: Sequence, counts: Sequence) -> float:
     from the evaluated split) are dropped. NaN when fewer than 3 classes remain or either side is
     constant — including values equal up to float rounding (relative spread < 1e-9), whose ranks
     would be noise, as in :func:`study.evaluation.balance_stats`."""
-    from scipy.stats import spearmanr
+    from .evaluation import spearman
 
     if len(norms) != len(counts):
         raise ValueError(f"{len(norms)} values for {len(counts)} class counts")
@@ -232,7 +232,7 @@ def norm_count_spearman(norms: Sequence, counts: Sequence) -> float:
 
     if constant(v) or constant(c):
         return math.nan
-    return float(spearmanr(c, v).statistic)
+    return spearman(c, v)
 
 
 def feature_summary(f, y, counts: Sequence[int]) -> dict:

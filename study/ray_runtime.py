@@ -101,6 +101,18 @@ def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) 
     return gpus, cpus
 
 
+def trial_slots(cpus: float, gpus: float, limit: int | None = None) -> int:
+    """How many trials of (cpus, gpus) the cluster can run at once now (at least 1), capped by
+    ``limit`` (the space's ``search.max_concurrent``)."""
+    import ray
+
+    res = ray.cluster_resources()
+    fits = [res.get("CPU", 0.0) / cpus] if cpus > 0 else []
+    if gpus > 0:
+        fits.append(res.get("GPU", 0.0) / gpus)
+    slots = max(1, int(min(fits) + 1e-9)) if fits else 1
+    return min(slots, limit) if limit else slots
+
 
 # --- stopping the driver -----------------------------------------------------------------------------
 #

@@ -54,6 +54,38 @@ def runtime_settings(cfg, device) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _undecorated(fn):
+    import inspect
+
+    return inspect.unwrap(fn)
+
+
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD``, the same arithmetic and state, without importing ``torch._dynamo``.
+
+    torch wraps ``step``, ``zero_grad``, ``add_param_group`` (hence the constructor), ``state_dict``
+    and ``load_state_dict`` so that torch.compile never traces into them, and the wrappers import
+    torch._dynamo at their first call: about a second in every fresh Ray worker of every stage
+    (measured with benchmarks/bench_search_overhead.py). Only a model's forward is ever compiled
+    here, never an optimizer call, so these call the wrapped functions directly (``step`` under
+    no_grad, as torch's wrapper does for a non-differentiable optimizer); the profiler and
+    optimizer hooks still apply (torch adds them to ``step`` of every Optimizer class).
+    ``tests/test_stages.py`` checks the steps are bit-identical to torch's and that a trainer's
+    epoch does not import torch._dynamo."""
+
+    _step = staticmethod(_undecorated(torch.optim.SGD.step))
+    add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
+    zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)
+    state_dict = _undecorated(torch.optim.Optimizer.state_dict)
+    load_state_dict = _undecorated(torch.optim.Optimizer.load_state_dict)
+
+    def step(self, closure=None):
+        if self.defaults.get("differentiable"):
+            return super().step(closure)
+        with torch.no_grad():
+            return self._step(self, closure)
+
+
 class Diverged(RuntimeError):
     """The loss or the weights became NaN or infinite."""
 
@@ -257,7 +289,7 @@ class Stage1Trainer(_Trainer):
             self.model, mode=None if cfg.compile == "default" else cfg.compile)
         trained = [p for p in self.model.parameters() if p.requires_grad]
         coupled = cfg.weight_decay if cfg.wd_form == "optimizer" else 0.0
-        self.opt = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        self.opt = SGD(trained, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=coupled)
         if cfg.wd_form == "loss" and cfg.weight_decay:
             self.wd_penalty = lambda: weight_decay_penalty(trained, cfg.weight_decay)
@@ -355,7 +387,7 @@ class Stage2Trainer(_Trainer):
                     self.head.bias.copy_(self.b0)
             if cfg.maxnorm:
                 self.maxnorm = MaxNorm(self.head.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode, cfg.pgd_every)
-        self.opt = torch.optim.SGD(self.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.opt = SGD(self.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     @property

@@ -15,6 +15,7 @@ after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (`
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import signal
 import time
@@ -35,12 +36,14 @@ from .errors import StudyInterrupted  # noqa: E402
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
 from .layout import (DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StudyPaths, TrialInfo,  # noqa: E402
                      parse_trial_dirname, trial_dirname, trial_index_of)
+from .ray_runtime import trial_slots  # noqa: E402
 from .records import error_reason, optuna_study_name, tune_trials  # noqa: E402
 from .resume import adopt_claimed, claim_orphan, set_aside_orphans, usable_snapshot  # noqa: E402
 from .spaces import Experiment, StudySpace  # noqa: E402
 from .trial import TrialSpec, run_trial  # noqa: E402
 
 OBJECTIVE = "objective"
+_USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
 
 
 def tune_trial_dirname(trial) -> str:
@@ -124,9 +127,15 @@ class MethodSearcher(Searcher):
     budget (ties: the order of the space file), so every method progresses at once; a method
     without searched parameters has no sub-searcher and runs its fixed configuration. Results and
     completions are routed back to the method's searcher. The whole routing state is pickled with
-    the sub-searchers (their Optuna studies included) at every Tune snapshot."""
+    the sub-searchers (their Optuna studies included) at every Tune snapshot.
 
-    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = ""):
+    ``max_live`` caps the trials suggested and not yet ended (the stage's concurrency): no trial is
+    proposed before a slot is free to run it, so each proposal sees every result that has come in.
+    (Not Tune's ConcurrencyLimiter: its count of live trials is not saved with the snapshot, and
+    after a restore it drops the completions of the trials that were running.)"""
+
+    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = "",
+                 max_live: int | None = None):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.order = list(subs)
         self.subs = subs
@@ -135,6 +144,8 @@ class MethodSearcher(Searcher):
         self.trial_method: dict[str, str] = {}
         self.pool = pool
         """The stage's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
+        self.max_live = max_live
+        self.live: set[str] = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # every sub-searcher was built with its own space, metric and mode
@@ -146,6 +157,8 @@ class MethodSearcher(Searcher):
             open_ = [m for m in self.order if self.issued[m] < self.budgets[m]]
             if not open_:
                 return Searcher.FINISHED
+            if self.max_live and len(self.live) >= self.max_live:
+                return None  # every slot is busy: propose when one frees, with its result known
             m = min(open_, key=lambda k: (self.issued[k] / self.budgets[k], self.order.index(k)))
         sub = self.subs[m]
         if trial_id not in self.trial_method and self.pool:
@@ -161,6 +174,7 @@ class MethodSearcher(Searcher):
         if trial_id not in self.trial_method:
             self.trial_method[trial_id] = m
             self.issued[m] += 1
+            self.live.add(trial_id)
         return {**params, "method": m}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -169,6 +183,7 @@ class MethodSearcher(Searcher):
             sub.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live.discard(trial_id)
         sub = self.subs.get(self.trial_method.get(trial_id, ""))
         if sub is not None:
             sub.on_trial_complete(trial_id, result, error)
@@ -179,7 +194,12 @@ class MethodSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        # Live trials start afresh: one the snapshot lists but Tune never runs again (a hard kill
+        # between the two files) would otherwise hold its slot for ever. The trials Tune does run
+        # again may briefly exceed the cap; Ray's resources still bound what runs.
+        state["live"] = set()
+        self.__dict__.update(state)
 
 
 class MethodScheduler(FIFOScheduler):
@@ -262,7 +282,7 @@ def _constants(exp: Experiment, space: StudySpace, paths: StudyPaths, stage1_dir
 
 
 def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable, stage1_dir: Path | None,
-                cpus: float):
+                cpus: float, slots: int):
     subs: dict[str, StudyOptunaSearch | None] = {}
     for i, p in enumerate(exp.plans):
         if not p.params:
@@ -272,7 +292,8 @@ def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable
                                              n_startup_trials=space.search.startup_trials)
         subs[p.method] = StudyOptunaSearch({k: d.to_optuna() for k, d in p.params.items()}, metric=OBJECTIVE,
                                            mode="max", sampler=sampler, study_name=optuna_study_name(exp.name, p.method))
-    searcher = MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
+    searcher = MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name),
+                              max_live=slots)
     # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
     asha = {p.method: ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
                                     grace_period=p.scheduler.grace_period,
@@ -281,7 +302,6 @@ def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher,
                                   scheduler=MethodScheduler(asha) if asha else None,
                                   num_samples=exp.budget, reuse_actors=True,
-                                  max_concurrent_trials=space.search.max_concurrent,
                                   trial_dirname_creator=tune_trial_dirname)
     run_config = tune.RunConfig(
         name=exp.name, storage_path=str(paths.tune), verbose=0,
@@ -302,6 +322,12 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
     """Run or resume one Tune experiment until every trial of its budget has ended."""
     exp_dir = paths.tune / exp.name
     trainable = _wrap_trainable(data, cpus, gpus)
+    slots = trial_slots(cpus, gpus, space.search.max_concurrent)
+    # Tune keeps one trial pending at a time for a custom searcher: the second worker would start
+    # only once the first runs (~1 s per stage on a CPU). Every slot may be pending at once; the
+    # searcher never proposes more trials than slots (MethodSearcher.max_live).
+    if not _USER_MAX_PENDING:
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
     if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
         log(f"{exp.name}: resuming")
         set_aside_orphans(paths, exp.name, log)
@@ -315,7 +341,7 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
             # or no readable snapshot: start the stage afresh; trials of the old attempt are set aside.
             exp_dir.rename(exp_dir.with_name(f"{exp.name}.unusable-{int(time.time())}"))
             set_aside_orphans(paths, exp.name, log)
-        tuner = _make_tuner(exp, space, paths, trainable, stage1_dir, cpus)
+        tuner = _make_tuner(exp, space, paths, trainable, stage1_dir, cpus, slots)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated

@@ -28,6 +28,17 @@ class _Parser(argparse.ArgumentParser):
 def cmd_data(args: argparse.Namespace) -> int:
     from .config import PROTOCOL_PRESETS, DataConfig, build, check_protocol
     from .data import DATASETS, describe
+    from .errors import unknown
+    from .filelists import FILE_DATASETS
+
+    if args.dataset in FILE_DATASETS:
+        return _cmd_data_files(args)
+    if args.dataset not in DATASETS:
+        raise UserError(f"study data: {unknown('dataset', args.dataset, {**DATASETS, **FILE_DATASETS})}")
+    for opt in ("train_list", "val_list", "test_list", "class_names"):
+        if getattr(args, opt) is not None:
+            raise UserError(f"study data: --{opt.replace('_', '-')} is for split-files only ({args.dataset} is "
+                            f"built from its own files)")
 
     values = {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[args.protocol].items() if k.startswith("data.")}
     values["dataset"] = args.dataset
@@ -77,6 +88,86 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"{g['medium']}, few (<{cfg.resolved_few}) {g['few']} classes")
     if spec.note:
         con.print(f"note: {spec.note}")
+    return 0
+
+
+def _cmd_data_files(args: argparse.Namespace) -> int:
+    """``study data`` for a dataset given as split files (study.filelists): counts read from the lists."""
+    from types import SimpleNamespace
+
+    from .config import check_protocol
+    from .filelists import FILE_DATASETS, describe_file_dataset
+
+    spec = FILE_DATASETS[args.dataset]
+    for opt in ("imbalance_factor", "profile", "subset", "rounding", "n_max"):
+        if getattr(args, opt) is not None:
+            raise UserError(f"study data: --{opt.replace('_', '-')} does not apply to {args.dataset}: its "
+                            f"training counts come from the split files")
+    if spec.prefix is not None:
+        for opt in ("train_list", "val_list", "test_list", "class_names"):
+            if getattr(args, opt) is not None:
+                raise UserError(f"study data: --{opt.replace('_', '-')} is for split-files only ({args.dataset} "
+                                f"reads {spec.prefix}_*.txt from --data-dir)")
+    carves = spec.val_list is None or (spec.prefix is None and args.val_list is None)
+    if args.val_per_class is not None and not carves and args.val_per_class != 0:
+        raise UserError(f"study data: --val-per-class does not apply to {args.dataset}: its validation split is "
+                        f"the val list; it sets how many images per class are carved from the training list "
+                        f"when there is no val list (inat2018, split-files without --val-list)")
+    # the protocols' presets as for the synthetic datasets: no validation split outside 'honest'
+    val = args.val_per_class if args.val_per_class is not None else (20 if args.protocol == "honest" else 0)
+    try:
+        check_protocol(args.protocol, SimpleNamespace(val_per_class=val))
+    except UserError as e:
+        raise UserError(f"study data: {e}") from None
+    lists = ({"train": args.train_list, "val": args.val_list, "test": args.test_list}
+             if spec.prefix is None else None)
+    info = describe_file_dataset(args.dataset, args.data_dir, many_threshold=args.many_threshold,
+                                 few_threshold=args.few_threshold, val_per_class=val, lists=lists,
+                                 class_names=args.class_names)
+    info["protocol"] = args.protocol
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .data import shot_groups
+
+    con = Console()
+    how = {"val-list": "the val list", "none": "the test set, no validation split",
+           "carved": f"a split carved from the training list, the last min({info['carve_per_class']}, n_c - 1) "
+                     f"images of each class"}[info["validation"]]
+    con.print(f"[bold]{info['dataset']}[/bold]  {escape(info['title'])}, {info['num_classes']} classes, "
+              f"protocol {args.protocol} (selection on {info['selection_split']}: {how})")
+    con.print(f"lists: {escape(', '.join(info['list_files'].values()))}; images under {escape(info['data_dir'])}")
+    if not info["official_files"]:
+        con.print("[bold]not the official split files[/bold]")
+    th = info["thresholds"]
+    groups = shot_groups(info["train_counts"], th["many_gt"], th["few_lt"])
+    counts = info["train_counts"]
+    if len(counts) <= 20 or args.verbose:
+        t = Table(show_header=True, header_style="bold", box=None)
+        for col in ("class", "train", "val", "test", "group"):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        for c, (n, g) in enumerate(zip(counts, groups)):
+            t.add_row(str(c), str(n), str(info["val_counts"][c]), str(info["test_counts"][c]), str(g))
+        con.print(t)
+    else:
+        con.print(f"train counts: {', '.join(map(str, counts[:6]))}, ..., {', '.join(map(str, counts[-4:]))} "
+                  f"(all {len(counts)} with -v)")
+
+    def per_class(key: str) -> str:
+        return f"{info[key]}/class, " if info[key] else ""
+
+    con.print(f"total train {info['total_train']}  |  val {per_class('val_per_class')}{info['total_val']}  |  "
+              f"test ({info['test_list']} list) {per_class('test_per_class')}{info['total_test']}  |  "
+              f"lists hash {info['lists_hash']}")
+    g = info["groups"]
+    con.print(f"groups: many (>{th['many_gt']}) {g['many']}, medium ({th['few_lt']}-{th['many_gt']}) "
+              f"{g['medium']}, few (<{th['few_lt']}) {g['few']} classes")
+    if info["note"]:
+        con.print(f"note: {escape(info['note'])}")
     return 0
 
 
@@ -189,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     d = sub.add_parser("data", help="per-class training counts, split sizes and groups of a dataset")
-    d.add_argument("dataset", help="cifar10-lt, cifar100-lt, fashion-mnist-lt or digits-lt")
+    d.add_argument("dataset", help="cifar10-lt, cifar100-lt, fashion-mnist-lt, digits-lt, or from split files: "
+                                   "imagenet-lt, places-lt, inat2018, split-files")
     d.add_argument("--imbalance-factor", type=float, dest="imbalance_factor")
     d.add_argument("--protocol", default="honest", choices=PROTOCOLS)
     d.add_argument("--profile", choices=("exp", "step"))
@@ -199,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-max", type=int, dest="n_max", help="training images of the largest class (a smaller study)")
     d.add_argument("--many-threshold", type=int, dest="many_threshold")
     d.add_argument("--few-threshold", type=int, dest="few_threshold")
+    d.add_argument("--data-dir", dest="data_dir", default=os.environ.get("STUDY_DATA_DIR"),
+                   help="split-file datasets: the folder holding the images and (imagenet-lt, places-lt, "
+                        "inat2018) the <Prefix>_train/val/test.txt lists, in it or in DIR/<Prefix>/ "
+                        "(default $STUDY_DATA_DIR)")
+    d.add_argument("--train-list", dest="train_list", help="split-files: your training list ('path label' lines)")
+    d.add_argument("--val-list", dest="val_list",
+                   help="split-files: your validation list (without it a split is carved from the training list)")
+    d.add_argument("--test-list", dest="test_list", help="split-files: your test list")
+    d.add_argument("--class-names", dest="class_names",
+                   help="split-files: one class name per line (line i = class i); else C = largest label + 1")
     d.add_argument("--format", choices=("table", "json"), default="table")
     d.add_argument("-v", "--verbose", action="store_true", help="list every class")
     d.set_defaults(func=cmd_data)
@@ -210,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seeds", type=int, help="use seeds 0..K-1 instead of the space's seeds")
         q.add_argument("--data-dir", default=os.environ.get("STUDY_DATA_DIR"),
                        help="folder holding cifar-100-python/, cifar-10-batches-py/ or FashionMNIST/raw/ "
-                            "(default ./data or $STUDY_DATA_DIR)")
+                            "(default ./data or $STUDY_DATA_DIR); for imagenet-lt, places-lt, inat2018 and "
+                            "split-files the folder with the split lists and the images they name")
         q.add_argument("--results-dir", default=DEFAULT_RESULTS, help="parent folder of results (default results/)")
 
     t = sub.add_parser("train", help="one stage-1 + stage-2 run at the space's fixed/default values")

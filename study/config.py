@@ -14,6 +14,8 @@ may still override each value, and every output records the resolved configurati
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import math
 import typing
@@ -58,7 +60,9 @@ class DataConfig:
     """Which long-tailed dataset to build and how."""
 
     dataset: str = "cifar100-lt"
-    """Registered dataset name: ``cifar10-lt``, ``cifar100-lt``, ``fashion-mnist-lt`` or ``digits-lt``."""
+    """Registered dataset name: ``cifar10-lt``, ``cifar100-lt``, ``fashion-mnist-lt``, ``digits-lt``
+    (held in memory), or the file datasets ``imagenet-lt``, ``places-lt``, ``inat2018`` and
+    ``split-files`` (Kang et al.'s list format, images read from ``--data-dir``)."""
 
     imbalance_factor: float | None = None
     """n_max / n_min of the training counts (>= 1; 1 = balanced). None: the dataset's default
@@ -83,7 +87,10 @@ class DataConfig:
     val_per_class: int = 20
     """Images per class reserved for the balanced validation split before the long-tailed subset
     is drawn (so n_max becomes n_per_class - val_per_class). 0 means no validation split, which is
-    only allowed under the ``wb-parity`` and ``test-selection`` protocols."""
+    only allowed under the ``wb-parity`` and ``test-selection`` protocols. File datasets: any
+    value > 0 selects on the val list (ImageNet-LT, Places-LT, split-files with one); for iNat 2018
+    and split-files without a val list it is the most images per class carved from the training
+    list (each class keeps at least one)."""
 
     n_max: int | None = None
     """Training images of the largest class, n_0 of the count profile. None: all that the
@@ -105,11 +112,35 @@ class DataConfig:
     """A class is Few-shot when it has fewer than this many training images; classes in between
     (boundaries included) are Medium. None: the dataset's default (20 for CIFAR-LT)."""
 
+    image_size: int = 224
+    """File datasets: the side of the training crop (RandomResizedCrop) and of the evaluation crop
+    (after resizing the shorter side to ``image_size * 256 / 224``): 224 as Kang et al.; smaller
+    for quick studies (tests use 32)."""
+
+    train_list: str | None = None
+    """``split-files``: the training list (``relative/path label`` per line), relative to
+    ``--data-dir`` or absolute."""
+
+    val_list: str | None = None
+    """``split-files``: the validation list; None: carved from the training list (as for iNat)."""
+
+    test_list: str | None = None
+    """``split-files``: the test list."""
+
+    class_names: str | None = None
+    """``split-files``: optional file with one class name per line (line i names class i)."""
+
     def __post_init__(self) -> None:
         from .data import DATASETS  # lazy: keeps `import study.config` light
 
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", unknown("dataset", self.dataset, DATASETS))
+        if DATASETS[self.dataset].kind == "files":
+            self._check_file_dataset()
+            return
+        for key in ("train_list", "val_list", "test_list", "class_names"):
+            if getattr(self, key) is not None:
+                raise ConfigError(key, f"only for dataset split-files (this is {self.dataset})")
         if self.imbalance_factor is not None:
             _range("imbalance_factor", self.imbalance_factor, 1.0,
                    what="1 is balanced; 100 means the largest class has 100x the smallest")
@@ -131,6 +162,9 @@ class DataConfig:
                 raise ConfigError("n_max", f"{self.n_max} is more than the {most} training images per class "
                                   f"that {self.dataset} has left after a validation split of "
                                   f"{self.val_per_class}; use at most {most} (or null)")
+        self._check_thresholds()
+
+    def _check_thresholds(self) -> None:
         if self.many_threshold is not None:
             _range("many_threshold", self.many_threshold, 0)
         if self.few_threshold is not None:
@@ -138,6 +172,25 @@ class DataConfig:
         if self.resolved_many < self.resolved_few:
             raise ConfigError("few_threshold", f"few_threshold {self.resolved_few} is larger than "
                               f"many_threshold {self.resolved_many}")
+
+    def _check_file_dataset(self) -> None:
+        # The lists fix every count: what shapes a long tail out of a balanced pool does not apply.
+        for key in ("imbalance_factor", "n_max"):
+            if getattr(self, key) is not None:
+                raise ConfigError(key, f"does not apply to {self.dataset}: its split lists fix the counts "
+                                  "(remove the key)")
+        _range("image_size", self.image_size, 8, what="the crop side in pixels (224 as Kang et al.)")
+        _range("val_per_class", self.val_per_class, 0)
+        if self.dataset == "split-files":
+            if not self.train_list or not self.test_list:
+                raise ConfigError("train_list", "split-files needs data.train_list and data.test_list "
+                                  "(files of 'relative/path label' lines under --data-dir)")
+        else:
+            for key in ("train_list", "val_list", "test_list", "class_names"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(key, f"only for dataset split-files ({self.dataset} reads its "
+                                      "own lists from --data-dir)")
+        self._check_thresholds()
 
     @property
     def resolved_imbalance_factor(self) -> float:
@@ -276,7 +329,11 @@ class TrainConfig:
     ``instance`` (every image once per epoch), ``class-balanced`` (the class-aware sampler: classes
     in reshuffled cycles, 4 images per visit), ``square-root`` (class probability proportional to
     sqrt(n_c)) or ``progressive`` (from instance- to class-balanced over the epochs:
-    p_c(t) = (1 - t/T) n_c/N + (t/T)/C). Every epoch draws N images."""
+    p_c(t) = (1 - t/T) n_c/N + (t/T)/C). Every epoch draws N images, and ``class-balanced``
+    starts fresh cycles each epoch (a checkpoint needs only the generator). ``class-aware-kang``
+    is Kang et al.'s ClassAwareSampler exactly (``study.samplers``): the class cycle and each
+    class's cycle carry over from epoch to epoch, and an epoch is floor(N / batch_size) batches,
+    as their training loop runs."""
 
     def __post_init__(self) -> None:
         _range("epochs", self.epochs, 1)
@@ -318,7 +375,14 @@ class Stage1Config(TrainConfig):
     backbone: str = "resnet32"
     """Registered backbone: ``resnet32`` (true CIFAR ResNet-32, 0.47 M parameters, 64-d features),
     ``resnet34-wb`` (the WB code's torchvision ResNet-34 with a 3x3 stem, 21 M, 512-d), ``resnet8``
-    (75 k, for fashion-mnist-lt), ``digits-cnn`` (128-d), ``resnetN``."""
+    (75 k, for fashion-mnist-lt), ``digits-cnn`` (128-d), ``resnetN``; for the large benchmarks
+    torchvision's ``resnet10`` (Kang et al.'s), ``resnet50``, ``resnet101``, ``resnet152``,
+    ``resnext50_32x4d`` and ``resnext101_32x4d``, randomly initialised unless ``init_from``."""
+
+    init_from: str | None = None
+    """A local weights file (a torchvision-style state dict, loaded with ``weights_only=True``) the
+    backbone starts from, e.g. ImageNet-pretrained ResNet-152 weights for Places-LT as Kang et al.;
+    the classifier is taken from it only when its shape fits. Nothing is ever downloaded."""
 
     classifier: str = "linear"
     """``linear`` (a trained linear layer with bias) or ``etf`` (Hasegawa & Sato: the weight rows are
@@ -342,6 +406,15 @@ class Stage1Config(TrainConfig):
         if not known_model(self.backbone):
             raise ConfigError("backbone", unknown("backbone", self.backbone, MODELS))
         _choice("classifier", self.classifier, ("linear", "etf"))
+        if self.init_from is not None:
+            from .models import TORCHVISION_BACKBONES
+
+            if self.backbone not in TORCHVISION_BACKBONES:
+                raise ConfigError("init_from", f"only for torchvision backbones ({', '.join(TORCHVISION_BACKBONES)}), "
+                                  f"not {self.backbone}")
+            if not os.path.isfile(os.path.expanduser(self.init_from)):
+                raise ConfigError("init_from", f"{self.init_from} is not a file; give a local torchvision-style "
+                                  "weights file (nothing is downloaded)")
         _range("feature_reg", self.feature_reg, 0.0)
         _choice("wd_form", self.wd_form, ("optimizer", "loss"))
 

@@ -73,6 +73,13 @@ class DatasetSpec:
     """Cap on n_max (digits: keep n_max a round 100)."""
     needs_files: bool = True
     note: str = ""
+    kind: str = "memory"
+    """``memory``: images held as uint8 arrays and augmented on the device; ``files``: image files
+    named by Kang et al.-format split lists, decoded and augmented in DataLoader workers
+    (``study.filelists``, ``study.streaming``)."""
+    color_jitter: bool = False
+    """File datasets: Kang et al.'s ColorJitter(0.4, 0.4, 0.4, 0) in the training transform (not for
+    iNaturalist)."""
 
 
 # --- counts -----------------------------------------------------------------------------------------
@@ -106,10 +113,7 @@ def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: st
     return counts
 
 
-def shot_groups(counts: list[int] | np.ndarray, many: int, few: int) -> np.ndarray:
-    """Group label per class: 'many' (n > many), 'few' (n < few), else 'medium' (boundaries included)."""
-    counts = np.asarray(counts)
-    return np.where(counts > many, "many", np.where(counts < few, "few", "medium"))
+from .groups import shot_groups  # noqa: E402,F401  (part of this module's API)
 
 
 # --- loaders ----------------------------------------------------------------------------------------
@@ -395,6 +399,36 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def _file_spec(name: str, num_classes: int, mean, std, imbalance: float, jitter: bool, note: str) -> DatasetSpec:
+    # The benchmarks' own thresholds (Kang et al.): Many > 100, Few < 20 training images. The sizes
+    # of a balanced pool do not apply (the lists fix every count); shape's 224 is the default
+    # data.image_size, replaced by the configured one when the lists are loaded.
+    return DatasetSpec(name=name, num_classes=num_classes, train_per_class=0, test_per_class=0,
+                       shape=(3, 224, 224), mean=mean, std=std, default_imbalance_factor=imbalance,
+                       many_threshold=100, few_threshold=20, crop_padding=0, flip=True,
+                       load=_no_raw_loader, kind="files", color_jitter=jitter, note=note)
+
+
+def _no_raw_loader(data_dir, download=True) -> RawData:
+    raise TypeError("file datasets are loaded by load_data through study.filelists")
+
+
+from .filelists import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: E402  (no heavy imports)
+
+DATASETS.update({
+    "imagenet-lt": _file_spec("imagenet-lt", 1000, IMAGENET_MEAN, IMAGENET_STD, 256.0, True,
+                              "Kang et al.'s ImageNet_LT_{train,val,test}.txt under --data-dir; selection on val"),
+    "places-lt": _file_spec("places-lt", 365, IMAGENET_MEAN, IMAGENET_STD, 996.0, True,
+                            "Kang et al.'s Places_LT_{train,val,test}.txt under --data-dir; selection on val"),
+    "inat2018": _file_spec("inat2018", 8142, INAT_MEAN, INAT_STD, 500.0, False,
+                           "iNaturalist18_{train,val}.txt under --data-dir; the val list is the test set, "
+                           "the validation split is carved from the training list"),
+    "split-files": _file_spec("split-files", 0, IMAGENET_MEAN, IMAGENET_STD, 0.0, True,
+                              "your own lists: data.train_list, data.val_list (optional), data.test_list, "
+                              "data.class_names (optional), paths relative to --data-dir"),
+})
+
+
 def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise UserError(unknown("dataset", name, DATASETS))
@@ -521,10 +555,68 @@ def subset_hash(data: LTData) -> str:
     return h.hexdigest()[:16]
 
 
-def load_data(cfg, data_dir: str | os.PathLike | None = None, download: bool = True) -> LTData:
+def load_data(cfg, data_dir: str | os.PathLike | None = None, download: bool = True) -> "LTData | FileLTData":
     """Load the dataset's files and build the long-tailed splits for ``cfg`` (a DataConfig)."""
     spec = get_spec(cfg.dataset)
+    if spec.kind == "files":
+        return load_file_data(cfg, data_dir)
     return build_lt(spec.load(data_dir, download), cfg, spec)
+
+
+@dataclass
+class FileLTData(LTData):
+    """A file dataset's splits: ``train_x``, ``val_x`` and ``test_x`` hold relative image paths under
+    ``root`` (not images: those are read batch by batch during training, never all at once), with
+    int64 labels, counts and groups as for the in-memory datasets."""
+
+    root: str = ""
+    class_names: list[str] | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.shape[1]
+
+    @property
+    def imbalance_factor(self) -> float:
+        present = [c for c in self.train_counts if c > 0]
+        return float(max(present) / min(present)) if present else float("nan")
+
+
+def load_file_data(cfg, data_dir) -> FileLTData:
+    """Read and check a file dataset's lists (``study.filelists``): every named image exists, every
+    label is in range, before anything is written."""
+    from dataclasses import replace
+
+    from .filelists import load_file_lists
+
+    lists = {k: getattr(cfg, k) for k in ("train_list", "val_list", "test_list") if getattr(cfg, k, None)}
+    data_dir = data_dir or os.environ.get("STUDY_DATA_DIR") or None
+    fl = load_file_lists(cfg.dataset, data_dir, val_per_class=cfg.val_per_class, lists=lists or None,
+                         class_names=getattr(cfg, "class_names", None))
+    spec = replace(get_spec(cfg.dataset), num_classes=fl.num_classes,
+                   shape=(3, cfg.image_size, cfg.image_size))
+    return FileLTData(spec=spec, root=str(fl.root), train_x=fl.train_paths, train_y=fl.train_y,
+                      val_x=fl.val_paths, val_y=fl.val_y, test_x=fl.test_paths, test_y=fl.test_y,
+                      train_counts=list(fl.train_counts), many_threshold=cfg.resolved_many,
+                      few_threshold=cfg.resolved_few, subset_hash=fl.lists_hash, official=fl.official,
+                      source=fl.source, class_names=fl.class_names)
+
+
+def make_split(data, name: str, device, *, augment: bool = False, workers: int = 0):
+    """The split ``name`` ('train', 'val', 'test' or 'selection') ready for a trainer on ``device``:
+    a DeviceSplit of the uint8 images (augmented batch-wise on the device by an Augmenter), or for
+    a file dataset a ``study.streaming.StreamSplit`` that decodes and transforms images in
+    ``workers`` DataLoader processes (Kang et al.'s train transform with ``augment``, else the
+    evaluation transform)."""
+    x, y = data.split(name)
+    if not isinstance(data, FileLTData):
+        return DeviceSplit(x, y, device)
+    from .streaming import KangTransform, StreamSplit
+
+    spec = data.spec
+    transform = KangTransform(data.image_size, train=augment, mean=spec.mean, std=spec.std,
+                              jitter=0.4 if spec.color_jitter else 0.0)
+    return StreamSplit(data.root, x, y, transform, device=device, num_workers=workers)
 
 
 # --- on-device batches ------------------------------------------------------------------------------
@@ -584,8 +676,11 @@ class Augmenter:
         return (x - self.mean) / self.std
 
 
-SAMPLERS = ("instance", "class-balanced", "square-root", "progressive")
-"""Stage-1 samplers :func:`epoch_order` understands (``instance`` is the plain shuffle)."""
+EPOCH_SAMPLERS = ("instance", "class-balanced", "square-root", "progressive")
+"""The samplers :func:`epoch_order` draws an epoch of (``instance`` is the plain shuffle)."""
+SAMPLERS = EPOCH_SAMPLERS + ("class-aware-kang",)
+"""Every sampler a stage can train with; ``class-aware-kang`` keeps state across epochs
+(``study.samplers.KangClassAwareSampler``, held by the trainer)."""
 
 
 def _class_index(labels, num_classes: int):
@@ -662,8 +757,8 @@ def epoch_order(labels, num_classes: int, sampler: str, gen, epoch: int = 0, epo
     """
     import torch
 
-    if sampler not in SAMPLERS:
-        raise UserError(unknown("sampler", str(sampler), SAMPLERS))
+    if sampler not in EPOCH_SAMPLERS:
+        raise UserError(unknown("sampler", str(sampler), EPOCH_SAMPLERS))
     labels = torch.as_tensor(labels).cpu()
     n = int(labels.shape[0])
     if sampler == "progressive":

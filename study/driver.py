@@ -54,7 +54,8 @@ def select_best(paths: StudyPaths, exp: Experiment) -> dict[str, Selection | Non
 
 # --- final evaluation ---------------------------------------------------------------------------------
 
-def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict) -> dict:
+def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict,
+                     workers: int = 0) -> dict:
     """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``)."""
     from .config import EvalConfig
     from .fsutil import safe_torch_load
@@ -63,7 +64,7 @@ def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], da
     stage1 = safe_torch_load(stage1_file)
     # the variant's own stage-1 model is the backbone of its heads: the same object, one feature pass
     states = {key: stage1 if f == stage1_file else safe_torch_load(f) for key, f in finals.items()}
-    return evaluate_selected(backbone, stage1, states, data, EvalConfig(**eval_cfg))
+    return evaluate_selected(backbone, stage1, states, data, EvalConfig(**eval_cfg), workers=workers)
 
 
 def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections: dict[str, StageMarker],
@@ -93,15 +94,20 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
         for seed in space.seeds:
             jobs[variant, seed] = (space.backbone_of(variant), str(final_weights(s1_dir, seed)),
                                    {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items})
+    from .data import FileLTData
+
+    files = isinstance(data, FileLTData)  # its images are decoded by DataLoader workers
     if in_driver:
         pause_point("final-eval", log)
-        reports = {key: _final_eval_task(*job, data, asdict(space.eval)) for key, job in jobs.items()}
+        workers = min(4, os.cpu_count() or 1) if files else 0
+        reports = {key: _final_eval_task(*job, data, asdict(space.eval), workers) for key, job in jobs.items()}
     else:
         import ray
 
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
         data_ref = ray.put(data)
-        futures = {key: remote.remote(*job, data_ref, asdict(space.eval)) for key, job in jobs.items()}
+        workers = max(0, int(cpus)) if files else 0
+        futures = {key: remote.remote(*job, data_ref, asdict(space.eval), workers) for key, job in jobs.items()}
         pause_point("final-eval", log)
         reports = {key: ray.get(f) for key, f in futures.items()}
     for variant, items in groups.items():
@@ -124,7 +130,8 @@ def study_header(space: StudySpace, name: str, data) -> StudyHeader:
     return StudyHeader(
         study=name, fingerprint=space.fingerprint(), protocol=space.protocol, space=space.to_dict(),
         experiments=exps,
-        data=DataSummary(dataset=space.data.dataset, imbalance_factor=space.data.resolved_imbalance_factor,
+        data=DataSummary(dataset=space.data.dataset,
+                         imbalance_factor=getattr(data, "imbalance_factor", space.data.resolved_imbalance_factor),
                          num_classes=data.num_classes, train_counts=list(data.train_counts),
                          many_threshold=data.many_threshold, few_threshold=data.few_threshold,
                          selection_split=data.selection_split, subset_hash=data.subset_hash,

@@ -105,10 +105,9 @@ def compute_features(backbone, split, augmenter, batch_size: int, flip: bool = F
     import torch
 
     feats, feats_f = [], []
-    device = split.x.device
+    device = split.y.device
     with torch.no_grad(), _autocast(device, amp):
-        for i in range(0, len(split), batch_size):
-            x = augmenter.normalize(split.x[i:i + batch_size])
+        for x in _eval_inputs(split, augmenter, batch_size):
             feats.append(backbone(x).float())
             if flip:
                 feats_f.append(backbone(x.flip(3)).float())
@@ -116,6 +115,17 @@ def compute_features(backbone, split, augmenter, batch_size: int, flip: bool = F
     if flip:
         return out, (torch.cat(feats_f) if feats_f else torch.zeros(0, device=device))
     return out
+
+
+def _eval_inputs(split, augmenter, batch_size: int):
+    """A split's normalised, unaugmented images in order, batch by batch: indexed from a
+    DeviceSplit, or decoded by a file dataset's StreamSplit (its evaluation transform)."""
+    if hasattr(split, "eval_batches"):
+        for x, _ in split.eval_batches(batch_size):
+            yield x
+        return
+    for i in range(0, len(split), batch_size):
+        yield augmenter.normalize(split.x[i:i + batch_size])
 
 
 def logits_from_features(head, feats, feats_flipped=None):

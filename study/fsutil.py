@@ -248,7 +248,8 @@ class StudyLock:
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -287,7 +288,7 @@ def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[dict | None, list
         side = path.with_suffix(".sha256")
         try:
             expected = side.read_text().strip() if side.exists() else None
-            if expected is not None and _sha256(path) != expected:
+            if expected is not None and sha256_file(path) != expected:
                 raise ValueError("checksum mismatch (truncated or modified)")
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):

@@ -97,6 +97,12 @@ def parse_trial_dirname(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
+def features_file(trial_dir, name: str) -> Path:
+    """A stage-1 trial's cached fp16 features of a file dataset's split (``features-<split>-seed<S>.npy``,
+    see ``study.stages.cached_features``)."""
+    return Path(trial_dir) / f"features-{name}.npy"
+
+
 def final_weights(trial_dir: str | os.PathLike, seed: int) -> Path:
     """A trial's selected weights for ``seed`` (stage 1: the model's state_dict; stage 2: the head)."""
     return Path(trial_dir) / f"final-seed{seed}.pt"

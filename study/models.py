@@ -15,6 +15,42 @@ weights that weight balancing is about.
   speed of ResNet-32 on CIFAR.
 - ``digits-cnn``: a small 3-layer CNN for the 8x8 ``digits-lt`` demo.
 
+ImageNet-size backbones of Kang et al. (*Decoupling representation and classifier*, ICLR 2020), built
+from torchvision's ``ResNet`` with ``BasicBlock`` / ``Bottleneck`` and randomly initialised (nothing is
+downloaded). The backbone is torchvision's ResNet itself with ``fc`` replaced by ``nn.Identity`` (the
+feature is the global-average-pooled output of ``layer4``); the classifier is LTClassifier's
+``nn.Linear`` with PyTorch's default init, as torchvision leaves its ``fc`` (its init loop touches only
+convolutions and batch norms). Otherwise torchvision's init: Kaiming-normal convolutions (fan-out, ReLU
+gain — also what Kang et al.'s own ``ResNetFeature.py`` does with ``normal_(0, sqrt(2 / (k*k*out)))``),
+batch-norm weight 1 and bias 0, ``zero_init_residual=False``. The 7x7/stride-2 stem and max-pool are
+kept, so a 32x32 input reaches ``layer4`` at 1x1. ``in_channels != 3`` replaces ``conv1`` by a
+``in_channels``-input convolution with the same init. Parameters of the backbone (3 input channels;
+the classifier adds (feature dim + 1) x num_classes):
+
+==================== ========== ================ ================ =============== ===========
+name                 block      blocks per stage groups x width   backbone params feature dim
+==================== ========== ================ ================ =============== ===========
+``resnet10``         basic      1, 1, 1, 1       1 x 64           4,905,792       512
+``resnet50``         bottleneck 3, 4, 6, 3       1 x 64           23,508,032      2048
+``resnet101``        bottleneck 3, 4, 23, 3      1 x 64           42,500,160      2048
+``resnet152``        bottleneck 3, 8, 36, 3      1 x 64           58,143,808      2048
+``resnext50_32x4d``  bottleneck 3, 4, 6, 3       32 x 4           22,979,904      2048
+``resnext101_32x4d`` bottleneck 3, 4, 23, 3      32 x 4           42,128,704      2048
+==================== ========== ================ ================ =============== ===========
+
+With 1000 classes that is 5,418,792 / 25,557,032 / 44,549,160 / 60,192,808 / 25,028,904 / 44,177,704
+parameters in all (for ``resnet50/101/152`` and ``resnext50_32x4d`` exactly the counts of
+torchvision's own constructors; Kang et al.'s models have the same layers, stride in the 3x3 conv of
+a bottleneck as in torchvision, and a fixed 7x7 average pool where torchvision's is adaptive). ``resnet10`` is
+Kang et al.'s (``ResNet10Feature.py``: ``ResNet(BasicBlock, [1, 1, 1, 1])``); torchvision has no
+constructor for it, nor for ``resnext101_32x4d``, which Kang et al. define as ``ResNext(Bottleneck,
+[3, 4, 23, 3], groups=32, width_per_group=4)`` (``ResNext101Feature.py``) and which is built here as
+torchvision's ``ResNet`` with the same arguments. ``resnet50`` and ``resnet152`` name these ImageNet
+ResNets, not the CIFAR ResNet-(6n+2) of the same depth (which the ``resnet{6n+2}`` rule would give).
+
+:func:`load_init_weights` initialises one of these from a local torchvision-style weights file
+(Kang et al. start Places-LT from an ImageNet-pretrained ResNet-152).
+
 The number of input channels comes from the dataset (``data.spec.shape[0]``: 3 for CIFAR, 1 for
 Fashion-MNIST and digits).
 """
@@ -22,6 +58,8 @@ Fashion-MNIST and digits).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -161,12 +199,169 @@ def _digits_cnn(num_classes: int, in_channels: int) -> LTClassifier:
     return model
 
 
+# --- torchvision ImageNet ResNets (Kang et al.'s backbones) ----------------------------------------
+
+# name -> (block, blocks per stage, groups, width per group): torchvision.models.resnet.ResNet's arguments
+_TORCHVISION_RESNETS: dict[str, tuple[str, tuple[int, int, int, int], int, int]] = {
+    "resnet10": ("basic", (1, 1, 1, 1), 1, 64),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
+    "resnext101_32x4d": ("bottleneck", (3, 4, 23, 3), 32, 4),
+}
+TORCHVISION_BACKBONES = tuple(_TORCHVISION_RESNETS)
+"""The backbones built from torchvision's ``ResNet`` (the ones :func:`load_init_weights` accepts)."""
+
+
+def _torchvision_resnet(name: str) -> Callable[[int, int], LTClassifier]:
+    kind, layers, groups, width = _TORCHVISION_RESNETS[name]
+
+    def make(num_classes: int, in_channels: int) -> LTClassifier:
+        # torchvision is imported here, as for resnet34-wb, so that importing study stays light
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+        block = BasicBlock if kind == "basic" else Bottleneck
+        # num_classes=1: torchvision's fc is thrown away (the classifier is LTClassifier's), so
+        # there is no point in allocating a 2048 x C matrix for it
+        net = ResNet(block, list(layers), num_classes=1, groups=groups, width_per_group=width)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
+        feat_dim = net.fc.in_features
+        net.fc = nn.Identity()  # forward() now ends at flatten(avgpool(layer4)): the feature vector
+        net.arch = name  # for load_init_weights' messages (a plain attribute, not in the state dict)
+        return LTClassifier(net, feat_dim, num_classes)  # nn.Linear default init, like torchvision's fc
+
+    return make
+
+
+def _load_failure(exc: Exception) -> str:
+    """The informative part of a ``torch.load`` failure: weights_only refusals are paragraphs whose
+    first lines only advise ``weights_only=False``, which a user should not be pointed at."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.DOTALL)
+    detail = m.group(1) if m else (text.strip().splitlines() or [""])[0]
+    detail = " ".join(detail.split())[:160]
+    return detail or type(exc).__name__ + (" (empty file)" if isinstance(exc, EOFError) else "")
+
+
+def _first(keys: list[str], what: str) -> str:
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return f"{what} '{keys[0]}'{more}"
+
+
+def load_init_weights(model: LTClassifier, path) -> dict:
+    """Initialise a torchvision backbone (:data:`TORCHVISION_BACKBONES`) from a local weights file.
+
+    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` and may hold a
+    torchvision-style state dict (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight``, ...,
+    ``fc.weight``, ``fc.bias``: what ``torchvision.models.resnet50().state_dict()`` or a downloaded
+    torchvision checkpoint holds), optionally wrapped as ``{"state_dict": ...}`` and optionally with
+    every key prefixed ``module.`` (``nn.DataParallel`` / DDP). Every backbone tensor of the model
+    must be in the file with the model's shape, and every non-``fc`` key of the file must be one of
+    the backbone's; the one exception is ``*.num_batches_tracked``, which checkpoints saved before
+    PyTorch 0.4.1 (torchvision's original ImageNet weights) lack and which then keeps its value 0.
+    ``fc.weight``/``fc.bias`` go into ``model.classifier`` only when both are there with the
+    classifier's shape (same number of classes and feature dim); otherwise the classifier keeps its
+    random init and the report says why.
+
+    Returns a report: ``path``, ``wrapper`` (``"state_dict"`` or None), ``prefix`` (``"module."`` or
+    None), ``backbone_tensors`` (how many were loaded), ``filled`` (the ``num_batches_tracked`` keys
+    the file lacked), ``classifier`` (``"loaded"`` or ``"random"``), ``note`` (why, for ``random``)
+    and ``summary`` (one line for the log). Nothing is changed unless everything checks out.
+
+    Raises ``UserError`` (one line naming the file, the first offending key and what was expected)
+    for a path that is not a file, a file ``torch.load(weights_only=True)`` cannot read, content that
+    is not a state dict of tensors, a missing or unexpected backbone key, or a shape mismatch (an
+    ImageNet file into a 1-channel model fails at ``conv1.weight``).
+    """
+    from torchvision.models.resnet import ResNet
+
+    from .errors import UserError
+
+    path = Path(path).expanduser()
+    where = f"init_from {path}"
+    backbone = model.backbone
+    if not isinstance(backbone, ResNet):
+        raise UserError(f"{where}: initialising from a weights file needs a torchvision backbone "
+                        f"({', '.join(TORCHVISION_BACKBONES)}), not {type(backbone).__name__}")
+    arch = getattr(backbone, "arch", "ResNet")
+    if not path.exists():
+        raise UserError(f"{where}: no such file")
+    if not path.is_file():
+        raise UserError(f"{where}: not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling, zip, weights_only refusals: all "not a weights file"
+        raise UserError(f"{where}: not a weights file (torch.load with weights_only=True: {_load_failure(exc)}); "
+                        "expected a state dict saved with torch.save(model.state_dict())") from None
+
+    wrapper = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj, wrapper = obj["state_dict"], "state_dict"
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(f"{where}: expected a state dict (names -> tensors), found "
+                        + ("an empty one" if isinstance(obj, Mapping) else type(obj).__name__))
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{where}: {_first(bad, 'entry')} is not a tensor; expected a state dict of tensors")
+    prefix = "module." if all(k.startswith("module.") for k in obj) else None
+    sd = {k[len(prefix):] if prefix else k: v for k, v in obj.items()}
+
+    expected = backbone.state_dict()
+    file_backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    fc = {k[len("fc."):]: v for k, v in sd.items() if k.startswith("fc.")}
+    what = f"a torchvision-style {arch} state dict ({model.feat_dim}-d feature)"
+    missing = [k for k in expected if k not in file_backbone and not k.endswith(".num_batches_tracked")]
+    if missing:
+        raise UserError(f"{where}: {_first(missing, 'missing key')}; expected {what}")
+    unexpected = ([k for k in file_backbone if k not in expected]
+                  + [f"fc.{k}" for k in fc if k not in ("weight", "bias")])
+    if unexpected:
+        raise UserError(f"{where}: {_first(unexpected, 'unexpected key')}; expected {what}")
+    for k, v in file_backbone.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{where}: '{k}' has shape {tuple(v.shape)}, the {arch} backbone "
+                            f"({backbone.conv1.in_channels} input channels) expects {tuple(expected[k].shape)}")
+    filled = [k for k in expected if k not in file_backbone]
+
+    clf = model.classifier
+    want = {"weight": tuple(clf.weight.shape), "bias": tuple(clf.bias.shape)}
+    if not fc:
+        note = "the file has no fc.weight/fc.bias"
+    elif set(fc) != {"weight", "bias"}:
+        note = f"the file has fc.{next(iter(fc))} only"
+    elif {k: tuple(v.shape) for k, v in fc.items()} != want:
+        shape = "x".join(str(d) for d in fc["weight"].shape)
+        note = (f"the file's fc is {shape} (classes x features), the classifier "
+                f"{want['weight'][0]}x{want['weight'][1]}")
+    else:
+        note = ""
+
+    # everything checked: load (load_state_dict copies under no_grad and casts the dtype)
+    backbone.load_state_dict({**file_backbone, **{k: expected[k] for k in filled}}, strict=True)
+    if not note:
+        clf.load_state_dict(fc, strict=True)
+    classifier = "random" if note else "loaded"
+    summary = (f"init_from {path}: {len(file_backbone)} backbone tensors loaded into {arch}"
+               + (f" ({len(filled)} num_batches_tracked absent, kept 0)" if filled else "")
+               + ("; classifier loaded from fc" if not note else f"; classifier kept at its random init: {note}"))
+    return {"path": str(path), "wrapper": wrapper, "prefix": prefix, "backbone_tensors": len(file_backbone),
+            "filled": filled, "classifier": classifier, "note": note, "summary": summary}
+
+
 MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
     "resnet32": _cifar_resnet(32),
     "resnet8": _cifar_resnet(8),  # fashion-mnist-lt: 75,002 parameters (1 channel, 10 classes)
     "resnet34-wb": _resnet34_wb,
     "digits-cnn": _digits_cnn,
+    # Kang et al.'s ImageNet backbones; resnet50 and resnet152 take precedence over the CIFAR
+    # ResNet-(6n+2) rule below, which would otherwise also match those two names
+    **{name: _torchvision_resnet(name) for name in _TORCHVISION_RESNETS},
 }
+_FEATURE_DIMS = {"resnet34-wb": 512, "digits-cnn": 128,
+                 **{name: 512 if spec[0] == "basic" else 2048 for name, spec in _TORCHVISION_RESNETS.items()}}
 _RESNET_N = re.compile(r"^resnet(\d+)$")
 
 
@@ -192,6 +387,18 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make(num_classes, in_channels)
+
+
+def feature_dim(name: str) -> int:
+    """The feature dimension ``build_model(name, ...).feat_dim`` has, without building the model
+    (a ResNet-152 takes a second and 230 MB to build): 64 for the CIFAR ResNets."""
+    if name in _FEATURE_DIMS:
+        return _FEATURE_DIMS[name]
+    if known_model(name):
+        return 64
+    from .errors import UserError, unknown
+
+    raise UserError(unknown("backbone", name, MODELS))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -573,13 +573,13 @@ def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
     if cfg.classifier != "etf":
         return
     from .data import DATASETS
-    from .models import MODELS, build_model
+    from .models import MODELS, feature_dim
 
     spec = DATASETS[data.dataset]
     need = spec.num_classes - 1
 
     def dim(name: str) -> int:
-        return build_model(name, spec.num_classes, spec.shape[0]).feat_dim
+        return feature_dim(name)
 
     have = dim(cfg.backbone)
     if have < need:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import EvalConfig, Stage1Config, Stage2Config
-from .data import Augmenter, DeviceSplit, LTData, epoch_order
+from .data import Augmenter, FileLTData, LTData, epoch_order, make_split
 from .evaluation import (accuracy_report, balance_stats, compute_features, evaluate_head, logits_from_features, summarize,
                          _autocast)
 from .heads import AffineHead, LinearHead, LWSHead, frozen_model, stage1_head_state
@@ -135,15 +136,17 @@ class _Trainer:
 
     stage = ""
 
-    def __init__(self, cfg, data: LTData, seed: int, device, eval_cfg: EvalConfig):
+    def __init__(self, cfg, data: LTData, seed: int, device, eval_cfg: EvalConfig, workers: int = 0):
         self.cfg = cfg
         self.data = data
         self.seed = int(seed)
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.eval_cfg = eval_cfg
         self.amp = bool(cfg.amp and self.device.type == "cuda")
-        self.train_split = DeviceSplit(data.train_x, data.train_y, self.device)
-        self.select_split = DeviceSplit(*data.split("selection"), self.device)
+        self.streaming = isinstance(data, FileLTData)
+        """Images are decoded from files by DataLoader workers (``workers`` of them), batch by batch."""
+        self.train_split = make_split(data, "train", self.device, augment=cfg.augment, workers=workers)
+        self.select_split = make_split(data, "selection", self.device, workers=workers)
         self.aug = Augmenter(data.spec, self.device, cfg.augment)
         self.plain = Augmenter(data.spec, self.device, False)
         self.loss_fn = make_loss(cfg.loss, data.train_counts, cfg.cb_beta, cfg.cb_form, self.device)
@@ -157,6 +160,20 @@ class _Trainer:
         self.wd_penalty = None
         """Weight decay written as a loss term (``wd_form: loss``): a function giving the term."""
         self.maxnorm: MaxNorm | None = None
+        self.kang = None
+        """Kang et al.'s class-aware sampler (``sampler: class-aware-kang``): its cycles persist
+        across epochs, so it lives here and is checkpointed with the trainer."""
+        if cfg.sampler == "class-aware-kang":
+            from .samplers import KangClassAwareSampler
+
+            self.kang = KangClassAwareSampler(torch.as_tensor(data.train_y), data.num_classes, self.gen)
+
+    def _epoch_order(self):
+        """This epoch's training-split indices, from the trainer's generator."""
+        if self.kang is not None:
+            return self.kang.epoch(self.cfg.batch_size)
+        return epoch_order(self.data.train_y, self.data.num_classes, self.cfg.sampler, self.gen, self.epoch,
+                           self.cfg.epochs)
 
     # -- to be provided by subclasses
     @property
@@ -169,6 +186,8 @@ class _Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.kang is not None:  # floor(N / B) batches, as Kang et al.'s loop
+            return max(1, len(self.train_split) // self.cfg.batch_size)
         return max(1, math.ceil(len(self.train_split) / self.cfg.batch_size))
 
     def _set_lr(self, opt: torch.optim.Optimizer) -> float:
@@ -186,17 +205,31 @@ class _Trainer:
             if not bool(torch.isfinite(p).all()):
                 raise Diverged(f"weights became non-finite in epoch {self.epoch + 1}")
 
+    def _batches(self, order):
+        """(indices on the device, images or None) for each batch of ``order``. In memory the
+        images are indexed (and augmented) by the trainer; a file dataset's come decoded and
+        transformed from the loader, their random transforms seeded by one number drawn here
+        from the trainer's generator, so a resumed epoch replays them exactly."""
+        bs = self.cfg.batch_size
+        if not self.streaming:
+            for i in range(0, len(order), bs):
+                yield order[i:i + bs].to(self.device), None
+            return
+        epoch_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))
+        for i, (x, _) in enumerate(self.train_split.batches(order, bs, epoch_seed)):
+            yield order[i * bs:(i + 1) * bs].to(self.device), x
+
     def _sgd_epoch(self, order, logits_of, params, constrained) -> tuple[torch.Tensor, float]:
         """One pass of SGD over ``order`` (batches of indices into the training split): schedule,
         loss, step, MaxNorm projection of ``constrained`` (per step or per epoch), and the
-        divergence check on ``params``. Returns the summed loss and the last learning rate."""
+        divergence check on ``params``. ``logits_of(idx, x)`` gets a batch's indices and, for a
+        file dataset, its transformed images. Returns the summed loss and the last learning rate."""
         cfg = self.cfg
         loss_sum = torch.zeros((), device=self.device)
         lr = cfg.lr
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size].to(self.device)
+        for idx, x in self._batches(order):
             lr = self._set_lr(self.opt)
-            out = logits_of(idx)
+            out = logits_of(idx, x)
             if isinstance(out, tuple):  # logits and a regulariser on the batch's features
                 loss = self.loss_fn(out[0], self.train_split.y[idx]) + out[1]
             else:
@@ -239,6 +272,7 @@ class _Trainer:
                 "gen": self.gen.get_state(), "history": copy.deepcopy(self.history),
                 "norm_history": copy.deepcopy(self.norm_history),
                 "maxnorm": None if self.maxnorm is None else self.maxnorm.state_dict(),
+                "kang": None if self.kang is None else self.kang.state_dict(),
                 "best": None if self.best is None else {
                     "epoch": self.best["epoch"], "report": self.best["report"], "state": self.best["state"]}}
 
@@ -249,6 +283,8 @@ class _Trainer:
         self.history = list(state["history"])
         self.norm_history = [list(r) for r in state.get("norm_history", [])]
         self.best = state["best"]
+        if self.kang is not None:
+            self.kang.load_state_dict(state["kang"])
         if self.maxnorm is not None:
             if state.get("maxnorm") is not None:
                 self.maxnorm.load_state_dict(state["maxnorm"])
@@ -266,10 +302,20 @@ class Stage1Trainer(_Trainer):
     stage = "stage1"
 
     def __init__(self, cfg: Stage1Config, data: LTData, seed: int, device="cpu",
-                 eval_cfg: EvalConfig | None = None):
-        super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig())
+                 eval_cfg: EvalConfig | None = None, workers: int = 0):
+        super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig(), workers)
         self.gen.manual_seed(self.seed)
-        self.model = build_model(cfg.backbone, data.num_classes, data.spec.shape[0], seed=self.seed).to(self.device)
+        self.model = build_model(cfg.backbone, data.num_classes, data.spec.shape[0], seed=self.seed)
+        init = None
+        if cfg.init_from:
+            from .fsutil import sha256_file
+            from .models import load_init_weights
+
+            report = load_init_weights(self.model, cfg.init_from)
+            digest = sha256_file(os.path.expanduser(cfg.init_from))
+            # provenance: which weights the backbone started from, and whether the classifier did too
+            init = {"path": str(cfg.init_from), "sha256": digest, "classifier": report["classifier"]}
+        self.model = self.model.to(self.device)
         if cfg.classifier == "etf":
             from .geometry import etf_directions
 
@@ -278,6 +324,8 @@ class Stage1Trainer(_Trainer):
                 self.model.classifier.weight.copy_(etf_directions(data.num_classes, self.model.feat_dim, self.seed))
             self.model.classifier.weight.requires_grad_(False)
         self.runtime = runtime_settings(cfg, self.device)
+        if init is not None:
+            self.runtime["init_from"] = init
         self.channels_last = self.runtime["memory_format"] == "channels_last"
         if self.channels_last or self.amp:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -299,17 +347,18 @@ class Stage1Trainer(_Trainer):
     def run_epoch(self) -> dict:
         model = self.model
         model.train()
-        order = epoch_order(self.data.train_y, self.data.num_classes, self.cfg.sampler, self.gen, self.epoch,
-                            self.cfg.epochs)
+        order = self._epoch_order()
         w = model.classifier.weight
         loss_sum, lr = self._sgd_epoch(order, self._batch_logits, (w,), w)
         return self._close_epoch(self.evaluate_selection(), lambda: _cpu_state(model.state_dict()),
                                  loss_sum, len(order), lr, w)
 
-    def _batch_logits(self, idx):
-        """The training forward pass of a batch of training-split indices: augmentation, memory
-        format, autocast, the (compiled) model; with ``feature_reg``, also the feature penalty."""
-        x = self.aug(self.train_split.x[idx], self.gen)
+    def _batch_logits(self, idx, x=None):
+        """The training forward pass of a batch of training-split indices (or of a file dataset's
+        transformed images ``x``): augmentation, memory format, autocast, the (compiled) model; with
+        ``feature_reg``, also the feature penalty."""
+        if x is None:
+            x = self.aug(self.train_split.x[idx], self.gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.amp):
@@ -359,8 +408,12 @@ class Stage2Trainer(_Trainer):
     stage = "stage2"
 
     def __init__(self, cfg: Stage2Config, data: LTData, seed: int, stage1_state: dict, backbone: str,
-                 device="cpu", eval_cfg: EvalConfig | None = None):
-        super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig())
+                 device="cpu", eval_cfg: EvalConfig | None = None, workers: int = 0,
+                 feature_cache: str | None = None):
+        super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig(), workers)
+        self.feature_cache = feature_cache
+        """A folder for this seed's fixed features of a file dataset (the stage-1 trial's): computed
+        by the first stage-2 trial that needs them, read by the others (``cached_features``)."""
         self.gen.manual_seed(self.seed + STAGE2_SEED_OFFSET)
         self.method = get_method(cfg.method)
         if not self.method.trains:
@@ -397,8 +450,10 @@ class Stage2Trainer(_Trainer):
     def _selection_features(self):
         if self._select_feats is None or not self._features_fixed:
             self.backbone.eval()
-            self._select_feats = compute_features(self.backbone, self.select_split, self.plain,
-                                                  self.eval_cfg.batch_for(self.device), amp=self.amp)
+            self._select_feats = cached_features(
+                self.backbone, self.select_split, self.plain, self.eval_cfg.batch_for(self.device), self.amp,
+                self.feature_cache if self._features_fixed else None,
+                f"{self.data.selection_split}-seed{self.seed}").float()
         return self._select_feats
 
     def _report(self, head: nn.Module, feats) -> dict:
@@ -415,13 +470,17 @@ class Stage2Trainer(_Trainer):
         # are computed once; otherwise every batch goes through the (frozen, no-grad) backbone.
         cache = self._features_fixed and not cfg.augment
         if cache and self._train_feats is None:
-            self._train_feats = compute_features(self.backbone, self.train_split, self.plain,
-                                                 self.eval_cfg.batch_for(self.device), amp=self.amp)
-        order = epoch_order(self.data.train_y, self.data.num_classes, cfg.sampler, self.gen, self.epoch, cfg.epochs)
+            self._train_feats = cached_features(self.backbone, self.train_split, self.plain,
+                                                self.eval_cfg.batch_for(self.device), self.amp, self.feature_cache,
+                                                f"train-seed{self.seed}")
+        order = self._epoch_order()
 
-        def logits_of(idx):
+        def logits_of(idx, x=None):
             if cache:
-                f = self._train_feats[idx]
+                f = self._train_feats[idx].float()
+            elif x is not None:  # a file dataset's batch, transformed by the loader
+                with torch.no_grad(), _autocast(self.device, self.amp):
+                    f = self.backbone(x).float()
             else:
                 x = self.aug(self.train_split.x[idx], self.gen) if cfg.augment else \
                     self.plain.normalize(self.train_split.x[idx])
@@ -467,8 +526,41 @@ class Stage2Trainer(_Trainer):
                 "state": self.best["state"]}
 
 
+def cached_features(backbone, split, plain, batch: int, amp: bool, cache_dir, name: str):
+    """The features of ``split`` under a frozen backbone in eval mode (``compute_features``).
+
+    With ``cache_dir`` (file datasets: the stage-1 trial's folder), they are computed once per
+    (stage-1 model, seed, split) and kept there as an fp16 ``features-<name>.npy`` (ImageNet-LT's
+    training split with a 2048-d ResNeXt-50: 115,846 x 2048 x 2 bytes = 0.47 GB); every later
+    stage-2 trial reads the file instead of running the backbone over the images again. A lock
+    file makes concurrent trials wait for the first one's pass rather than repeat it. fp16 keeps
+    about three significant digits of each feature, far below what a linear head can resolve; the
+    head itself trains in fp32 (the features are cast per batch)."""
+    if cache_dir is None:
+        return compute_features(backbone, split, plain, batch, amp=amp)
+    import fcntl
+
+    import numpy as np
+
+    from .layout import features_file
+
+    path = features_file(cache_dir, name)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not path.exists():
+            f = compute_features(backbone, split, plain, batch, amp=amp).half().cpu().numpy()
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as out:
+                np.save(out, f)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+    return torch.from_numpy(np.load(path)).to(split.y.device)
+
+
 def posthoc_result(config: Stage2Config, data: LTData, seed: int, stage1_state: dict, backbone: str,
-                   device=None, eval_cfg: EvalConfig | None = None) -> dict:
+                   device=None, eval_cfg: EvalConfig | None = None, workers: int = 0,
+                   feature_cache: str | None = None) -> dict:
     """A method that does not train (identity, L2/tau-norm, logit adjustment, NCM), on features of
     the frozen stage-1 backbone computed once (selection split; training split for NCM)."""
     method = get_method(config.method)
@@ -478,12 +570,14 @@ def posthoc_result(config: Stage2Config, data: LTData, seed: int, stage1_state: 
     model = frozen_model(backbone, stage1_state, data, device)
     plain = Augmenter(data.spec, device, False)
     batch = eval_cfg.batch_for(device)
-    select = DeviceSplit(*data.split("selection"), device)
-    select_feats = compute_features(model.backbone, select, plain, batch, amp=amp)
+    select = make_split(data, "selection", device, workers=workers)
+    select_feats = cached_features(model.backbone, select, plain, batch, amp, feature_cache,
+                                   f"{data.selection_split}-seed{seed}").float()
     train_feats = train_y = None
     if method.kind == "ncm":
-        train = DeviceSplit(data.train_x, data.train_y, device)
-        train_feats, train_y = compute_features(model.backbone, train, plain, batch, amp=amp), train.y
+        train = make_split(data, "train", device, workers=workers)
+        train_feats = cached_features(model.backbone, train, plain, batch, amp, feature_cache, f"train-seed{seed}")
+        train_feats, train_y = train_feats.float(), train.y
     return fit_posthoc(config, method, data, seed, model.classifier.weight.detach().clone(),
                        model.classifier.bias.detach().clone(), select_feats, select.y.cpu().numpy(),
                        train_feats, train_y)
@@ -515,7 +609,7 @@ def train_stage2(config: Stage2Config, data: LTData, seed: int, stage1_state: di
 
 def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict], data: LTData,
                       eval_cfg: EvalConfig | None = None, device=None, split: str = "test",
-                      geometry: bool = True) -> dict[str, dict]:
+                      geometry: bool = True, workers: int = 0) -> dict[str, dict]:
     """Accuracy reports on ``split`` (the test set) of selected models of one seed: ``finals`` maps a
     key to a trial's final state — a stage-1 model (its own backbone and classifier) or a stage-2
     head (``{"head": ..., "buffers"?: ...}``) on ``stage1_state``'s backbone. The backbone's features
@@ -535,8 +629,8 @@ def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict]
     plain = Augmenter(data.spec, device, False)
     batch = eval_cfg.batch_for(device)
     flip = bool(eval_cfg.tta_flip and data.spec.flip)
-    eval_split = DeviceSplit(x, y, device)
-    train_split = DeviceSplit(data.train_x, data.train_y, device) if geometry else None
+    eval_split = make_split(data, split, device, workers=workers)
+    train_split = make_split(data, "train", device, workers=workers) if geometry else None
     cache: dict[str, tuple] = {}
 
     def features(key: str, model_backbone) -> tuple:

@@ -8,6 +8,7 @@ selection split; the test set is evaluated once per seed at the end.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +58,7 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
                device: str | None = None, console: Callable[[str], None] = print, variant: str | None = None) -> dict:
     """Run one stage-1 variant (default: the first that feeds stage 2) and one stage-2 method for
     every seed; write and return ``OUT/metrics.json``."""
-    from .data import load_data
+    from .data import FileLTData, load_data
     from .provenance import provenance
     from .stages import evaluate_selected
 
@@ -87,17 +88,19 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
     cfg1 = space.variants[variant].config
     backbone = cfg1.backbone
     seeds = space.seeds
+    # a file dataset's images are decoded in worker processes (in-memory datasets need none)
+    workers = min(4, os.cpu_count() or 1) if isinstance(data, FileLTData) else 0
     console(f"stage 1 ({variant}): {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
             f"selection on {data.selection_split}), seeds {list(seeds)}")
     rec1 = run_trial(TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone,
-                               experiment="stage1"), data, device, log=console)
+                               experiment="stage1", workers=workers), data, device, log=console)
     if rec1.status != COMPLETED:
         raise UserError(f"stage 1 {rec1.status}: {rec1.reason}; lower the learning rate or weight decay")
     cfg2 = space.stage2[method]
     console(f"stage 2: method {method}")
     rec2 = run_trial(TrialSpec("stage2", cfg2, seeds, space.eval, out / f"stage2-{method}", backbone,
-                               stage1_dir=out / "stage1", experiment=f"stage2-{method}"), data, device,
-                     log=console)
+                               stage1_dir=out / "stage1", experiment=f"stage2-{method}", workers=workers),
+                     data, device, log=console)
     if rec2.status != COMPLETED:
         raise UserError(f"stage 2 {rec2.status}: {rec2.reason}; lower the learning rate or weight decay")
 
@@ -107,7 +110,7 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
         s1_state = load_final_state(out / "stage1", seed)
         tests = evaluate_selected(backbone, s1_state, {"stage1": s1_state,
                                                        "stage2": load_final_state(out / f"stage2-{method}", seed)},
-                                  data, space.eval, device)
+                                  data, space.eval, device, workers=workers)
         test1, test2 = tests["stage1"], tests["stage2"]
         p1, p2 = rec1.per_seed[str(seed)], rec2.per_seed[str(seed)]
         runs.append({

@@ -49,15 +49,29 @@ class TrialSpec:
     params: dict = field(default_factory=dict)
     method: str = ""
     """The method name (stage 1: ``naive`` / ``tuned``; stage 2: the config's method)."""
+    workers: int = 0
+    """DataLoader worker processes that decode a file dataset's images (0: in this process; the
+    in-memory datasets need none)."""
+
+    @property
+    def feature_cache(self) -> Path | None:
+        """Stage 2 on a file dataset: the stage-1 trial folder holding its cached features."""
+        return self.stage1_dir if self.stage == "stage2" else None
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
     from .stages import Stage1Trainer, Stage2Trainer
 
     if spec.stage == "stage1":
-        return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg)
+        return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg, spec.workers)
     return Stage2Trainer(spec.config, data, seed, load_final_state(spec.stage1_dir, seed), spec.backbone, device,
-                         spec.eval_cfg)
+                         spec.eval_cfg, spec.workers, _feature_cache(spec, data))
+
+
+def _feature_cache(spec: TrialSpec, data):
+    from .data import FileLTData
+
+    return spec.feature_cache if isinstance(data, FileLTData) else None
 
 
 def _trains(spec: TrialSpec) -> bool:
@@ -123,7 +137,8 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
                               "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
         maybe_raise(spec.experiment, spec.trial_index, method, 1, tdir)
         results = {s: posthoc_result(spec.config, data, s, load_final_state(spec.stage1_dir, s), spec.backbone,
-                                     device, spec.eval_cfg) for s in seeds}
+                                     device, spec.eval_cfg, spec.workers, _feature_cache(spec, data))
+                   for s in seeds}
         per_seed = {s: {"rec": res["history"][-1], "best_all": res["selection"]["all"]} for s, res in results.items()}
         append_jsonl(events, {"t": time.time(), "event": "epoch", **trial_metrics(per_seed, 1, 0)})
         return _complete(spec, data, tdir, results, report)

@@ -84,7 +84,8 @@ def study_trainable(config: dict, data=None) -> None:
     spec = TrialSpec(stage=st["stage"], config=cfg, seeds=tuple(st["seeds"]),
                      eval_cfg=build(EvalConfig, st["eval"]), trial_dir=tdir, backbone=st["backbone"] or getattr(cfg, "backbone", ""),
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
-                     experiment=st["experiment"], trial_index=index, params=params, method=method)
+                     experiment=st["experiment"], trial_index=index, params=params, method=method,
+                     workers=max(0, int(st.get("cpus_per_trial") or 0)))
     # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
     run_trial(spec, data, report=tune.report)

@@ -297,3 +297,23 @@ def test_feature_summary_is_json_friendly_and_matches_the_parts():
     for k, v in s.items():
         assert type(v) is (list if k == "feature_norms" else float)
     json.dumps(s)
+
+
+def test_numpy_spearman_equals_scipy_with_ties_and_constant_input():
+    """study.evaluation.spearman (numpy, no scipy import) gives scipy.stats.spearmanr's rho, ties
+    ranked by their average, and NaN for a constant side."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from study.evaluation import spearman
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        n = int(rng.integers(3, 30))
+        x = rng.integers(0, 5, n).astype(float)  # many ties
+        y = rng.normal(size=n) if i % 2 else rng.integers(0, 3, n).astype(float)
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            assert math.isnan(spearman(x, y))
+            continue
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))

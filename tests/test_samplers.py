@@ -86,7 +86,10 @@ CASES = [("instance", 0, 1), ("class-balanced", 0, 1), ("square-root", 0, 1), ("
 
 
 def test_samplers_tuple():
-    assert SAMPLERS == ("instance", "class-balanced", "square-root", "progressive")
+    from study.data import EPOCH_SAMPLERS
+
+    assert EPOCH_SAMPLERS == ("instance", "class-balanced", "square-root", "progressive")
+    assert SAMPLERS == EPOCH_SAMPLERS + ("class-aware-kang",)
 
 
 @pytest.mark.parametrize("sampler, epoch, epochs", CASES)

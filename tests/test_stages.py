@@ -141,7 +141,7 @@ def test_stage1_resume_equals_uninterrupted(digits_data):
     assert_same_tensors(full.opt.state_dict()["state"][0], resumed.opt.state_dict()["state"][0])
 
 
-@pytest.mark.parametrize("sampler", ["class-balanced", "square-root", "progressive"])
+@pytest.mark.parametrize("sampler", ["class-balanced", "square-root", "progressive", "class-aware-kang"])
 def test_stage1_resume_is_exact_with_each_sampler(digits_data, sampler):
     """The batch order is a function of the checkpointed generator (and, for `progressive`, of the
     epoch), so a run resumed after epoch 2 of 4 ends bit-identical to an uninterrupted one."""
@@ -163,6 +163,29 @@ def test_stage1_resume_is_exact_with_each_sampler(digits_data, sampler):
     while not plain.done:
         plain.run_epoch()
     assert not torch.equal(plain.model.state_dict()["classifier.weight"], full.model.state_dict()["classifier.weight"])
+
+
+def test_kang_sampler_in_a_trainer_runs_floor_n_over_b_steps_and_keeps_its_cycles(digits_data, stage1_state):
+    """``sampler: class-aware-kang`` in a stage-2 trainer (cRT): floor(N / B) SGD steps per epoch
+    (the schedule counts the same), and the sampler's stream continues exactly through a checkpoint."""
+    cfg = Stage2Config(method="crt", epochs=3, batch_size=64, sampler="class-aware-kang", classifier_init="reinit",
+                       loss="ce")
+    t = Stage2Trainer(cfg, digits_data, 0, stage1_state, "digits-cnn")
+    n = len(digits_data.train_y)
+    assert t.steps_per_epoch == n // 64
+    t.run_epoch()
+    assert t.step == n // 64
+    # the sampler's cycles are part of the checkpoint: resumed after epoch 1, the run ends with the
+    # uninterrupted run's head (a sampler restarted from fresh cycles would draw other batches)
+    state = round_trip(t.state_dict())
+    assert state["kang"] is not None
+    while not t.done:
+        t.run_epoch()
+    resumed2 = Stage2Trainer(cfg, digits_data, 0, stage1_state, "digits-cnn")
+    resumed2.load_state_dict(state)
+    while not resumed2.done:
+        resumed2.run_epoch()
+    assert_same_tensors(t.head.state_dict(), resumed2.head.state_dict())
 
 
 # --- stage 2: the frozen backbone ------------------------------------------------------------------------------
@@ -427,3 +450,26 @@ print(sorted(m for m in ("torch._dynamo", "scipy.stats") if m in sys.modules))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage1_starts_from_init_from_weights_and_records_them(tmp_path, digits_data):
+    """``init_from``: the trainer's backbone (and, shapes fitting, its classifier) starts from the
+    file's tensors, and the trial's runtime records the file and its sha256."""
+    import hashlib
+
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(3)
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=digits_data.num_classes)
+    net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # the digits' 1 channel
+    path = tmp_path / "init.pth"
+    torch.save(net.state_dict(), path)
+    cfg = Stage1Config(backbone="resnet10", epochs=1, batch_size=64, lr=0.01, init_from=str(path))
+    t = Stage1Trainer(cfg, digits_data, seed=0)
+    assert torch.equal(t.model.backbone.conv1.weight, net.conv1.weight)
+    assert torch.equal(t.model.backbone.layer4[0].conv2.weight, net.layer4[0].conv2.weight)
+    assert torch.equal(t.model.classifier.weight, net.fc.weight)
+    rec = t.runtime["init_from"]
+    assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and rec["classifier"] == "loaded"
+    with pytest.raises(Exception, match="init_from"):
+        Stage1Config(backbone="resnet10", init_from=str(tmp_path / "missing.pth"))

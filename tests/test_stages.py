@@ -398,20 +398,24 @@ def test_finished_trial_is_returned_without_training(digits_data, uninterrupted_
     assert reports and reports[-1]["trial_status"] == "completed"
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("kw", [dict(momentum=0.9, weight_decay=5e-4),
                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
                                 dict(momentum=0.0, weight_decay=0.0)])
-def test_study_sgd_steps_are_bit_identical_to_torch_sgd(kw):
-    """study.stages.SGD skips only torch's dynamo wrappers: the same parameters, momentum buffers
-    and state_dict as torch.optim.SGD after several steps, and each loads the other's state."""
+def test_study_sgd_steps_are_bit_identical_to_torch_sgd(kw, foreach):
+    """study.stages.SGD skips only torch's dynamo wrappers, and its foreach implementation (what the
+    trainers use) computes what torch's default per-parameter loop does: the same parameters,
+    momentum buffers and state_dict as torch.optim.SGD after several steps, each loading the
+    other's state."""
     from study.stages import SGD
 
     torch.manual_seed(0)
-    ref = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3))
     ours = copy.deepcopy(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, **kw)
-    opt_ours = SGD(ours.parameters(), lr=0.1, **kw)
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=False, **kw)
+    opt_ours = SGD(ours.parameters(), lr=0.1, foreach=foreach, **kw)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
     for _ in range(5):
         for model, opt in ((ref, opt_ref), (ours, opt_ours)):
             opt.zero_grad()
@@ -419,7 +423,8 @@ def test_study_sgd_steps_are_bit_identical_to_torch_sgd(kw):
             opt.step()
     assert_same_tensors(ref.state_dict(), ours.state_dict())
     a, b = opt_ref.state_dict(), opt_ours.state_dict()
-    assert a["param_groups"] == b["param_groups"]
+    assert [{k: v for k, v in g.items() if k != "foreach"} for g in a["param_groups"]] == \
+        [{k: v for k, v in g.items() if k != "foreach"} for g in b["param_groups"]]
     for k in a["state"]:
         for name, v in a["state"][k].items():
             assert v is None or torch.equal(v, b["state"][k][name])

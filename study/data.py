@@ -571,6 +571,13 @@ class FileLTData(LTData):
 
     root: str = ""
     class_names: list[str] | None = None
+    _splits: dict = field(default_factory=dict, repr=False, compare=False)
+    """The StreamSplits made for this process (``make_split``), shared by every trainer of a trial
+    (one seed after another) and by the trials an actor runs: one pool of decoding workers per
+    (split, transform, workers, device), not one per seed. Never pickled."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_splits": {}}
 
     @property
     def image_size(self) -> int:
@@ -613,10 +620,13 @@ def make_split(data, name: str, device, *, augment: bool = False, workers: int =
         return DeviceSplit(x, y, device)
     from .streaming import KangTransform, StreamSplit
 
-    spec = data.spec
-    transform = KangTransform(data.image_size, train=augment, mean=spec.mean, std=spec.std,
-                              jitter=0.4 if spec.color_jitter else 0.0)
-    return StreamSplit(data.root, x, y, transform, device=device, num_workers=workers)
+    key = (data.selection_split if name == "selection" else name, bool(augment), int(workers), str(device))
+    if key not in data._splits:  # every sample's randomness is its own (seeded per position): sharing is exact
+        spec = data.spec
+        transform = KangTransform(data.image_size, train=augment, mean=spec.mean, std=spec.std,
+                                  jitter=0.4 if spec.color_jitter else 0.0)
+        data._splits[key] = StreamSplit(data.root, x, y, transform, device=device, num_workers=workers)
+    return data._splits[key]
 
 
 # --- on-device batches ------------------------------------------------------------------------------

@@ -399,34 +399,27 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _file_spec(name: str, num_classes: int, mean, std, imbalance: float, jitter: bool, note: str) -> DatasetSpec:
-    # The benchmarks' own thresholds (Kang et al.): Many > 100, Few < 20 training images. The sizes
-    # of a balanced pool do not apply (the lists fix every count); shape's 224 is the default
-    # data.image_size, replaced by the configured one when the lists are loaded.
-    return DatasetSpec(name=name, num_classes=num_classes, train_per_class=0, test_per_class=0,
-                       shape=(3, 224, 224), mean=mean, std=std, default_imbalance_factor=imbalance,
-                       many_threshold=100, few_threshold=20, crop_padding=0, flip=True,
-                       load=_no_raw_loader, kind="files", color_jitter=jitter, note=note)
+def _file_spec(fs, imbalance: float) -> DatasetSpec:
+    """The DatasetSpec of a split-file dataset, from its ``study.filelists`` entry (the one home of
+    its classes, statistics, transform and thresholds). The sizes of a balanced pool do not apply
+    (the lists fix every count); shape's 224 is the default data.image_size, replaced by the
+    configured one when the lists are loaded; C = 0 for split-files until its lists are read."""
+    return DatasetSpec(name=fs.name, num_classes=fs.num_classes or 0, train_per_class=0, test_per_class=0,
+                       shape=(3, 224, 224), mean=fs.mean, std=fs.std, default_imbalance_factor=imbalance,
+                       many_threshold=fs.many_threshold, few_threshold=fs.few_threshold, crop_padding=0,
+                       flip=True, load=_no_raw_loader, kind="files", color_jitter=fs.color_jitter, note=fs.note)
 
 
 def _no_raw_loader(data_dir, download=True) -> RawData:
     raise TypeError("file datasets are loaded by load_data through study.filelists")
 
 
-from .filelists import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: E402  (no heavy imports)
+from .filelists import FILE_DATASETS  # noqa: E402  (numpy only)
 
-DATASETS.update({
-    "imagenet-lt": _file_spec("imagenet-lt", 1000, IMAGENET_MEAN, IMAGENET_STD, 256.0, True,
-                              "Kang et al.'s ImageNet_LT_{train,val,test}.txt under --data-dir; selection on val"),
-    "places-lt": _file_spec("places-lt", 365, IMAGENET_MEAN, IMAGENET_STD, 996.0, True,
-                            "Kang et al.'s Places_LT_{train,val,test}.txt under --data-dir; selection on val"),
-    "inat2018": _file_spec("inat2018", 8142, INAT_MEAN, INAT_STD, 500.0, False,
-                           "iNaturalist18_{train,val}.txt under --data-dir; the val list is the test set, "
-                           "the validation split is carved from the training list"),
-    "split-files": _file_spec("split-files", 0, IMAGENET_MEAN, IMAGENET_STD, 0.0, True,
-                              "your own lists: data.train_list, data.val_list (optional), data.test_list, "
-                              "data.class_names (optional), paths relative to --data-dir"),
-})
+# The published lists' largest / smallest class (ImageNet-LT 1280 / 5, Places-LT 4980 / 5, iNat 1000 / 2);
+# a study records the ratio of the lists it actually read (FileLTData.imbalance_factor).
+_PUBLISHED_IMBALANCE = {"imagenet-lt": 256.0, "places-lt": 996.0, "inat2018": 500.0, "split-files": 0.0}
+DATASETS.update({name: _file_spec(fs, _PUBLISHED_IMBALANCE[name]) for name, fs in FILE_DATASETS.items()})
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -607,6 +600,14 @@ def load_file_data(cfg, data_dir) -> FileLTData:
                       train_counts=list(fl.train_counts), many_threshold=cfg.resolved_many,
                       few_threshold=cfg.resolved_few, subset_hash=fl.lists_hash, official=fl.official,
                       source=fl.source, class_names=fl.class_names)
+
+
+def loader_workers(data, cpus: float | None = None) -> int:
+    """DataLoader processes that decode a file dataset's images: ``cpus`` of them (a trial's CPUs),
+    or up to 4 on this machine when not given; none for the in-memory datasets."""
+    if not isinstance(data, FileLTData):
+        return 0
+    return max(0, int(cpus)) if cpus is not None else min(4, os.cpu_count() or 1)
 
 
 def make_split(data, name: str, device, *, augment: bool = False, workers: int = 0):

@@ -94,19 +94,18 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
         for seed in space.seeds:
             jobs[variant, seed] = (space.backbone_of(variant), str(final_weights(s1_dir, seed)),
                                    {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items})
-    from .data import FileLTData
+    from .data import loader_workers
 
-    files = isinstance(data, FileLTData)  # its images are decoded by DataLoader workers
     if in_driver:
         pause_point("final-eval", log)
-        workers = min(4, os.cpu_count() or 1) if files else 0
+        workers = loader_workers(data)
         reports = {key: _final_eval_task(*job, data, asdict(space.eval), workers) for key, job in jobs.items()}
     else:
         import ray
 
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
         data_ref = ray.put(data)
-        workers = max(0, int(cpus)) if files else 0
+        workers = loader_workers(data, cpus)
         futures = {key: remote.remote(*job, data_ref, asdict(space.eval), workers) for key, job in jobs.items()}
         pause_point("final-eval", log)
         reports = {key: ray.get(f) for key, f in futures.items()}

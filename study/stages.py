@@ -218,7 +218,9 @@ class _Trainer:
             for i in range(0, len(order), bs):
                 yield order[i:i + bs].to(self.device), None
             return
-        epoch_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))
+        from .streaming import draw_epoch_seed
+
+        epoch_seed = draw_epoch_seed(self.gen)
         for i, (x, _) in enumerate(self.train_split.batches(order, bs, epoch_seed)):
             yield order[i * bs:(i + 1) * bs].to(self.device), x
 

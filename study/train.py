@@ -8,7 +8,6 @@ selection split; the test set is evaluated once per seed at the end.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,7 +57,7 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
                device: str | None = None, console: Callable[[str], None] = print, variant: str | None = None) -> dict:
     """Run one stage-1 variant (default: the first that feeds stage 2) and one stage-2 method for
     every seed; write and return ``OUT/metrics.json``."""
-    from .data import FileLTData, load_data
+    from .data import load_data, loader_workers
     from .provenance import provenance
     from .stages import evaluate_selected
 
@@ -88,8 +87,7 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
     cfg1 = space.variants[variant].config
     backbone = cfg1.backbone
     seeds = space.seeds
-    # a file dataset's images are decoded in worker processes (in-memory datasets need none)
-    workers = min(4, os.cpu_count() or 1) if isinstance(data, FileLTData) else 0
+    workers = loader_workers(data)  # a file dataset's images are decoded in worker processes
     console(f"stage 1 ({variant}): {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
             f"selection on {data.selection_split}), seeds {list(seeds)}")
     rec1 = run_trial(TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone,

@@ -53,11 +53,6 @@ class TrialSpec:
     """DataLoader worker processes that decode a file dataset's images (0: in this process; the
     in-memory datasets need none)."""
 
-    @property
-    def feature_cache(self) -> Path | None:
-        """Stage 2 on a file dataset: the stage-1 trial folder holding its cached features."""
-        return self.stage1_dir if self.stage == "stage2" else None
-
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
     from .stages import Stage1Trainer, Stage2Trainer
@@ -69,9 +64,11 @@ def _make_trainer(spec: TrialSpec, data, seed: int, device):
 
 
 def _feature_cache(spec: TrialSpec, data):
+    """Stage 2 on a file dataset: the stage-1 trial folder that holds (or will hold) its cached
+    features; None otherwise (in-memory features are recomputed, in well under a second)."""
     from .data import FileLTData
 
-    return spec.feature_cache if isinstance(data, FileLTData) else None
+    return spec.stage1_dir if spec.stage == "stage2" and isinstance(data, FileLTData) else None
 
 
 def _trains(spec: TrialSpec) -> bool:

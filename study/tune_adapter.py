@@ -62,6 +62,7 @@ def study_trainable(config: dict, data=None) -> None:
     import torch
 
     from .config import EvalConfig, Stage1Config, Stage2Config, build
+    from .data import loader_workers
 
     ctx = tune.get_context()
     st = config["_study"]
@@ -85,7 +86,7 @@ def study_trainable(config: dict, data=None) -> None:
                      eval_cfg=build(EvalConfig, st["eval"]), trial_dir=tdir, backbone=st["backbone"] or getattr(cfg, "backbone", ""),
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
                      experiment=st["experiment"], trial_index=index, params=params, method=method,
-                     workers=max(0, int(st.get("cpus_per_trial") or 0)))
+                     workers=loader_workers(data, st.get("cpus_per_trial") or 1))
     # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
     run_trial(spec, data, report=tune.report)

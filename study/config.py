@@ -401,14 +401,12 @@ class Stage1Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .models import MODELS, known_model
+        from .model_names import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
 
         if not known_model(self.backbone):
-            raise ConfigError("backbone", unknown("backbone", self.backbone, MODELS))
+            raise ConfigError("backbone", unknown("backbone", self.backbone, MODEL_NAMES))
         _choice("classifier", self.classifier, ("linear", "etf"))
         if self.init_from is not None:
-            from .models import TORCHVISION_BACKBONES
-
             if self.backbone not in TORCHVISION_BACKBONES:
                 raise ConfigError("init_from", f"only for torchvision backbones ({', '.join(TORCHVISION_BACKBONES)}), "
                                   f"not {self.backbone}")

@@ -1,21 +1,24 @@
 """``study run``: the driver. Runs a whole study — stage 1, stage 2, the final evaluation on the
 test set, the records, tables and plots — and resumes an interrupted one when run again.
 
-A study runs two Tune experiments (``study.tune_adapter``), each a ``Tuner`` stored in
-``results/NAME/tune/<stage>``:
+A study runs one Tune experiment, a single ``Tuner`` stored in ``results/NAME/tune/search``
+(``study.tune_adapter``), whose searcher proposes the trials of every stage in order:
 
-1. ``stage1``: the methods ``naive`` (weight decay 0, one configuration) and ``tuned`` (the stage-1
-   space, proposed by a seeded Optuna TPE sampler); each trial trains every seed;
-2. ``stage2``: every stage-2 method on the backbones of the best ``tuned`` trial (their per-seed
-   weights are a constant path in ``param_space``, so a restored experiment uses the same ones).
-   Methods with searched parameters get their own Optuna study and budget; the others run once;
+1. ``stage1``: one method per stage-1 variant (e.g. ``naive``, weight decay 0, one configuration,
+   and ``tuned``, the stage-1 space proposed by a seeded Optuna TPE sampler); each trial trains
+   every seed;
+2. one stage-2 experiment per fed variant, opened when stage 1 has ended: every stage-2 method on
+   the backbones of the variant's selected trial (their per-seed weights are a constant path in
+   each trial's configuration, so a restored trial uses the same ones). Methods with searched
+   parameters get their own Optuna study and budget; the others run once;
 3. the final evaluation: each method's selected configuration, once per seed, on the test set
    (``study.stages.evaluate_selected``, as ``study train`` does).
 
-Resume contract: a finished stage has ``stages/<stage>.json`` and is skipped; an unfinished one is
-restored with ``Tuner.restore`` (searchers keep their history, Tune keeps the budget); trials
-continue from their own per-epoch checkpoints (``study.trial``), independent of Tune's snapshot
-timing; what a hard kill left inconsistent is repaired by ``study.resume``.
+Resume contract: a finished experiment has ``stages/<experiment>.json`` (written by the searcher
+when its last trial ended) and never runs again; an unfinished search is restored with
+``Tuner.restore`` (searchers keep their history, Tune keeps the budget); trials continue from
+their own per-epoch checkpoints (``study.trial``), independent of Tune's snapshot timing; what a
+hard kill left inconsistent is repaired by ``study.resume``.
 """
 
 from __future__ import annotations
@@ -32,24 +35,11 @@ from . import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switc
 from .errors import StudyInterrupted, UserError
 from .faults import pause_point
 from .fsutil import StudyLock, atomic_write_json, check_writable, json_plain
-from .layout import (DataSummary, ExperimentInfo, FinalReport, MethodInfo, Selection, StageMarker, StudyHeader,
+from .layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, MethodInfo, StageMarker, StudyHeader,
                      StudyPaths, check_name, final_weights, read_yaml_file)
 from .ray_runtime import check_address, check_stop, init_ray, stop_signals, trial_resources
-from .records import best_completed, experiment_trials
-from .spaces import Experiment, StudySpace, diff_dicts
-
-
-def select_best(paths: StudyPaths, exp: Experiment) -> dict[str, Selection | None]:
-    """Per method: the completed trial with the highest objective (ties: the earlier trial). Diverged,
-    failed and early-stopped trials are never selected."""
-    trials = experiment_trials(paths, exp.name, live=True, include_unknown=False)
-    chosen: dict[str, Selection | None] = {}
-    for method in exp.methods:
-        best = best_completed(trials, method)
-        chosen[method] = None if best is None else Selection(
-            trial_id=best.trial_id, trial_index=best.trial_index, dir=str(best.dir), objective=best.record.objective,
-            params=dict(best.record.params or {}))
-    return chosen
+from .records import experiment_trials
+from .spaces import StudySpace, diff_dicts
 
 
 # --- final evaluation ---------------------------------------------------------------------------------
@@ -182,8 +172,6 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
 
     Everything a user can get wrong is checked before anything is written: the name, the results
     folder, the resources, the cluster address, a changed space, the dataset files."""
-    from .data import load_data
-
     lock = stopping = None
     try:
         # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.ray_runtime).
@@ -208,10 +196,11 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                 log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
                     f"trials in {paths.trials_csv}")
                 return paths.root
-            # The dataset loads (torch imported, files read and checked) while Ray starts its processes:
-            # both take seconds, and Ray's mostly wait. A missing or corrupt dataset, or an unreachable
-            # cluster, fails here, before any write.
-            loading = _Background(load_data, space.data, data_dir)
+            # The dataset loads (files read and checked) and the search's modules are imported (Ray
+            # Tune, Optuna, torch) while Ray starts its processes: both take seconds, and Ray's
+            # mostly wait. A missing or corrupt dataset, or an unreachable cluster, fails here,
+            # before any write.
+            loading = _Background(_load_for_search, space.data, data_dir)
             init_ray(address, verbose, ray_temp_dir)
             data = loading.result()
             gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
@@ -243,6 +232,23 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             stopping.join()
         elif not address:  # also after a ray.init interrupted half-way: it stops what was started
             _shutdown_ray()
+
+
+def _load_for_search(data_cfg, data_dir):
+    import torch  # noqa: F401  (imported here, for their import time, see run_study)
+
+    from . import tune_adapter  # noqa: F401
+    from .data import load_data
+
+    return load_data(data_cfg, data_dir)
+
+
+def _import_finish_modules() -> None:
+    import matplotlib.figure  # noqa: F401
+    import optuna.importance  # noqa: F401  (fANOVA: scikit-learn)
+    import optuna.storages  # noqa: F401
+    import pandas  # noqa: F401
+    import sqlalchemy  # noqa: F401
 
 
 class _Background:
@@ -277,30 +283,32 @@ def _shutdown_ray() -> None:
 
 def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float, verbose: bool,
                 log: Callable[[str], None], in_driver: bool = False) -> None:
-    """Every experiment not finished yet, in order, then the final evaluation on the test set."""
+    """The search (every experiment not finished yet, in one Tuner), then the final evaluation on
+    the test set."""
     from .progress import ProgressView
-    from .tune_adapter import run_experiment
 
-    selections: dict[str, StageMarker] = {}
+    experiments = space.experiments()
     with ProgressView(paths, space, log, live=not verbose) as view:
-        for exp in space.experiments():
-            check_stop()
-            marker = paths.stage_marker(exp.name)
-            stage1_dir = None
-            if exp.stage == "stage2":
-                sel = selections["stage1"].selection(exp.variant)
-                if sel is None:
+        if not all(paths.stage_marker(e.name).exists() for e in experiments):
+            from .tune_adapter import run_search
+
+            # The driver mostly waits while stage-2 trials run: import what the tables and plots
+            # need meanwhile (seconds of imports, once), not after the last trial (and not while
+            # the workers start: they import torch and Ray Tune on the same cores).
+            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _Background(_import_finish_modules))
+        check_stop()
+        selections: dict[str, StageMarker] = {}
+        for exp in experiments:
+            marker = StageMarker.read(paths.stage_marker(exp.name))
+            if marker is None:
+                stage1 = selections.get("stage1")
+                if exp.stage == "stage2" and stage1 is not None and stage1.selection(exp.variant) is None:
                     raise UserError(f"no stage-1 trial of variant {exp.variant} completed (all diverged or "
                                     f"failed); see 'study status {paths.root}' and narrow its space")
-                stage1_dir = Path(sel.dir)
-                pause_point("between-stages", view.log)
-            if not marker.exists():
-                run_experiment(exp, space, paths, data, stage1_dir, cpus, gpus, view.log)
-                StageMarker(experiment=exp.name, finished=time.time(),
-                            selected={m: (None if v is None else v.to_dict())
-                                      for m, v in select_best(paths, exp).items()}).write(marker)
-            selections[exp.name] = StageMarker.read(marker)
-        check_stop()
+                ended = sum(t.status in ENDED_STATUSES for t in experiment_trials(paths, exp.name, live=False))
+                raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
+                                       "run the same command again to resume")
+            selections[exp.name] = marker
         run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
 
 

@@ -13,7 +13,6 @@ Real faults (a NaN, a SIGKILL, a corrupted file) need no hook: tests cause them 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +43,11 @@ def maybe_raise(stage: str, trial_index: int, method: str, epoch: int, trial_dir
 
 
 def pause_point(phase: str, log: Callable[[str], None] = print) -> None:
-    """Sleep at a driver phase boundary when a ``pause`` spec names it."""
+    """Sleep at a driver phase boundary when a ``pause`` spec names it; Ctrl-C or SIGTERM ends the
+    sleep (``between-stages`` is inside Tune's loop, where the stop is Tune's graceful one)."""
     for spec in _specs("pause"):
         if len(spec) == 2 and spec[0] == phase:
+            from .ray_runtime import wait_unless_stopped
+
             log(f"fault-injection: pausing at {phase}")
-            time.sleep(float(spec[1]))
+            wait_unless_stopped(float(spec[1]))

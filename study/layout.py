@@ -6,7 +6,7 @@ Layout of ``results/NAME/``::
 
     study.yaml                :class:`StudyHeader` — resolved space, experiments, data summary,
                               provenance, fingerprint
-    tune/<stage>/             Ray Tune's experiments ``stage1`` and ``stage2`` (what Tuner.restore reads)
+    tune/search/              Ray Tune's one experiment for every stage (what Tuner.restore reads)
     trials/<stage>/trial-NNNN-<id>/   one folder per trial (:func:`trial_dirname`):
         trial.json            :class:`TrialInfo` — method, parameters, resolved config
         events.jsonl          start (with the epoch it resumed from), epochs, fallbacks, the end
@@ -131,12 +131,19 @@ def check_name(name: str) -> str:
     return name
 
 
+TUNE_EXPERIMENT = "search"
+"""The name of the study's one Tune experiment (``tune/search/``)."""
+
+
 class StudyPaths:
     """Where everything of a study lives (all absolute)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         self.tune = self.root / "tune"
+        self.tune_experiment = self.tune / TUNE_EXPERIMENT
+        """Ray Tune's experiment folder: one Tuner runs every stage of the study (its snapshots,
+        searcher state and Tune's own trial folders)."""
         self.trials = self.root / "trials"
         self.stages = self.root / "stages"
         self.final = self.root / "final"

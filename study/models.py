@@ -66,6 +66,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_names import (MODEL_NAMES, TORCHVISION_BACKBONES, TORCHVISION_RESNETS,  # noqa: F401  (part of
+                          feature_dim, known_model)                                 # this module's API)
+
 
 class LTClassifier(nn.Module):
     """Backbone + linear classifier. ``features(x)`` gives the backbone output."""
@@ -199,23 +202,10 @@ def _digits_cnn(num_classes: int, in_channels: int) -> LTClassifier:
     return model
 
 
-# --- torchvision ImageNet ResNets (Kang et al.'s backbones) ----------------------------------------
-
-# name -> (block, blocks per stage, groups, width per group): torchvision.models.resnet.ResNet's arguments
-_TORCHVISION_RESNETS: dict[str, tuple[str, tuple[int, int, int, int], int, int]] = {
-    "resnet10": ("basic", (1, 1, 1, 1), 1, 64),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
-    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
-    "resnext101_32x4d": ("bottleneck", (3, 4, 23, 3), 32, 4),
-}
-TORCHVISION_BACKBONES = tuple(_TORCHVISION_RESNETS)
-"""The backbones built from torchvision's ``ResNet`` (the ones :func:`load_init_weights` accepts)."""
-
+# --- torchvision ImageNet ResNets (Kang et al.'s backbones; their shapes: study.model_names) ---------
 
 def _torchvision_resnet(name: str) -> Callable[[int, int], LTClassifier]:
-    kind, layers, groups, width = _TORCHVISION_RESNETS[name]
+    kind, layers, groups, width = TORCHVISION_RESNETS[name]
 
     def make(num_classes: int, in_channels: int) -> LTClassifier:
         # torchvision is imported here, as for resnet34-wb, so that importing study stays light
@@ -358,18 +348,9 @@ MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
     "digits-cnn": _digits_cnn,
     # Kang et al.'s ImageNet backbones; resnet50 and resnet152 take precedence over the CIFAR
     # ResNet-(6n+2) rule below, which would otherwise also match those two names
-    **{name: _torchvision_resnet(name) for name in _TORCHVISION_RESNETS},
+    **{name: _torchvision_resnet(name) for name in TORCHVISION_RESNETS},
 }
-_FEATURE_DIMS = {"resnet34-wb": 512, "digits-cnn": 128,
-                 **{name: 512 if spec[0] == "basic" else 2048 for name, spec in _TORCHVISION_RESNETS.items()}}
-_RESNET_N = re.compile(r"^resnet(\d+)$")
-
-
-def known_model(name: str) -> bool:
-    """True for registered names and any CIFAR ``resnet{6n+2}`` (resnet8, resnet20, resnet56, ...)."""
-    m = _RESNET_N.match(name)
-    return name in MODELS or bool(m and int(m.group(1)) >= 8 and (int(m.group(1)) - 2) % 6 == 0)
-
+assert tuple(MODELS) == MODEL_NAMES, "study.model_names.MODEL_NAMES lists the registry's names, in order"
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | None = None) -> LTClassifier:
     """Build a registered model; with ``seed`` the initialisation is reproducible and leaves the
@@ -387,18 +368,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make(num_classes, in_channels)
-
-
-def feature_dim(name: str) -> int:
-    """The feature dimension ``build_model(name, ...).feat_dim`` has, without building the model
-    (a ResNet-152 takes a second and 230 MB to build): 64 for the CIFAR ResNets."""
-    if name in _FEATURE_DIMS:
-        return _FEATURE_DIMS[name]
-    if known_model(name):
-        return 64
-    from .errors import UserError, unknown
-
-    raise UserError(unknown("backbone", name, MODELS))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -147,6 +147,34 @@ def check_stop() -> None:
         raise KeyboardInterrupt
 
 
+def stop_requested() -> bool:
+    """A stop was requested (for code inside Tune's loop, which must not raise: Tune stops itself)."""
+    return _STOP.is_set()
+
+
+def wait_unless_stopped(seconds: float) -> None:
+    """Sleep up to ``seconds``, ending early on Ctrl-C or SIGTERM, also inside Tune's loop: there
+    Tune's own SIGINT handler only flags a graceful stop and the sleep would run on. The signal is
+    recorded and passed on to whichever handler was there (ours raises, Tune's stops the run)."""
+    if threading.current_thread() is not threading.main_thread():
+        _STOP.wait(seconds)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        _STOP.set()
+        signal.signal(signal.SIGINT, previous)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        _STOP.wait(seconds)
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
+
+
 @contextlib.contextmanager
 def stop_signals_deferred():
     """Around ray.init: record stop requests instead of raising inside it (see above), keep Ray from

@@ -16,7 +16,7 @@ from typing import Any
 
 from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
 from .layout import (COMPLETED, DIVERGED, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
-                     RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, StageMarker, FinalReport, StudyHeader, StudyPaths,
+                     RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
                      TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, trial_index_of)
 
 
@@ -38,23 +38,36 @@ def fmt_params(params: dict | None) -> str:
 
 # --- Tune's own view (for statuses our files cannot know: pending, early-stopped, errored) --------------
 
-def tune_trials(paths: StudyPaths, experiment: str) -> dict[str, dict]:
-    """trial_id -> {status, index, logdir, config} from the newest experiment_state-*.json (empty if none)."""
-    files = sorted(glob.glob(str(paths.tune / experiment / "experiment_state-*.json")))
+def read_tune_state(file: str | os.PathLike) -> dict[str, dict]:
+    """trial_id -> {experiment, status, index, logdir, config} from one of Tune's experiment_state
+    files. A trial's experiment and its index in it are in the ``_study`` block of its config (one
+    Tuner runs every experiment); the experiment tag's counter is the fallback for the index."""
+    state = read_json(file)
+    out = {}
+    for entry in state.get("trial_data", []):
+        tj = entry[0]
+        if isinstance(tj, str):
+            tj = json.loads(tj)
+        config = tj.get("config") or {}
+        st = config.get("_study") or {}
+        index = st.get("index")
+        out[tj["trial_id"]] = {"experiment": st.get("experiment"), "status": tj.get("status"),
+                               "index": index if index is not None else trial_index_of(tj.get("experiment_tag"),
+                                                                                        tj["trial_id"]),
+                               "logdir": tj.get("relative_logdir"), "config": config}
+    return out
+
+
+def tune_trials(paths: StudyPaths, experiment: str | None = None) -> dict[str, dict]:
+    """trial_id -> {experiment, status, index, logdir, config} from the newest readable
+    experiment_state-*.json (empty if none), of one experiment or (None) of all."""
+    files = sorted(glob.glob(str(paths.tune_experiment / "experiment_state-*.json")))
     for f in reversed(files):
         try:
-            state = read_json(f)
-        except (OSError, ValueError):
+            trials = read_tune_state(f)
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        out = {}
-        for entry in state.get("trial_data", []):
-            tj = entry[0]
-            if isinstance(tj, str):
-                tj = json.loads(tj)
-            out[tj["trial_id"]] = {"status": tj.get("status"),
-                                   "index": trial_index_of(tj.get("experiment_tag"), tj["trial_id"]),
-                                   "logdir": tj.get("relative_logdir"), "config": tj.get("config", {})}
-        return out
+        return {tid: t for tid, t in trials.items() if experiment is None or t["experiment"] == experiment}
     return {}
 
 
@@ -139,7 +152,7 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             status, reason = _status(record, read_json_or_none(tdir / "failed.json"), tstat, live)
             if status == FAILED and reason is None:
                 logdir = tune_state[tid].get("logdir")
-                reason = error_reason(paths.tune / experiment / logdir / "error.txt" if logdir else None)
+                reason = error_reason(paths.tune_experiment / logdir / "error.txt" if logdir else None)
             t = TrialView(index, tid, tdir, status, method=info.method if info else None,
                           params=dict(info.params) if info else {}, record=record, reason=reason,
                           objective=epochs[-1].get("objective") if epochs else None,
@@ -168,6 +181,23 @@ def best_completed(trials: list[TrialView], method: str) -> TrialView | None:
                 and (best is None or t.objective > best.objective):
             best = t
     return best
+
+
+def select_best(paths: StudyPaths, experiment: str, methods, trial_ids: set[str] | None = None
+                ) -> dict[str, Selection | None]:
+    """Per method: the completed trial with the highest objective (ties: the earlier trial), among
+    ``trial_ids`` (default: the trials of Tune's last snapshot). Diverged, failed and early-stopped
+    trials are never selected."""
+    trials = experiment_trials(paths, experiment, live=True, include_unknown=trial_ids is not None)
+    if trial_ids is not None:
+        trials = [t for t in trials if t.trial_id in trial_ids]
+    chosen: dict[str, Selection | None] = {}
+    for method in methods:
+        best = best_completed(trials, method)
+        chosen[method] = None if best is None else Selection(
+            trial_id=best.trial_id, trial_index=best.trial_index, dir=str(best.dir), objective=best.record.objective,
+            params=dict(best.record.params or {}))
+    return chosen
 
 
 # --- trials.csv and per_class.csv -------------------------------------------------------------------------

@@ -133,11 +133,11 @@ class MethodPlan:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One Ray Tune experiment, with one Optuna study and budget per method.
+    """One experiment of the search, with one Optuna study and budget per method.
 
     ``stage1`` has one method per stage-1 variant; each fed variant has a stage-2 experiment
     (``stage2-<variant>``; ``stage2`` in an old-form space) with one method per entry of
-    ``stage2.methods``. All trials of an experiment run in one Tuner, so methods share workers (and
+    ``stage2.methods``. All trials of every experiment run in one Tuner, so methods share workers (and
     a GPU) instead of waiting for each other."""
 
     name: str
@@ -573,7 +573,7 @@ def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
     if cfg.classifier != "etf":
         return
     from .data import DATASETS
-    from .models import MODELS, feature_dim
+    from .model_names import MODEL_NAMES as MODELS, feature_dim
 
     spec = DATASETS[data.dataset]
     need = spec.num_classes - 1

@@ -1,11 +1,16 @@
-"""The Ray Tune adapter: the trainable that runs one trial in a Ray worker, the searcher that gives
-every method its own Optuna study and exact budget inside one Tuner, the per-method scheduler, the
-failure callback, and running (or restoring) one stage's Tune experiment.
+"""The Ray Tune adapter: the trainable that runs one trial in a Ray worker, the searchers that give
+every experiment and method its own Optuna study and exact budget inside one Tuner, the per-method
+scheduler, the failure callback, and running (or restoring) the study's Tune experiment.
 
-One Tuner per stage (rather than per method) lets short stage-2 trials of every method share the
-workers and the GPU concurrently. :class:`MethodSearcher` routes each trial to its method's Optuna
-study and keeps every method's budget exact; :class:`MethodScheduler` gives each method its own
-ASHA early stopping (if the space asks for it) so methods are never compared with each other.
+One Tuner runs the whole study (every stage and method): its workers start once and serve every
+trial, stage-1 and stage-2 alike (starting a worker — a process importing Ray Tune and torch — costs
+seconds), and short stage-2 trials of every method share the workers and the GPU concurrently.
+:class:`StudySearcher` opens an experiment once the one it depends on has ended (stage 2 after
+stage 1, whose selection it needs), writes each experiment's stage marker when its last trial ends,
+and caps the trials in flight at the cluster's slots; :class:`MethodSearcher` routes each trial of
+one experiment to its method's Optuna study and keeps every method's budget exact;
+:class:`MethodScheduler` gives each method its own ASHA early stopping (if the space asks for it) so
+methods are never compared with each other.
 Tune is given no checkpoints: a trial resumes from its own (``study.trial``), so restoring a trial
 just calls its function again. Optuna keeps in-memory storage inside the searcher, pickled with
 Tune's snapshot: a persistent (SQLite) storage shared with a restored searcher crashes restores
@@ -32,13 +37,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from .errors import StudyInterrupted  # noqa: E402
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
-from .layout import (DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StudyPaths, TrialInfo,  # noqa: E402
-                     parse_trial_dirname, trial_dirname, trial_index_of)
+from .faults import pause_point  # noqa: E402
+from .layout import (DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
+                     trial_dirname, trial_index_of)
 from .ray_runtime import trial_slots  # noqa: E402
-from .records import error_reason, optuna_study_name, tune_trials  # noqa: E402
-from .resume import adopt_claimed, claim_orphan, set_aside_orphans, usable_snapshot  # noqa: E402
+from .records import error_reason, optuna_study_name, read_tune_state, select_best  # noqa: E402
+from .resume import (SNAPSHOT_FILES, SNAPSHOT_STAMP, adopt_claimed, claim_orphan, set_aside_orphans,  # noqa: E402
+                     usable_snapshot)
 from .spaces import Experiment, StudySpace  # noqa: E402
 from .trial import TrialSpec, run_trial  # noqa: E402
 
@@ -47,9 +53,15 @@ _USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the use
 
 
 def tune_trial_dirname(trial) -> str:
-    """Tune's trial folder name, the same as ours (:func:`study.layout.trial_dirname`). Module level,
+    """Tune's trial folder name, the same as ours (:func:`study.layout.trial_dirname`): the index is
+    the trial's in its own experiment (:class:`StudySearcher` puts it in the config). Module level,
     so Tune can pickle it into tuner.pkl."""
-    return trial_dirname(trial_index_of(trial.experiment_tag, trial.trial_id), trial.trial_id)
+    return trial_dirname(_index_of(trial), trial.trial_id)
+
+
+def _index_of(trial) -> int:
+    index = ((trial.config or {}).get("_study") or {}).get("index")
+    return int(index) if index is not None else trial_index_of(trial.experiment_tag, trial.trial_id)
 
 
 # --- the trainable (runs in Ray workers) --------------------------------------------------------------
@@ -58,7 +70,8 @@ def study_trainable(config: dict, data=None) -> None:
     """Tune function trainable: one configuration of one method, every seed (``study.trial``).
 
     ``config`` holds the searched parameters (flat, as Optuna names them), ``method``, and the
-    constant ``_study`` block (paths, seeds, base configs)."""
+    ``_study`` block: the study's constants (paths, seeds, evaluation) merged with the trial's
+    experiment, stage, index in its experiment, base configuration and stage-1 folder."""
     import torch
 
     from .config import EvalConfig, Stage1Config, Stage2Config, build
@@ -67,11 +80,11 @@ def study_trainable(config: dict, data=None) -> None:
     ctx = tune.get_context()
     st = config["_study"]
     trial_id = ctx.get_trial_id()
-    index = (parse_trial_dirname(Path(ctx.get_trial_dir()).name) or (0, ""))[0]
+    index = int(st["index"])
     method = config["method"]
     params = {k: v for k, v in config.items() if k not in ("_study", "method")}
     cls = Stage1Config if st["stage"] == "stage1" else Stage2Config
-    cfg = build(cls, {**st["configs"][method], **params})
+    cfg = build(cls, {**st["config"], **params})
     torch.set_num_threads(max(1, int(st.get("cpus_per_trial") or 1)))
     paths = StudyPaths(Path(st["root"]))
     tdir = paths.trial_dir(st["experiment"], index, trial_id)
@@ -123,21 +136,16 @@ class StudyOptunaSearch(OptunaSearch):
 
 
 class MethodSearcher(Searcher):
-    """One sub-searcher and one exact budget per method, behind Tune's single-searcher interface.
+    """One sub-searcher and one exact budget per method of one experiment (inside
+    :class:`StudySearcher`).
 
     ``suggest`` gives the next trial to the method that has used the smallest fraction of its
     budget (ties: the order of the space file), so every method progresses at once; a method
     without searched parameters has no sub-searcher and runs its fixed configuration. Results and
     completions are routed back to the method's searcher. The whole routing state is pickled with
-    the sub-searchers (their Optuna studies included) at every Tune snapshot.
+    the sub-searchers (their Optuna studies included) at every Tune snapshot."""
 
-    ``max_live`` caps the trials suggested and not yet ended (the stage's concurrency): no trial is
-    proposed before a slot is free to run it, so each proposal sees every result that has come in.
-    (Not Tune's ConcurrencyLimiter: its count of live trials is not saved with the snapshot, and
-    after a restore it drops the completions of the trials that were running.)"""
-
-    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = "",
-                 max_live: int | None = None):
+    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = ""):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.order = list(subs)
         self.subs = subs
@@ -145,9 +153,7 @@ class MethodSearcher(Searcher):
         self.issued = {m: 0 for m in subs}
         self.trial_method: dict[str, str] = {}
         self.pool = pool
-        """The stage's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
-        self.max_live = max_live
-        self.live: set[str] = set()
+        """The experiment's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # every sub-searcher was built with its own space, metric and mode
@@ -159,8 +165,6 @@ class MethodSearcher(Searcher):
             open_ = [m for m in self.order if self.issued[m] < self.budgets[m]]
             if not open_:
                 return Searcher.FINISHED
-            if self.max_live and len(self.live) >= self.max_live:
-                return None  # every slot is busy: propose when one frees, with its result known
             m = min(open_, key=lambda k: (self.issued[k] / self.budgets[k], self.order.index(k)))
         sub = self.subs[m]
         if trial_id not in self.trial_method and self.pool:
@@ -176,8 +180,20 @@ class MethodSearcher(Searcher):
         if trial_id not in self.trial_method:
             self.trial_method[trial_id] = m
             self.issued[m] += 1
-            self.live.add(trial_id)
         return {**params, "method": m}
+
+    def forget(self, trial_id: str) -> None:
+        """Take back a suggestion Tune never stored (see :meth:`StudySearcher.restore`): its budget
+        slot is issued again; its Optuna trial is told FAIL, so no sampler waits on it."""
+        m = self.trial_method.pop(trial_id, None)
+        if m is None:
+            return
+        self.issued[m] -= 1
+        sub = self.subs.get(m)
+        ot_trial = getattr(sub, "_ot_trials", {}).pop(trial_id, None)
+        if ot_trial is not None:
+            ot_trial.set_user_attr("reason", "never run (not in Tune's snapshot)")
+            sub._ot_study.tell(ot_trial, state=TrialState.FAIL)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         sub = self.subs.get(self.trial_method.get(trial_id, ""))
@@ -185,35 +201,199 @@ class MethodSearcher(Searcher):
             sub.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.live.discard(trial_id)
         sub = self.subs.get(self.trial_method.get(trial_id, ""))
         if sub is not None:
             sub.on_trial_complete(trial_id, result, error)
 
+
+_DRIVER: dict[str, Callable | None] = {"log": print, "on_open": None}
+"""What :class:`StudySearcher` (in the driver, inside Tune's loop) calls: ``log`` prints (the live
+view's log); ``on_open`` runs once, when stage 2 opens (the driver's background imports)."""
+
+
+class StudySearcher(Searcher):
+    """Every experiment of the study behind Tune's single-searcher interface, in one Tuner.
+
+    Experiments are proposed in the space's order; one that depends on another (a stage-2
+    experiment on stage 1, whose selected trial it trains on) opens only once that one has ended.
+    When the last trial of an experiment ends, its selection is written to its stage marker
+    (``stages/<experiment>.json``) — what opens its dependents, what resume trusts, what the final
+    evaluation reads. An experiment whose marker exists is never run again.
+
+    ``max_live`` caps the trials suggested and not yet ended: no trial is proposed before a slot is
+    free to run it, so each proposal sees every result that has come in. (Not Tune's
+    ConcurrencyLimiter: its count of live trials is not saved with the snapshot, and after a
+    restore it drops the completions of the trials that were running.) The whole state is pickled
+    at every Tune snapshot; :meth:`restore` reconciles it with the trials of the same snapshot."""
+
+    def __init__(self, paths: StudyPaths, experiments: list[Experiment], searchers: dict[str, MethodSearcher],
+                 constants: dict[str, dict], max_live: int | None = None):
+        super().__init__(metric=OBJECTIVE, mode="max")
+        self.root = str(paths.root)
+        self.order = [e.name for e in experiments]
+        self.stage = {e.name: e.stage for e in experiments}
+        self.after = {e.name: ("stage1" if e.stage == "stage2" else None) for e in experiments}
+        self.variant = {e.name: e.variant for e in experiments}
+        self.budget = {e.name: e.budget for e in experiments}
+        self.searchers = searchers
+        self.constants = constants
+        """experiment -> its part of each trial's ``_study`` block (base configs by method, ...)."""
+        self.count = {e.name: 0 for e in experiments}
+        self.trial_exp: dict[str, str] = {}
+        self.index: dict[str, int] = {}
+        """trial id -> its index in its experiment (the order of issue; its folder's number)."""
+        self.ended: dict[str, set[str]] = {e.name: set() for e in experiments}
+        self.finished = {e.name for e in experiments if paths.stage_marker(e.name).exists()}
+        self.blocked: set[str] = set()
+        self.max_live = max_live
+        self.live: set[str] = set()
+        self._opened_here = False  # this process has passed the between-stages point (not pickled)
+
+    @property
+    def paths(self) -> StudyPaths:
+        return StudyPaths(self.root)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        if trial_id in self.trial_exp:  # asked again for the same trial: same experiment
+            e = self.trial_exp[trial_id]
+            cfg = self.searchers[e].suggest(trial_id)
+            return cfg if not isinstance(cfg, dict) else self._with_study(e, trial_id, cfg)
+        if ray_runtime.stop_requested():
+            return None  # the study is stopping: propose nothing Tune would only have to shelve
+        for e in self.order:  # an experiment whose trials all ended (e.g. before a restore) closes
+            if e not in self.finished and self._all_ended(e):
+                self._finish(e)
+        if self.max_live and len(self.live) >= self.max_live:
+            return None  # every slot is busy: propose when one frees, with its result known
+        waiting = False
+        for e in self.order:
+            if e in self.finished or e in self.blocked:
+                continue
+            dep = self.after[e]
+            if dep and dep not in self.finished:
+                waiting = True
+                continue
+            if dep and not self._open(e):
+                if e not in self.blocked:
+                    return None  # stopping at the between-stages point
+                continue
+            cfg = self.searchers[e].suggest(trial_id)
+            if cfg is None:
+                return None
+            if cfg == Searcher.FINISHED:
+                waiting = waiting or len(self.ended[e]) < self.count[e]
+                continue
+            self.trial_exp[trial_id] = e
+            self.index[trial_id] = self.count[e]
+            self.count[e] += 1
+            self.live.add(trial_id)
+            return self._with_study(e, trial_id, cfg)
+        return None if waiting else Searcher.FINISHED
+
+    def _with_study(self, e: str, trial_id: str, cfg: dict) -> dict:
+        c = self.constants[e]
+        return {**cfg, "_study": {"experiment": e, "stage": self.stage[e], "index": self.index[trial_id],
+                                  "config": c["configs"][cfg["method"]], "backbone": c["backbone"],
+                                  "stage1_dir": c.get("stage1_dir")}}
+
+    def _open(self, e: str) -> bool:
+        """A dependent experiment: take its stage-1 folder from the marker of the experiment it
+        depends on (blocked if that variant has no selection). The first opening in this process
+        is the between-stages point (a fault-injection pause for the tests); False if a stop was
+        requested there."""
+        if self.constants[e].get("stage1_dir"):
+            return True
+        marker = StageMarker.read(self.paths.stage_marker(self.after[e]))
+        sel = marker.selection(self.variant[e]) if marker else None
+        if sel is None:
+            self.blocked.add(e)
+            return False
+        if not self._opened_here:
+            pause_point("between-stages", _DRIVER["log"])
+            self._opened_here = True
+            if ray_runtime.stop_requested():
+                return False
+            if _DRIVER["on_open"] is not None:
+                _DRIVER["on_open"]()
+        self.constants[e]["stage1_dir"] = sel.dir
+        return True
+
+    def _all_ended(self, e: str) -> bool:
+        return self.count[e] >= self.budget[e] and len(self.ended[e]) >= self.budget[e]
+
+    def _finish(self, e: str) -> None:
+        """The experiment's last trial has ended: write its stage marker with each method's
+        selection (among the trials this searcher issued)."""
+        ids = set(self.searchers[e].trial_method)
+        selected = select_best(self.paths, e, self.searchers[e].order, ids)
+        StageMarker(experiment=e, finished=time.time(),
+                    selected={m: (None if v is None else v.to_dict()) for m, v in selected.items()}
+                    ).write(self.paths.stage_marker(e))
+        self.finished.add(e)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        e = self.trial_exp.get(trial_id)
+        if e is not None:
+            self.searchers[e].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        e = self.trial_exp.get(trial_id)
+        if e is None or trial_id in self.ended[e]:
+            return
+        self.live.discard(trial_id)
+        self.ended[e].add(trial_id)
+        self.searchers[e].on_trial_complete(trial_id, result, error)
+        if self._all_ended(e):
+            self._finish(e)
+
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+            pickle.dump({k: v for k, v in self.__dict__.items() if not k.startswith("_")}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        # Live trials start afresh: one the snapshot lists but Tune never runs again (a hard kill
-        # between the two files) would otherwise hold its slot for ever. The trials Tune does run
-        # again may briefly exceed the cap; Ray's resources still bound what runs.
-        state["live"] = set()
-        self.__dict__.update(state)
+            self.__dict__.update(pickle.load(f))
+        self._opened_here = False
+        # Reconcile with Tune's trials of the same snapshot (written in the same step): Tune runs
+        # every unfinished one again, so those are the live ones; one it never stored (a kill
+        # between a suggestion and the snapshot) is taken back, its budget slot issued again.
+        stamp = SNAPSHOT_STAMP.search(os.path.basename(checkpoint_path))
+        state = Path(checkpoint_path).with_name(SNAPSHOT_FILES[0].format(stamp.group(1))) if stamp else None
+        try:
+            tune_state = read_tune_state(state) if state else None
+        except (OSError, ValueError, KeyError, TypeError):
+            tune_state = None
+        self.live = set()
+        for tid, e in list(self.trial_exp.items()):
+            if tid in self.ended[e]:
+                continue
+            status = None if tune_state is None else (tune_state.get(tid) or {}).get("status")
+            if tune_state is not None and status is None:
+                self.searchers[e].forget(tid)
+                del self.trial_exp[tid], self.index[tid]
+                self.count[e] -= 1
+            elif status in ("TERMINATED", "ERROR"):  # ended, though its end was not told: tell it now
+                self.ended[e].add(tid)
+                self.searchers[e].on_trial_complete(tid, None, error=True)
+            else:
+                self.live.add(tid)
 
 
 class MethodScheduler(FIFOScheduler):
-    """Per-method early stopping: trials go to their method's ASHA (if it has one), so a method's
-    trials are only ever compared with each other; other trials run to the end."""
+    """Per-method early stopping: trials go to their (experiment, method)'s ASHA (if it has one), so
+    a method's trials are only ever compared with each other; other trials run to the end."""
 
     def __init__(self, schedulers: dict[str, ASHAScheduler]):
         super().__init__()
         self.schedulers = schedulers
+        """``<experiment>/<method>`` -> its ASHA."""
 
     def _sub(self, trial) -> TrialScheduler | None:
-        return self.schedulers.get((trial.config or {}).get("method"))
+        config = trial.config or {}
+        return self.schedulers.get(f"{(config.get('_study') or {}).get('experiment')}/{config.get('method')}")
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         for s in self.schedulers.values():
@@ -257,14 +437,13 @@ class FailureRecorder(tune.Callback):
     """Writes ``failed.json`` into the study's trial folder when Tune gives up on a trial (after
     ``search.retries`` retries), with the exception's last line as the reason."""
 
-    def __init__(self, root: str, experiment: str):
+    def __init__(self, root: str):
         self.root = root
-        self.experiment = experiment
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
-            tdir = StudyPaths(Path(self.root)).trial_dir(
-                self.experiment, trial_index_of(trial.experiment_tag, trial.trial_id), trial.trial_id)
+            experiment = trial.config["_study"]["experiment"]
+            tdir = StudyPaths(Path(self.root)).trial_dir(experiment, _index_of(trial), trial.trial_id)
             tdir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(tdir / FAILED_FILE, {"status": FAILED,
                                                      "reason": error_reason(getattr(trial, "error_file", None)),
@@ -273,18 +452,20 @@ class FailureRecorder(tune.Callback):
             pass
 
 
-# --- one experiment -----------------------------------------------------------------------------------
+# --- the study's Tune experiment ----------------------------------------------------------------------
 
-def _constants(exp: Experiment, space: StudySpace, paths: StudyPaths, stage1_dir: Path | None, cpus: float) -> dict:
-    return {"_study": {"root": str(paths.root), "experiment": exp.name, "stage": exp.stage,
-                       "seeds": list(space.seeds), "configs": {p.method: asdict(p.config) for p in exp.plans},
-                       "eval": asdict(space.eval), "cpus_per_trial": cpus,
-                       "backbone": space.backbone_of(exp.variant) if exp.variant else None,
-                       "stage1_dir": str(stage1_dir) if stage1_dir else None}}
+def _study_constants(space: StudySpace, paths: StudyPaths, cpus: float) -> dict:
+    """The ``_study`` block every trial shares (its experiment's part comes from StudySearcher)."""
+    return {"_study": {"root": str(paths.root), "seeds": list(space.seeds), "eval": asdict(space.eval),
+                       "cpus_per_trial": cpus}}
 
 
-def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable, stage1_dir: Path | None,
-                cpus: float, slots: int):
+def _experiment_constants(exp: Experiment, space: StudySpace) -> dict:
+    return {"configs": {p.method: asdict(p.config) for p in exp.plans},
+            "backbone": space.backbone_of(exp.variant) if exp.variant else None}
+
+
+def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> MethodSearcher:
     subs: dict[str, StudyOptunaSearch | None] = {}
     for i, p in enumerate(exp.plans):
         if not p.params:
@@ -294,23 +475,28 @@ def _make_tuner(exp: Experiment, space: StudySpace, paths: StudyPaths, trainable
                                              n_startup_trials=space.search.startup_trials)
         subs[p.method] = StudyOptunaSearch({k: d.to_optuna() for k, d in p.params.items()}, metric=OBJECTIVE,
                                            mode="max", sampler=sampler, study_name=optuna_study_name(exp.name, p.method))
-    searcher = MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name),
-                              max_live=slots)
+    return MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
+
+
+def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, slots: int):
+    experiments = space.experiments()
+    searcher = StudySearcher(paths, experiments, {e.name: _method_searcher(e, space, paths) for e in experiments},
+                             {e.name: _experiment_constants(e, space) for e in experiments}, max_live=slots)
     # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
-    asha = {p.method: ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
-                                    grace_period=p.scheduler.grace_period,
-                                    reduction_factor=p.scheduler.reduction_factor)
-            for p in exp.plans if p.scheduler is not None}
+    asha = {f"{e.name}/{p.method}": ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
+                                                  grace_period=p.scheduler.grace_period,
+                                                  reduction_factor=p.scheduler.reduction_factor)
+            for e in experiments for p in e.plans if p.scheduler is not None}
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher,
                                   scheduler=MethodScheduler(asha) if asha else None,
-                                  num_samples=exp.budget, reuse_actors=True,
-                                  trial_dirname_creator=tune_trial_dirname)
+                                  num_samples=sum(e.budget for e in experiments if e.name not in searcher.finished),
+                                  reuse_actors=True, trial_dirname_creator=tune_trial_dirname)
     run_config = tune.RunConfig(
-        name=exp.name, storage_path=str(paths.tune), verbose=0,
+        name=paths.tune_experiment.name, storage_path=str(paths.tune), verbose=0,
         failure_config=tune.FailureConfig(max_failures=space.search.retries),
-        callbacks=[FailureRecorder(str(paths.root), exp.name)],
+        callbacks=[FailureRecorder(str(paths.root))],
     )
-    return tune.Tuner(trainable, param_space=_constants(exp, space, paths, stage1_dir, cpus),
+    return tune.Tuner(trainable, param_space=_study_constants(space, paths, cpus),
                       tune_config=tune_config, run_config=run_config)
 
 
@@ -319,20 +505,25 @@ def _wrap_trainable(data, cpus: float, gpus: float):
     return tune.with_resources(tune.with_parameters(study_trainable, data=data), {"cpu": cpus, "gpu": gpus})
 
 
-def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, stage1_dir: Path | None,
-                   cpus: float, gpus: float, log: Callable[[str], None]) -> None:
-    """Run or resume one Tune experiment until every trial of its budget has ended."""
-    exp_dir = paths.tune / exp.name
+def run_search(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float,
+               log: Callable[[str], None], on_open: Callable[[], None] | None = None) -> None:
+    """Run or resume the study's Tune experiment until every experiment has ended (its stage marker
+    written) or the study is stopped; the caller tells the two apart by the markers. ``on_open``
+    runs once, in the driver, when stage 2 opens."""
+    exp_dir = paths.tune_experiment
     trainable = _wrap_trainable(data, cpus, gpus)
     slots = trial_slots(cpus, gpus, space.search.max_concurrent)
     # Tune keeps one trial pending at a time for a custom searcher: the second worker would start
-    # only once the first runs (~1 s per stage on a CPU). Every slot may be pending at once; the
-    # searcher never proposes more trials than slots (MethodSearcher.max_live).
+    # only once the first runs (~1 s on a CPU). Every slot may be pending at once; the searcher
+    # never proposes more trials than slots (StudySearcher.max_live).
     if not _USER_MAX_PENDING:
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
+    _DRIVER.update(log=log, on_open=on_open)
+    unfinished = [e.name for e in space.experiments() if not paths.stage_marker(e.name).exists()]
     if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
-        log(f"{exp.name}: resuming")
-        set_aside_orphans(paths, exp.name, log)
+        log("resuming the search")
+        for name in unfinished:
+            set_aside_orphans(paths, name, log)
         # Unfinished trials keep their ids and run their function again, which resumes from the
         # trial's own checkpoint. (RESTART would give them new ids.) Errored trials stay failed.
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
@@ -340,24 +531,17 @@ def run_experiment(exp: Experiment, space: StudySpace, paths: StudyPaths, data, 
     else:
         if exp_dir.exists():
             # Built but never snapshotted (restoring would silently run one trial: docs/reference.md §7),
-            # or no readable snapshot: start the stage afresh; trials of the old attempt are set aside.
-            exp_dir.rename(exp_dir.with_name(f"{exp.name}.unusable-{int(time.time())}"))
-            set_aside_orphans(paths, exp.name, log)
-        tuner = _make_tuner(exp, space, paths, trainable, stage1_dir, cpus, slots)
+            # or no readable snapshot: start the search afresh (finished experiments stay finished);
+            # trials of the old attempt are set aside, and continued.
+            exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.unusable-{int(time.time())}"))
+        for name in unfinished:
+            set_aside_orphans(paths, name, log)
+        tuner = _make_tuner(space, paths, trainable, cpus, slots)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
     finally:
         # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
-        # its handler would swallow a later Ctrl-C (between stages, in the final evaluation).
+        # its handler would swallow a later Ctrl-C (in the final evaluation).
         signal.signal(signal.SIGINT, sigint)
     del results
-    # After a graceful stop Tune marks every in-memory trial TERMINATED, so fit()'s statuses cannot
-    # tell an interrupted stage from a finished one; the last snapshot on disk can (it is what a
-    # restore resumes): in-flight trials are still RUNNING or PENDING there.
-    snapshot = tune_trials(paths, exp.name)
-    ended = sum(t["status"] in ("TERMINATED", "ERROR") for t in snapshot.values())
-    if len(snapshot) < exp.budget or ended < exp.budget:
-        raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
-                               "run the same command again to resume")
-

@@ -26,9 +26,11 @@ def _trial(folder, name, method, params, epoch=0, record=False):
 
 
 def _snapshot(paths, stage, known):
-    folder = paths.tune / stage
+    """Tune's stored experiment state (one Tuner for the study) knowing ``known`` trials of ``stage``."""
+    folder = paths.tune_experiment
     folder.mkdir(parents=True)
-    data = [[json.dumps({"trial_id": t, "status": "RUNNING", "experiment_tag": f"{i + 1}_x"}), {}]
+    data = [[json.dumps({"trial_id": t, "status": "RUNNING", "experiment_tag": f"{i + 1}_x",
+                         "config": {"_study": {"experiment": stage, "index": i}}}), {}]
             for i, t in enumerate(known)]
     (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
 

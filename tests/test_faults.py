@@ -91,7 +91,7 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     stop_in_flight("stage2", signal.SIGKILL)
     # What a hard kill during Tune's (non-atomic) copy of its snapshot once left behind: an empty
     # search_gen_state file. The next run must restore the previous snapshot, not start over.
-    snapshots = root / "tune" / "stage2"
+    snapshots = root / "tune" / "search"  # one Tune experiment for the whole study
     sorted(snapshots.glob("search_gen_state-*.json"))[-1].write_bytes(b"")
     stop_at_pause("final-eval", signal.SIGINT)
     assert not (root / "done.json").exists()
@@ -109,9 +109,9 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     assert "unusable" in v1["notes"]
     assert any(int(r["resumed_from_epoch"]) > 0 for r in rows if r["stage"] == "stage2")
     # the searchers kept their history: the restored stage-1 study holds exactly the budgeted trials
-    state = sorted(glob.glob(str(root / "tune" / "stage1" / "searcher-state-*.pkl")))[-1]
+    state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
-        ot = pickle.load(f)["subs"]["tuned"]._ot_study
+        ot = pickle.load(f)["searchers"]["stage1"].subs["tuned"]._ot_study
     n_tuned = toy_budgets()[("stage1", "tuned")]
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * n_tuned
     assert len(list((snapshots / ".torn-snapshots").iterdir())) == 3  # the torn set was set aside
@@ -268,10 +268,10 @@ def test_diverging_and_raising_trials(tmp_path):
     assert not any(r["selected"] == "True" for r in rows if r["method"] in ("cb-wd", "cb-maxnorm", "ncm"))
 
     # Inside the search: Optuna was told FAIL, never a NaN value.
-    state = sorted(glob.glob(str(root / "tune" / "stage2" / "searcher-state-*.pkl")))[-1]
+    state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
-        searcher = pickle.load(f)
-    ot = searcher["subs"]["cb-maxnorm"]._ot_study
+        searcher = pickle.load(f)["searchers"]["stage2"]
+    ot = searcher.subs["cb-maxnorm"]._ot_study
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all(t.user_attrs.get("status") == "diverged" for t in ot.trials)
     db = optuna.load_study(study_name="stage2-cb-maxnorm", storage=f"sqlite:///{root / 'optuna.db'}")

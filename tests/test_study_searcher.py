@@ -1,0 +1,101 @@
+"""StudySearcher: the one searcher of the study's single Tuner. Stage 2 opens only when stage 1 has
+ended, on stage 1's selection; the stage markers are written when an experiment's last trial ends;
+trials in flight never exceed the slots; a restore rebuilds what is in flight from Tune's snapshot
+and takes back a suggestion the snapshot never stored. (The whole study through the real Tuner:
+test_search.py and test_faults.py.)"""
+
+from __future__ import annotations
+
+import json
+
+from studyrun import toy_space
+
+from study.layout import COMPLETED, DIVERGED, StageMarker, StudyPaths, TrialInfo, TrialRecord
+from study.spaces import load_space
+from study.tune_adapter import StudySearcher, _experiment_constants, _method_searcher
+
+STAMP = "2026-01-01_00-00-00"
+
+
+def _searcher(space, paths, max_live=2) -> StudySearcher:
+    exps = space.experiments()
+    return StudySearcher(paths, exps, {e.name: _method_searcher(e, space, paths) for e in exps},
+                         {e.name: _experiment_constants(e, space) for e in exps}, max_live=max_live)
+
+
+def _end(s: StudySearcher, paths: StudyPaths, cfg: dict, tid: str, objective: float | None,
+         status: str = COMPLETED) -> None:
+    """What a trial leaves on disk when it ends (its trial.json and record.json), then its end told
+    to the searcher as Tune tells it."""
+    st = cfg["_study"]
+    tdir = paths.trial_dir(st["experiment"], st["index"], tid)
+    tdir.mkdir(parents=True)
+    TrialInfo(experiment=st["experiment"], stage=st["stage"], method=cfg["method"], trial_id=tid,
+              trial_index=st["index"]).write(tdir / TrialInfo.FILE)
+    TrialRecord(status=status, experiment=st["experiment"], trial_index=st["index"],
+                objective=objective).write(tdir / TrialRecord.FILE)
+    s.on_trial_complete(tid, {"objective": objective} if objective is not None else {})
+
+
+def test_stage2_opens_only_after_stage1_ended_and_trains_on_its_selection(tmp_path):
+    space = load_space(str(toy_space(tmp_path)))  # stage 1: naive 1 + tuned 2; stage 2: wb 2, tau-norm 1, ncm 1
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths)
+    a, b = s.suggest("a"), s.suggest("b")
+    assert [c["_study"]["experiment"] for c in (a, b)] == ["stage1", "stage1"]
+    assert [c["_study"]["index"] for c in (a, b)] == [0, 1]
+    assert s.suggest("x") is None  # both slots busy
+    _end(s, paths, a, "a", 0.40)
+    c = s.suggest("c")
+    assert c["_study"]["experiment"] == "stage1" and c["_study"]["index"] == 2
+    _end(s, paths, b, "b", 0.50)
+    # stage 1's budget is issued but a trial is still running: stage 2 waits (not FINISHED)
+    assert s.suggest("y") is None and not paths.stage_marker("stage1").exists()
+    _end(s, paths, c, "c", 0.70)
+    marker = StageMarker.read(paths.stage_marker("stage1"))  # written when stage 1's last trial ended
+    best = max(((t, cfg) for t, cfg in (("b", b), ("c", c)) if cfg["method"] == "tuned"),
+               key=lambda tc: {"b": 0.5, "c": 0.7}[tc[0]])
+    assert marker.selection("tuned").trial_id == best[0]
+    d = s.suggest("d")
+    assert d["_study"]["experiment"] == "stage2" and d["_study"]["index"] == 0
+    assert d["_study"]["stage1_dir"] == marker.selection("tuned").dir
+    assert d["_study"]["config"]["method"] == d["method"]  # the method's own base configuration
+    rest = [s.suggest(t) for t in ("e", "f", "g")]
+    assert rest[0]["_study"]["index"] == 1 and rest[1] is None  # two slots: d and e
+    for tid, cfg in (("d", d), ("e", rest[0])):
+        _end(s, paths, cfg, tid, 0.6)
+    more = [s.suggest(t) for t in ("h", "i")]
+    for tid, cfg in zip(("h", "i"), more):
+        _end(s, paths, cfg, tid, 0.6)
+    assert sorted(c["method"] for c in (d, rest[0], *more)) == ["ncm", "tau-norm", "wb", "wb"]  # budgets exact
+    assert s.suggest("j") == "FINISHED" and paths.stage_marker("stage2").exists()
+
+
+def test_a_variant_without_any_completed_stage1_trial_blocks_its_stage2(tmp_path):
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths, max_live=3)
+    cfgs = {t: s.suggest(t) for t in ("a", "b", "c")}
+    for tid, cfg in cfgs.items():
+        _end(s, paths, cfg, tid, None, status=DIVERGED)
+    assert StageMarker.read(paths.stage_marker("stage1")).selection("tuned") is None
+    assert s.suggest("d") == "FINISHED" and s.blocked == {"stage2"}
+
+
+def test_restore_rebuilds_live_trials_from_the_snapshot_and_takes_back_unstored_suggestions(tmp_path):
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths)
+    a, b = s.suggest("a"), s.suggest("b")
+    folder = paths.tune_experiment
+    folder.mkdir(parents=True)
+    s.save(str(folder / f"searcher-state-{STAMP}.pkl"))
+    # Tune's snapshot of the same step knows only trial a (b was suggested, never stored)
+    trial = {"trial_id": "a", "status": "RUNNING", "experiment_tag": "1_x", "config": a}
+    (folder / f"experiment_state-{STAMP}.json").write_text(json.dumps({"trial_data": [[json.dumps(trial), {}]]}))
+    r = _searcher(space, paths)
+    r.restore(str(folder / f"searcher-state-{STAMP}.pkl"))
+    assert r.live == {"a"} and "b" not in r.trial_exp
+    again = r.suggest("b2")  # b's budget slot is issued again, with b's index
+    assert again["_study"]["index"] == b["_study"]["index"] and again["method"] == b["method"]
+    assert r.suggest("x") is None  # a and b2 fill the two slots

@@ -294,6 +294,9 @@ class StageMarker(_View):
     selected: dict = field(default_factory=dict)
     """method -> :class:`Selection` as a mapping, or None."""
     finished: float = 0.0
+    trials: list = field(default_factory=list)
+    """The ids of the experiment's trials, every one of which had ended (Tune's stored snapshot
+    can lag behind them: it is copied asynchronously)."""
 
     def selection(self, method: str) -> Selection | None:
         return Selection.from_dict(self.selected.get(method))

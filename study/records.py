@@ -134,6 +134,10 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
     if include_unknown is None:
         include_unknown = live
     tune_state = tune_trials(paths, experiment)
+    # the trials of Tune's stored snapshot, and those a finished experiment's marker lists (the
+    # snapshot is copied asynchronously and can lag behind the marker)
+    marker = StageMarker.read(paths.stage_marker(experiment))
+    known = set(tune_state) | set(marker.trials if marker else ())
     out: dict[str, TrialView] = {}
     folder = paths.trials / experiment
     if folder.is_dir():
@@ -142,7 +146,7 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             if not parsed or not tdir.is_dir():
                 continue
             index, tid = parsed
-            if tune_state and not include_unknown and tid not in tune_state:
+            if known and not include_unknown and tid not in known:
                 continue
             info = TrialInfo.read(tdir / TrialInfo.FILE)
             record = TrialRecord.read(tdir / TrialRecord.FILE)

@@ -182,6 +182,13 @@ class MethodSearcher(Searcher):
             self.issued[m] += 1
         return {**params, "method": m}
 
+    def take_over(self, trial_id: str, method: str) -> None:
+        """Count a trial of ``method`` that Tune stored but this state never issued (see
+        :meth:`StudySearcher.restore`); its result reaches no Optuna study (none proposed it)."""
+        if trial_id not in self.trial_method:
+            self.trial_method[trial_id] = method
+            self.issued[method] += 1
+
     def forget(self, trial_id: str) -> None:
         """Take back a suggestion Tune never stored (see :meth:`StudySearcher.restore`): its budget
         slot is issued again; its Optuna trial is told FAIL, so no sampler waits on it."""
@@ -262,7 +269,7 @@ class StudySearcher(Searcher):
             cfg = self.searchers[e].suggest(trial_id)
             return cfg if not isinstance(cfg, dict) else self._with_study(e, trial_id, cfg)
         if ray_runtime.stop_requested():
-            return None  # the study is stopping: propose nothing Tune would only have to shelve
+            return self._stopping()
         for e in self.order:  # an experiment whose trials all ended (e.g. before a restore) closes
             if e not in self.finished and self._all_ended(e):
                 self._finish(e)
@@ -278,7 +285,7 @@ class StudySearcher(Searcher):
                 continue
             if dep and not self._open(e):
                 if e not in self.blocked:
-                    return None  # stopping at the between-stages point
+                    return self._stopping()  # stopped at the between-stages point
                 continue
             cfg = self.searchers[e].suggest(trial_id)
             if cfg is None:
@@ -292,6 +299,16 @@ class StudySearcher(Searcher):
             self.live.add(trial_id)
             return self._with_study(e, trial_id, cfg)
         return None if waiting else Searcher.FINISHED
+
+    def _stopping(self) -> None:
+        """A stop was requested: propose nothing. With trials in flight Tune stops gracefully after
+        this step (snapshot written, the trials resumable); with none, Tune would sit in its
+        wait-for-a-trial loop (up to 10 minutes, blind to its own stop flag), so the stop is raised
+        from here as the Ctrl-C it is — the driver exits 130 and the next run restores Tune's last
+        snapshot, as after any hard stop."""
+        if not self.live:
+            raise KeyboardInterrupt
+        return None
 
     def _with_study(self, e: str, trial_id: str, cfg: dict) -> dict:
         c = self.constants[e]
@@ -329,7 +346,7 @@ class StudySearcher(Searcher):
         selection (among the trials this searcher issued)."""
         ids = set(self.searchers[e].trial_method)
         selected = select_best(self.paths, e, self.searchers[e].order, ids)
-        StageMarker(experiment=e, finished=time.time(),
+        StageMarker(experiment=e, finished=time.time(), trials=sorted(ids),
                     selected={m: (None if v is None else v.to_dict()) for m, v in selected.items()}
                     ).write(self.paths.stage_marker(e))
         self.finished.add(e)
@@ -357,9 +374,14 @@ class StudySearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self._opened_here = False
-        # Reconcile with Tune's trials of the same snapshot (written in the same step): Tune runs
-        # every unfinished one again, so those are the live ones; one it never stored (a kill
-        # between a suggestion and the snapshot) is taken back, its budget slot issued again.
+        # an experiment whose marker is on disk has ended, whatever this (possibly older) state says
+        self.finished |= {e for e in self.order if self.paths.stage_marker(e).exists()}
+        # Reconcile with Tune's trials. Tune copies its snapshot files one by one and asynchronously,
+        # so after a hard stop this pickle and the trial list can come from different steps. Tune
+        # runs every unfinished trial of its list again: those are the live ones; a trial it lists
+        # that this state never issued is taken over (its experiment, method and index are in its
+        # config), so the budget stays exact; one this state issued that Tune never stored is taken
+        # back, its budget slot issued again.
         stamp = SNAPSHOT_STAMP.search(os.path.basename(checkpoint_path))
         state = Path(checkpoint_path).with_name(SNAPSHOT_FILES[0].format(stamp.group(1))) if stamp else None
         try:
@@ -367,6 +389,13 @@ class StudySearcher(Searcher):
         except (OSError, ValueError, KeyError, TypeError):
             tune_state = None
         self.live = set()
+        for tid, t in (tune_state or {}).items():
+            e, cfg = t.get("experiment"), t.get("config") or {}
+            if tid not in self.trial_exp and e in self.searchers and cfg.get("method") in self.searchers[e].issued:
+                self.searchers[e].take_over(tid, cfg["method"])
+                self.trial_exp[tid] = e
+                self.index[tid] = int(t["index"])
+                self.count[e] = max(self.count[e] + 1, int(t["index"]) + 1)
         for tid, e in list(self.trial_exp.items()):
             if tid in self.ended[e]:
                 continue
@@ -489,7 +518,9 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
             for e in experiments for p in e.plans if p.scheduler is not None}
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher,
                                   scheduler=MethodScheduler(asha) if asha else None,
-                                  num_samples=sum(e.budget for e in experiments if e.name not in searcher.finished),
+                                  # the searcher alone ends the search (exact budgets, also after a
+                                  # restore from snapshot files of different steps), not Tune's count
+                                  num_samples=-1,
                                   reuse_actors=True, trial_dirname_creator=tune_trial_dirname)
     run_config = tune.RunConfig(
         name=paths.tune_experiment.name, storage_path=str(paths.tune), verbose=0,

@@ -99,3 +99,28 @@ def test_restore_rebuilds_live_trials_from_the_snapshot_and_takes_back_unstored_
     again = r.suggest("b2")  # b's budget slot is issued again, with b's index
     assert again["_study"]["index"] == b["_study"]["index"] and again["method"] == b["method"]
     assert r.suggest("x") is None  # a and b2 fill the two slots
+
+
+def test_restore_takes_over_trials_the_snapshot_lists_but_the_older_state_never_issued(tmp_path):
+    """Tune copies its snapshot files one by one: the trial list can be a step newer than the
+    searcher's pickle. A listed trial the pickle never issued is counted (budget exact), not
+    issued a second time."""
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths, max_live=3)
+    a = s.suggest("a")
+    folder = paths.tune_experiment
+    folder.mkdir(parents=True)
+    s.save(str(folder / f"searcher-state-{STAMP}.pkl"))  # the pickle of the step before b and c
+    b, c = s.suggest("b"), s.suggest("c")
+    trials = [[json.dumps({"trial_id": t, "status": "RUNNING", "experiment_tag": f"{i + 1}_x", "config": cfg}), {}]
+              for i, (t, cfg) in enumerate((("a", a), ("b", b), ("c", c)))]
+    (folder / f"experiment_state-{STAMP}.json").write_text(json.dumps({"trial_data": trials}))
+    r = _searcher(space, paths, max_live=3)
+    r.restore(str(folder / f"searcher-state-{STAMP}.pkl"))
+    assert r.live == {"a", "b", "c"} and r.index == {"a": 0, "b": 1, "c": 2}
+    for tid, cfg in (("a", a), ("b", b), ("c", c)):
+        _end(r, paths, cfg, tid, 0.5)
+    marker = StageMarker.read(paths.stage_marker("stage1"))
+    assert sorted(marker.trials) == ["a", "b", "c"]  # stage 1's three budgeted trials, no fourth
+    assert r.suggest("d")["_study"]["experiment"] == "stage2"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
-from .layout import (COMPLETED, DIVERGED, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
+from .layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
                      RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
                      TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, trial_index_of)
 
@@ -309,13 +309,29 @@ def optuna_study_name(experiment: str, method: str) -> str:
     return f"{experiment}-{method}"
 
 
+def optuna_trial(t: TrialView, dists: dict):
+    """An ended trial as a finished Optuna trial (its parameters in ``dists``, its objective if it
+    completed, its per-epoch objectives, and user attributes ``tune_trial_id``, ``trial_index``,
+    ``status``, ``reason``): what optuna.db holds, and what a restored searcher's history gets for
+    a trial its saved state missed."""
+    from optuna.trial import TrialState, create_trial
+
+    state = {COMPLETED: TrialState.COMPLETE, STOPPED: TrialState.PRUNED}.get(t.status, TrialState.FAIL)
+    params = {k: v for k, v in (t.params or {}).items() if k in dists}
+    inter = {int(e["epoch"]): float(e["objective"]) for e in t.events
+             if e.get("objective") is not None and math.isfinite(e["objective"])}
+    attrs = {"tune_trial_id": t.trial_id, "trial_index": t.trial_index, "status": t.status, "reason": t.reason or ""}
+    return create_trial(params=params, distributions={k: dists[k] for k in params},
+                        value=t.objective if state == TrialState.COMPLETE else None, state=state,
+                        intermediate_values=inter, user_attrs=attrs)
+
+
 def export_optuna(paths: StudyPaths) -> Path:
     """Rebuild ``optuna.db``: one Optuna study per experiment and method (``stage1-<variant>``,
     ``stage2-<variant>-<method>``; ``stage2-<method>`` for old-form spaces), its trials with their parameters, objective, per-epoch
     intermediate values and user attributes ``tune_trial_id``, ``status``, ``reason``. Built in a
     temporary file and renamed, so readers never see a half-written database."""
     import optuna
-    from optuna.trial import TrialState, create_trial
 
     from .spaces import dist_from_yaml
 
@@ -325,8 +341,6 @@ def export_optuna(paths: StudyPaths) -> Path:
     tmp.unlink(missing_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
     live = lock_alive(paths)
-    state_of = {COMPLETED: TrialState.COMPLETE, DIVERGED: TrialState.FAIL, FAILED: TrialState.FAIL,
-                STOPPED: TrialState.PRUNED}
     for exp in header.experiments:
         trials = experiment_trials(paths, exp.name, live, include_unknown=False)
         for method in exp.methods:
@@ -334,18 +348,9 @@ def export_optuna(paths: StudyPaths) -> Path:
                                         direction="maximize", load_if_exists=True)
             dists = {k: dist_from_yaml(v).to_optuna() for k, v in header.search_space(exp, method).items()}
             for t in trials:
-                if t.method != method or t.status not in state_of:
+                if t.method != method or t.status not in ENDED_STATUSES:
                     continue
-                state = state_of[t.status]
-                params = {k: v for k, v in (t.params or {}).items() if k in dists}
-                inter = {int(e["epoch"]): float(e["objective"]) for e in t.events
-                         if e.get("objective") is not None and math.isfinite(e["objective"])}
-                attrs = {"tune_trial_id": t.trial_id, "trial_index": t.trial_index, "status": t.status,
-                         "reason": t.reason or ""}
-                study.add_trial(create_trial(
-                    params=params, distributions={k: dists[k] for k in params},
-                    value=t.objective if state == TrialState.COMPLETE else None, state=state,
-                    intermediate_values=inter, user_attrs=attrs))
+                study.add_trial(optuna_trial(t, dists))
     if hasattr(storage, "engine"):
         storage.engine.dispose()
     del storage

@@ -39,10 +39,11 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
 from .faults import pause_point  # noqa: E402
-from .layout import (DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
+from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
                      trial_dirname, trial_index_of)
 from .ray_runtime import trial_slots  # noqa: E402
-from .records import error_reason, optuna_study_name, read_tune_state, select_best  # noqa: E402
+from .records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
+                      select_best)
 from .resume import (SNAPSHOT_FILES, SNAPSHOT_STAMP, adopt_claimed, claim_orphan, set_aside_orphans,  # noqa: E402
                      usable_snapshot)
 from .spaces import Experiment, StudySpace  # noqa: E402
@@ -182,12 +183,44 @@ class MethodSearcher(Searcher):
             self.issued[m] += 1
         return {**params, "method": m}
 
-    def take_over(self, trial_id: str, method: str) -> None:
+    def take_over(self, trial_id: str, method: str, params: dict) -> None:
         """Count a trial of ``method`` that Tune stored but this state never issued (see
-        :meth:`StudySearcher.restore`); its result reaches no Optuna study (none proposed it)."""
-        if trial_id not in self.trial_method:
-            self.trial_method[trial_id] = method
-            self.issued[method] += 1
+        :meth:`StudySearcher.restore`), and give it to the method's Optuna study with its
+        parameters (enqueued, then asked), so its result joins the study's history."""
+        if trial_id in self.trial_method:
+            return
+        self.trial_method[trial_id] = method
+        self.issued[method] += 1
+        sub = self.subs.get(method)
+        if sub is not None and params:
+            sub._ot_study.enqueue_trial(dict(params), skip_if_exists=False)
+            sub.suggest(trial_id)
+
+    def take_over_ended(self, view) -> None:
+        """Count an ended trial (a :class:`study.records.TrialView`) this state never issued, and
+        add it, finished, to its method's Optuna history (see :meth:`StudySearcher.restore`)."""
+        if view.trial_id in self.trial_method:
+            return
+        self.trial_method[view.trial_id] = view.method
+        self.issued[view.method] += 1
+        sub = self.subs.get(view.method)
+        if sub is not None:
+            sub._ot_study.add_trial(optuna_trial(view, sub._space))
+            sub._completed_trials.add(view.trial_id)
+
+    def tell_ended(self, view, trial_id: str) -> None:
+        """Tell the method's Optuna study how an issued trial ended, from its record (``view``, a
+        :class:`study.records.TrialView`; None: no record, told as failed), when Tune's end of it
+        was lost (see :meth:`StudySearcher.restore`)."""
+        sub = self.subs.get(self.trial_method.get(trial_id, ""))
+        if sub is None or trial_id not in sub._ot_trials or trial_id in sub._completed_trials:
+            return
+        if view is not None and view.status == COMPLETED and view.objective is not None:
+            sub.on_trial_complete(trial_id, {OBJECTIVE: view.objective})
+        elif view is not None and view.status == DIVERGED:
+            sub.on_trial_complete(trial_id, {"trial_status": DIVERGED, "reason": view.reason})
+        else:
+            sub.on_trial_complete(trial_id, None, error=True)
 
     def forget(self, trial_id: str) -> None:
         """Take back a suggestion Tune never stored (see :meth:`StudySearcher.restore`): its budget
@@ -371,44 +404,74 @@ class StudySearcher(Searcher):
             pickle.dump({k: v for k, v in self.__dict__.items() if not k.startswith("_")}, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Restore the pickled state, then reconcile it with what is on disk. Tune copies its
+        snapshot files one by one and asynchronously, so after a hard stop this pickle and Tune's
+        trial list (the experiment_state file of the same stamp) can come from different steps,
+        and a stage marker can be newer than both."""
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self._opened_here = False
-        # an experiment whose marker is on disk has ended, whatever this (possibly older) state says
-        self.finished |= {e for e in self.order if self.paths.stage_marker(e).exists()}
-        # Reconcile with Tune's trials. Tune copies its snapshot files one by one and asynchronously,
-        # so after a hard stop this pickle and the trial list can come from different steps. Tune
-        # runs every unfinished trial of its list again: those are the live ones; a trial it lists
-        # that this state never issued is taken over (its experiment, method and index are in its
-        # config), so the budget stays exact; one this state issued that Tune never stored is taken
-        # back, its budget slot issued again.
         stamp = SNAPSHOT_STAMP.search(os.path.basename(checkpoint_path))
         state = Path(checkpoint_path).with_name(SNAPSHOT_FILES[0].format(stamp.group(1))) if stamp else None
         try:
             tune_state = read_tune_state(state) if state else None
         except (OSError, ValueError, KeyError, TypeError):
             tune_state = None
-        self.live = set()
+        markers = {e: m for e in self.order if (m := StageMarker.read(self.paths.stage_marker(e))) is not None}
+        listed = {tid for m in markers.values() for tid in m.trials}
+        views: dict[str, dict] = {}
+
+        def view(e: str, tid: str):
+            if e not in views:
+                views[e] = {v.trial_id: v for v in experiment_trials(self.paths, e, live=True)}
+            return views[e].get(tid)
+
+        # 1. A trial Tune lists that this state never issued is taken over (its experiment, method,
+        #    index and parameters are in its config), so the budget stays exact.
         for tid, t in (tune_state or {}).items():
             e, cfg = t.get("experiment"), t.get("config") or {}
-            if tid not in self.trial_exp and e in self.searchers and cfg.get("method") in self.searchers[e].issued:
-                self.searchers[e].take_over(tid, cfg["method"])
-                self.trial_exp[tid] = e
-                self.index[tid] = int(t["index"])
-                self.count[e] = max(self.count[e] + 1, int(t["index"]) + 1)
+            if tid in self.trial_exp or tid in listed or e not in self.searchers \
+                    or cfg.get("method") not in self.searchers[e].issued:
+                continue
+            self.searchers[e].take_over(tid, cfg["method"], {k: v for k, v in cfg.items() if k not in ("_study", "method")})
+            self.trial_exp[tid], self.index[tid] = e, int(t["index"])
+            self.count[e] = max(self.count[e] + 1, int(t["index"]) + 1)
+        # 2. Tune runs every unfinished trial of its list again: those are the live ones; one it
+        #    ended whose end this state missed is told from its record; one this state issued that
+        #    Tune never stored is taken back, its budget slot issued again.
+        self.live = set()
         for tid, e in list(self.trial_exp.items()):
-            if tid in self.ended[e]:
+            if tid in self.ended[e] or tid in listed:
                 continue
             status = None if tune_state is None else (tune_state.get(tid) or {}).get("status")
             if tune_state is not None and status is None:
                 self.searchers[e].forget(tid)
                 del self.trial_exp[tid], self.index[tid]
                 self.count[e] -= 1
-            elif status in ("TERMINATED", "ERROR"):  # ended, though its end was not told: tell it now
+            elif status in ("TERMINATED", "ERROR"):
                 self.ended[e].add(tid)
-                self.searchers[e].on_trial_complete(tid, None, error=True)
+                self.searchers[e].tell_ended(view(e, tid), tid)
             else:
                 self.live.add(tid)
+        # 3. An experiment whose marker is on disk has ended, whatever this state says: every trial
+        #    the marker lists has ended. One this state never issued or saw end (a stop before
+        #    Tune's next snapshot) is counted and told to its method's Optuna study from its record.
+        for e, marker in markers.items():
+            self.finished.add(e)
+            for tid in marker.trials:
+                if tid in self.ended[e]:
+                    continue
+                v = view(e, tid)
+                if tid in self.trial_exp:
+                    self.searchers[e].tell_ended(v, tid)
+                elif v is not None and v.method in self.searchers[e].issued:
+                    self.searchers[e].take_over_ended(v)
+                    self.trial_exp[tid], self.index[tid] = e, v.trial_index
+                    self.count[e] += 1
+                else:
+                    continue
+                self.ended[e].add(tid)
+                self.live.discard(tid)
 
 
 class MethodScheduler(FIFOScheduler):

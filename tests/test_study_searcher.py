@@ -17,6 +17,10 @@ from study.tune_adapter import StudySearcher, _experiment_constants, _method_sea
 STAMP = "2026-01-01_00-00-00"
 
 
+def cfg_params(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("_study", "method")}
+
+
 def _searcher(space, paths, max_live=2) -> StudySearcher:
     exps = space.experiments()
     return StudySearcher(paths, exps, {e.name: _method_searcher(e, space, paths) for e in exps},
@@ -123,4 +127,32 @@ def test_restore_takes_over_trials_the_snapshot_lists_but_the_older_state_never_
         _end(r, paths, cfg, tid, 0.5)
     marker = StageMarker.read(paths.stage_marker("stage1"))
     assert sorted(marker.trials) == ["a", "b", "c"]  # stage 1's three budgeted trials, no fourth
+    tuned = r.searchers["stage1"].subs["tuned"]._ot_study.trials  # taken-over trials are in its history
+    assert [t.params for t in tuned] == [cfg_params(x) for x in (a, b, c) if x["method"] == "tuned"]
+    assert {t.state.name for t in tuned} == {"COMPLETE"}
+    assert r.suggest("d")["_study"]["experiment"] == "stage2"
+
+
+def test_restore_counts_a_finished_experiments_trials_from_its_marker_and_their_records(tmp_path):
+    """A stop right after stage 1 ended (before Tune stored a snapshot) leaves a stage marker that
+    lists a trial the saved searcher never issued: it is counted and joins its method's Optuna
+    history, with its objective, from its record."""
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths, max_live=3)
+    cfgs = {t: s.suggest(t) for t in ("a", "b")}
+    folder = paths.tune_experiment
+    folder.mkdir(parents=True)
+    s.save(str(folder / f"searcher-state-{STAMP}.pkl"))  # saved before c was issued
+    cfgs["c"] = s.suggest("c")
+    for tid, cfg in cfgs.items():
+        _end(s, paths, cfg, tid, {"a": 0.3, "b": 0.4, "c": 0.6}[tid])
+    assert paths.stage_marker("stage1").exists()
+    r = _searcher(space, paths, max_live=3)
+    r.restore(str(folder / f"searcher-state-{STAMP}.pkl"))  # no trial list of that step: nothing to reconcile
+    assert "stage1" in r.finished and r.ended["stage1"] == {"a", "b", "c"} and r.live == set()
+    assert [cfgs[t]["method"] for t in ("a", "b", "c")] == ["naive", "tuned", "tuned"]
+    tuned = r.searchers["stage1"].subs["tuned"]._ot_study.trials
+    # b: issued, its end told from its record; c: never issued by the saved state, taken over
+    assert sorted((t.state.name, t.value) for t in tuned) == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
     assert r.suggest("d")["_study"]["experiment"] == "stage2"

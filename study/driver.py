@@ -295,7 +295,8 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
             # The driver mostly waits while stage-2 trials run: import what the tables and plots
             # need meanwhile (seconds of imports, once), not after the last trial (and not while
             # the workers start: they import torch and Ray Tune on the same cores).
-            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _Background(_import_finish_modules))
+            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _Background(_import_finish_modules),
+                       start_ahead=in_driver)
         check_stop()
         selections: dict[str, StageMarker] = {}
         for exp in experiments:

@@ -84,6 +84,8 @@ ADOPT_POOL = ".adopt"
 method's next trial to continue them (``study.resume``)."""
 CLAIM_FILE = "claimed_by"
 """Inside such an orphan's folder: the id of the trial that will continue it."""
+OPENED_FILE = ".opened.json"
+"""Inside a stage-2 experiment's trial folder: the experiment is open (:class:`ExperimentOpened`)."""
 
 
 def trial_dirname(index: int, trial_id: str) -> str:
@@ -161,6 +163,10 @@ class StudyPaths:
     def adopt_pool(self, experiment: str) -> Path:
         """Trials missing from Tune's last snapshot wait here to be continued."""
         return self.trials / experiment / ADOPT_POOL
+
+    def opened_file(self, experiment: str) -> Path:
+        """Written when a dependent experiment opens: what its trials that started early wait for."""
+        return self.trials / experiment / OPENED_FILE
 
     def stage_marker(self, experiment: str) -> Path:
         return self.stages / f"{experiment}.json"
@@ -300,6 +306,17 @@ class StageMarker(_View):
 
     def selection(self, method: str) -> Selection | None:
         return Selection.from_dict(self.selected.get(method))
+
+
+@dataclass(frozen=True)
+class ExperimentOpened(_View):
+    """``trials/<experiment>/.opened.json``: a stage-2 experiment has opened (its stage-1
+    experiment ended and the study passed the between-stages point). Trials started before that, to
+    keep the workers of the last stage-1 trials, wait for it."""
+
+    stage1_dir: str | None = None
+    """The selected stage-1 trial's folder; None: the variant has no selection (blocked)."""
+    opened: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
 from .faults import pause_point  # noqa: E402
-from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
+from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
                      trial_dirname, trial_index_of)
 from .ray_runtime import trial_slots  # noqa: E402
 from .records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
@@ -80,6 +80,14 @@ def study_trainable(config: dict, data=None) -> None:
 
     ctx = tune.get_context()
     st = config["_study"]
+    paths = StudyPaths(Path(st["root"]))
+    if st.get("after") and not st.get("stage1_dir"):
+        # Proposed before its experiment opened (StudySearcher._may_start_ahead): wait here, in the
+        # worker the trial keeps, for the stage-1 selection to train on.
+        opened = _wait_opened(paths, st["experiment"])
+        if opened.stage1_dir is None:
+            return  # the variant has no stage-1 selection: nothing to train (the driver says so)
+        st = {**st, "stage1_dir": opened.stage1_dir}
     trial_id = ctx.get_trial_id()
     index = int(st["index"])
     method = config["method"]
@@ -87,7 +95,6 @@ def study_trainable(config: dict, data=None) -> None:
     cls = Stage1Config if st["stage"] == "stage1" else Stage2Config
     cfg = build(cls, {**st["config"], **params})
     torch.set_num_threads(max(1, int(st.get("cpus_per_trial") or 1)))
-    paths = StudyPaths(Path(st["root"]))
     tdir = paths.trial_dir(st["experiment"], index, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
     adopted = adopt_claimed(paths.trials / st["experiment"], trial_id, tdir)
@@ -104,6 +111,14 @@ def study_trainable(config: dict, data=None) -> None:
     # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
     run_trial(spec, data, report=tune.report)
+
+
+def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.2) -> ExperimentOpened:
+    while True:
+        opened = ExperimentOpened.read(paths.opened_file(experiment))
+        if opened is not None:
+            return opened
+        time.sleep(poll)
 
 
 # --- search algorithm and scheduler -------------------------------------------------------------------
@@ -246,9 +261,11 @@ class MethodSearcher(Searcher):
             sub.on_trial_complete(trial_id, result, error)
 
 
-_DRIVER: dict[str, Callable | None] = {"log": print, "on_open": None}
-"""What :class:`StudySearcher` (in the driver, inside Tune's loop) calls: ``log`` prints (the live
-view's log); ``on_open`` runs once, when stage 2 opens (the driver's background imports)."""
+_DRIVER: dict = {"log": print, "on_open": None, "slots": None, "ahead": 0}
+"""This run's settings for :class:`StudySearcher` (in the driver, inside Tune's loop; not pickled):
+``log`` prints (the live view's log); ``on_open`` runs once, when stage 2 opens (the driver's
+background imports); ``slots`` caps the trials in flight (this run's cluster, even if the saved
+state was made on another); ``ahead`` is how many trials of an experiment may start before it opens."""
 
 
 class StudySearcher(Searcher):
@@ -306,7 +323,8 @@ class StudySearcher(Searcher):
         for e in self.order:  # an experiment whose trials all ended (e.g. before a restore) closes
             if e not in self.finished and self._all_ended(e):
                 self._finish(e)
-        if self.max_live and len(self.live) >= self.max_live:
+        max_live = _DRIVER["slots"] or self.max_live
+        if max_live and len(self.live) >= max_live:
             return None  # every slot is busy: propose when one frees, with its result known
         waiting = False
         for e in self.order:
@@ -315,8 +333,9 @@ class StudySearcher(Searcher):
             dep = self.after[e]
             if dep and dep not in self.finished:
                 waiting = True
-                continue
-            if dep and not self._open(e):
+                if not self._may_start_ahead(dep):
+                    continue
+            elif dep and not self._open(e):
                 if e not in self.blocked:
                     return self._stopping()  # stopped at the between-stages point
                 continue
@@ -333,6 +352,21 @@ class StudySearcher(Searcher):
             return self._with_study(e, trial_id, cfg)
         return None if waiting else Searcher.FINISHED
 
+    def _may_start_ahead(self, dep: str) -> bool:
+        """Whether a trial of an experiment waiting on ``dep`` may be proposed now and start early
+        (it waits in its worker until the experiment opens, :func:`study_trainable`). Only once all
+        of ``dep``'s trials are issued, and at most ``ahead`` (the slots less one) at a time, so a
+        slot is always left for a retried ``dep`` trial.
+
+        Why: Tune keeps a finished trial's worker only while a proposed trial can use it (and one
+        spare), so without these, all but one of stage 1's workers stop when stage 1 ends, and with
+        short stage-2 trials Tune drops every new worker before it has started (it prefers a freed
+        one): stage 2 would run one trial at a time."""
+        if self.count[dep] < self.budget[dep]:
+            return False
+        early = sum(1 for t in self.live if self.after[self.trial_exp[t]] == dep)
+        return early < _DRIVER["ahead"]
+
     def _stopping(self) -> None:
         """A stop was requested: propose nothing. With trials in flight Tune stops gracefully after
         this step (snapshot written, the trials resumable); with none, Tune would sit in its
@@ -347,7 +381,7 @@ class StudySearcher(Searcher):
         c = self.constants[e]
         return {**cfg, "_study": {"experiment": e, "stage": self.stage[e], "index": self.index[trial_id],
                                   "config": c["configs"][cfg["method"]], "backbone": c["backbone"],
-                                  "stage1_dir": c.get("stage1_dir")}}
+                                  "stage1_dir": c.get("stage1_dir"), "after": self.after[e]}}
 
     def _open(self, e: str) -> bool:
         """A dependent experiment: take its stage-1 folder from the marker of the experiment it
@@ -360,6 +394,7 @@ class StudySearcher(Searcher):
         sel = marker.selection(self.variant[e]) if marker else None
         if sel is None:
             self.blocked.add(e)
+            ExperimentOpened(stage1_dir=None, opened=time.time()).write(self.paths.opened_file(e))
             return False
         if not self._opened_here:
             pause_point("between-stages", _DRIVER["log"])
@@ -369,6 +404,7 @@ class StudySearcher(Searcher):
             if _DRIVER["on_open"] is not None:
                 _DRIVER["on_open"]()
         self.constants[e]["stage1_dir"] = sel.dir
+        ExperimentOpened(stage1_dir=sel.dir, opened=time.time()).write(self.paths.opened_file(e))
         return True
 
     def _all_ended(self, e: str) -> bool:
@@ -600,10 +636,13 @@ def _wrap_trainable(data, cpus: float, gpus: float):
 
 
 def run_search(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float,
-               log: Callable[[str], None], on_open: Callable[[], None] | None = None) -> None:
+               log: Callable[[str], None], on_open: Callable[[], None] | None = None,
+               start_ahead: bool = True) -> None:
     """Run or resume the study's Tune experiment until every experiment has ended (its stage marker
     written) or the study is stopped; the caller tells the two apart by the markers. ``on_open``
-    runs once, in the driver, when stage 2 opens."""
+    runs once, in the driver, when stage 2 opens. ``start_ahead``: stage-2 trials may start in the
+    workers of the last stage-1 trials before stage 2 opens (not on a shared cluster, whose
+    resources can shrink under waiting trials)."""
     exp_dir = paths.tune_experiment
     trainable = _wrap_trainable(data, cpus, gpus)
     slots = trial_slots(cpus, gpus, space.search.max_concurrent)
@@ -612,7 +651,7 @@ def run_search(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: fl
     # never proposes more trials than slots (StudySearcher.max_live).
     if not _USER_MAX_PENDING:
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
-    _DRIVER.update(log=log, on_open=on_open)
+    _DRIVER.update(log=log, on_open=on_open, slots=slots, ahead=max(0, slots - 1) if start_ahead else 0)
     unfinished = [e.name for e in space.experiments() if not paths.stage_marker(e.name).exists()]
     if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
         log("resuming the search")
@@ -638,4 +677,5 @@ def run_search(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: fl
         # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
         # its handler would swallow a later Ctrl-C (in the final evaluation).
         signal.signal(signal.SIGINT, sigint)
+        _DRIVER.update(log=print, on_open=None, slots=None, ahead=0)
     del results

@@ -156,3 +156,33 @@ def test_restore_counts_a_finished_experiments_trials_from_its_marker_and_their_
     # b: issued, its end told from its record; c: never issued by the saved state, taken over
     assert sorted((t.state.name, t.value) for t in tuned) == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
     assert r.suggest("d")["_study"]["experiment"] == "stage2"
+
+
+def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_opening(tmp_path, monkeypatch):
+    """With slots to spare at the end of stage 1, a stage-2 trial is proposed early (at most slots
+    - 1 of them) and waits in its worker for ``trials/<experiment>/.opened.json``, so the workers
+    of stage 1 carry on into stage 2 (Tune would otherwise stop all but one of them)."""
+    from study import tune_adapter
+    from study.layout import ExperimentOpened
+
+    monkeypatch.setitem(tune_adapter._DRIVER, "ahead", 1)
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths, max_live=3)
+    cfgs = {t: s.suggest(t) for t in ("a", "b", "c")}  # stage 1's whole budget, in flight
+    assert s.suggest("x") is None  # three slots busy
+    _end(s, paths, cfgs["a"], "a", 0.3)
+    early = s.suggest("d")
+    assert early["_study"]["experiment"] == "stage2" and early["_study"]["after"] == "stage1"
+    assert early["_study"]["stage1_dir"] is None  # not known yet: the trial will wait for it
+    assert not paths.opened_file("stage2").exists()
+    _end(s, paths, cfgs["b"], "b", 0.4)
+    assert s.suggest("y") is None  # at most `ahead` early trials (here 1)
+    _end(s, paths, cfgs["c"], "c", 0.6)
+    opened = ExperimentOpened.read(paths.opened_file("stage2"))
+    assert opened is None  # stage 2 opens when the next trial is proposed (the between-stages point)
+    late = s.suggest("e")
+    opened = ExperimentOpened.read(paths.opened_file("stage2"))
+    assert opened.stage1_dir == StageMarker.read(paths.stage_marker("stage1")).selection("tuned").dir
+    assert late["_study"]["stage1_dir"] == opened.stage1_dir
+    assert tune_adapter._wait_opened(paths, "stage2").stage1_dir == opened.stage1_dir

@@ -218,6 +218,9 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                 # while the records, tables and plots are written.
                 stopping = threading.Thread(target=_shutdown_ray, name="ray-shutdown", daemon=True)
                 stopping.start()
+            for warming in _WARMING:  # its imports end before the tables import the same modules
+                warming.join()
+            _WARMING.clear()
             finish_study(paths, view_log=log)
             check_stop()
             atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
@@ -243,6 +246,10 @@ def _load_for_search(data_cfg, data_dir):
     return load_data(data_cfg, data_dir)
 
 
+_WARMING: list = []
+"""The background import of the finishing modules, once started (see _run_stages)."""
+
+
 def _import_finish_modules() -> None:
     import matplotlib.figure  # noqa: F401
     import optuna.importance  # noqa: F401  (fANOVA: scikit-learn)
@@ -264,6 +271,10 @@ class _Background:
             self._value = fn(*args)
         except BaseException as e:  # handed to the caller of result()
             self._error = e
+
+    def join(self) -> None:
+        """Wait for ``fn`` to end (its outcome is left unread)."""
+        self._thread.join()
 
     def result(self):
         self._thread.join()
@@ -295,8 +306,8 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
             # The driver mostly waits while stage-2 trials run: import what the tables and plots
             # need meanwhile (seconds of imports, once), not after the last trial (and not while
             # the workers start: they import torch and Ray Tune on the same cores).
-            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _Background(_import_finish_modules),
-                       start_ahead=in_driver)
+            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _WARMING.append(
+                _Background(_import_finish_modules)), start_ahead=in_driver)
         check_stop()
         selections: dict[str, StageMarker] = {}
         for exp in experiments:

@@ -110,6 +110,18 @@ def final_weights(trial_dir: str | os.PathLike, seed: int) -> Path:
     return Path(trial_dir) / f"final-seed{seed}.pt"
 
 
+def trial_index_in_experiment(config: dict | None, experiment_tag: str | None, trial_id: str) -> int:
+    """A Tune trial's index in its own experiment: the ``index`` the study's searcher put in its
+    config's ``_study`` block, else the counter of its experiment tag (:func:`trial_index_of`)."""
+    index = ((config or {}).get("_study") or {}).get("index")
+    return int(index) if index is not None else trial_index_of(experiment_tag, trial_id)
+
+
+def searched_params(config: dict | None) -> dict:
+    """A Tune trial config's searched parameters: all but ``method`` and the ``_study`` block."""
+    return {k: v for k, v in (config or {}).items() if k not in ("_study", "method")}
+
+
 def trial_index_of(experiment_tag: str | None, trial_id: str) -> int:
     """0-based index of a trial in its experiment: Tune's experiment tag starts with the 1-based
     counter ("3_weight_decay=..."); grid trial ids end with it ("ab12c_00002")."""

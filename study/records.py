@@ -17,7 +17,8 @@ from typing import Any
 from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
 from .layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
                      RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
-                     TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, trial_index_of)
+                     TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, searched_params,
+                     trial_index_in_experiment)
 
 
 def fmt_value(v: Any) -> str:
@@ -49,11 +50,9 @@ def read_tune_state(file: str | os.PathLike) -> dict[str, dict]:
         if isinstance(tj, str):
             tj = json.loads(tj)
         config = tj.get("config") or {}
-        st = config.get("_study") or {}
-        index = st.get("index")
-        out[tj["trial_id"]] = {"experiment": st.get("experiment"), "status": tj.get("status"),
-                               "index": index if index is not None else trial_index_of(tj.get("experiment_tag"),
-                                                                                        tj["trial_id"]),
+        out[tj["trial_id"]] = {"experiment": (config.get("_study") or {}).get("experiment"),
+                               "status": tj.get("status"),
+                               "index": trial_index_in_experiment(config, tj.get("experiment_tag"), tj["trial_id"]),
                                "logdir": tj.get("relative_logdir"), "config": config}
     return out
 
@@ -171,8 +170,9 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             out[tid] = t
     for tid, ts in tune_state.items():  # suggested by the searcher but never started
         if tid not in out and ts.get("status") in ("PENDING", "PAUSED", "RUNNING"):
-            cfg = {k: v for k, v in (ts.get("config") or {}).items() if k != "_study"}
-            out[tid] = TrialView(ts.get("index") or 0, tid, None, PENDING, method=cfg.pop("method", None), params=cfg)
+            cfg = ts.get("config") or {}
+            out[tid] = TrialView(ts.get("index") or 0, tid, None, PENDING, method=cfg.get("method"),
+                                 params=searched_params(cfg))
     return sorted(out.values(), key=lambda t: t.trial_index)
 
 

@@ -40,7 +40,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
 from .faults import pause_point  # noqa: E402
 from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
-                     trial_dirname, trial_index_of)
+                     searched_params, trial_dirname, trial_index_in_experiment)
 from .ray_runtime import trial_slots  # noqa: E402
 from .records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
                       select_best)
@@ -61,8 +61,7 @@ def tune_trial_dirname(trial) -> str:
 
 
 def _index_of(trial) -> int:
-    index = ((trial.config or {}).get("_study") or {}).get("index")
-    return int(index) if index is not None else trial_index_of(trial.experiment_tag, trial.trial_id)
+    return trial_index_in_experiment(trial.config, trial.experiment_tag, trial.trial_id)
 
 
 # --- the trainable (runs in Ray workers) --------------------------------------------------------------
@@ -91,7 +90,7 @@ def study_trainable(config: dict, data=None) -> None:
     trial_id = ctx.get_trial_id()
     index = int(st["index"])
     method = config["method"]
-    params = {k: v for k, v in config.items() if k not in ("_study", "method")}
+    params = searched_params(config)
     cls = Stage1Config if st["stage"] == "stage1" else Stage2Config
     cfg = build(cls, {**st["config"], **params})
     torch.set_num_threads(max(1, int(st.get("cpus_per_trial") or 1)))
@@ -193,19 +192,23 @@ class MethodSearcher(Searcher):
         params = {} if sub is None else sub.suggest(trial_id)
         if params is None:
             return None
-        if trial_id not in self.trial_method:
-            self.trial_method[trial_id] = m
-            self.issued[m] += 1
+        self._count(trial_id, m)
         return {**params, "method": m}
+
+    def _count(self, trial_id: str, method: str) -> bool:
+        """Charge a new trial to ``method``'s budget; False if it was already counted."""
+        if trial_id in self.trial_method:
+            return False
+        self.trial_method[trial_id] = method
+        self.issued[method] += 1
+        return True
 
     def take_over(self, trial_id: str, method: str, params: dict) -> None:
         """Count a trial of ``method`` that Tune stored but this state never issued (see
         :meth:`StudySearcher.restore`), and give it to the method's Optuna study with its
         parameters (enqueued, then asked), so its result joins the study's history."""
-        if trial_id in self.trial_method:
+        if not self._count(trial_id, method):
             return
-        self.trial_method[trial_id] = method
-        self.issued[method] += 1
         sub = self.subs.get(method)
         if sub is not None and params:
             sub._ot_study.enqueue_trial(dict(params), skip_if_exists=False)
@@ -214,10 +217,8 @@ class MethodSearcher(Searcher):
     def take_over_ended(self, view) -> None:
         """Count an ended trial (a :class:`study.records.TrialView`) this state never issued, and
         add it, finished, to its method's Optuna history (see :meth:`StudySearcher.restore`)."""
-        if view.trial_id in self.trial_method:
+        if not self._count(view.trial_id, view.method):
             return
-        self.trial_method[view.trial_id] = view.method
-        self.issued[view.method] += 1
         sub = self.subs.get(view.method)
         if sub is not None:
             sub._ot_study.add_trial(optuna_trial(view, sub._space))
@@ -345,9 +346,7 @@ class StudySearcher(Searcher):
             if cfg == Searcher.FINISHED:
                 waiting = waiting or len(self.ended[e]) < self.count[e]
                 continue
-            self.trial_exp[trial_id] = e
-            self.index[trial_id] = self.count[e]
-            self.count[e] += 1
+            self._register(trial_id, e, self.count[e])
             self.live.add(trial_id)
             return self._with_study(e, trial_id, cfg)
         return None if waiting else Searcher.FINISHED
@@ -376,6 +375,11 @@ class StudySearcher(Searcher):
         if not self.live:
             raise KeyboardInterrupt
         return None
+
+    def _register(self, trial_id: str, e: str, index: int) -> None:
+        """A trial of experiment ``e`` with its index there (indices stay unique: the count is past it)."""
+        self.trial_exp[trial_id], self.index[trial_id] = e, index
+        self.count[e] = max(self.count[e] + 1, index + 1)
 
     def _with_study(self, e: str, trial_id: str, cfg: dict) -> dict:
         c = self.constants[e]
@@ -469,9 +473,8 @@ class StudySearcher(Searcher):
             if tid in self.trial_exp or tid in listed or e not in self.searchers \
                     or cfg.get("method") not in self.searchers[e].issued:
                 continue
-            self.searchers[e].take_over(tid, cfg["method"], {k: v for k, v in cfg.items() if k not in ("_study", "method")})
-            self.trial_exp[tid], self.index[tid] = e, int(t["index"])
-            self.count[e] = max(self.count[e] + 1, int(t["index"]) + 1)
+            self.searchers[e].take_over(tid, cfg["method"], searched_params(cfg))
+            self._register(tid, e, int(t["index"]))
         # 2. Tune runs every unfinished trial of its list again: those are the live ones; one it
         #    ended whose end this state missed is told from its record; one this state issued that
         #    Tune never stored is taken back, its budget slot issued again.
@@ -502,8 +505,7 @@ class StudySearcher(Searcher):
                     self.searchers[e].tell_ended(v, tid)
                 elif v is not None and v.method in self.searchers[e].issued:
                     self.searchers[e].take_over_ended(v)
-                    self.trial_exp[tid], self.index[tid] = e, v.trial_index
-                    self.count[e] += 1
+                    self._register(tid, e, v.trial_index)
                 else:
                     continue
                 self.ended[e].add(tid)
@@ -521,7 +523,11 @@ class MethodScheduler(FIFOScheduler):
 
     def _sub(self, trial) -> TrialScheduler | None:
         config = trial.config or {}
-        return self.schedulers.get(f"{(config.get('_study') or {}).get('experiment')}/{config.get('method')}")
+        return self.schedulers.get(self.key((config.get("_study") or {}).get("experiment"), config.get("method")))
+
+    @staticmethod
+    def key(experiment: str | None, method: str | None) -> str:
+        return f"{experiment}/{method}"
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         for s in self.schedulers.values():
@@ -611,7 +617,7 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
     searcher = StudySearcher(paths, experiments, {e.name: _method_searcher(e, space, paths) for e in experiments},
                              {e.name: _experiment_constants(e, space) for e in experiments}, max_live=slots)
     # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
-    asha = {f"{e.name}/{p.method}": ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
+    asha = {MethodScheduler.key(e.name, p.method): ASHAScheduler(time_attr="epoch", max_t=p.config.epochs,
                                                   grace_period=p.scheduler.grace_period,
                                                   reduction_factor=p.scheduler.reduction_factor)
             for e in experiments for p in e.plans if p.scheduler is not None}

@@ -684,4 +684,10 @@ def run_search(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: fl
         # its handler would swallow a later Ctrl-C (in the final evaluation).
         signal.signal(signal.SIGINT, sigint)
         _DRIVER.update(log=print, on_open=None, slots=None, ahead=0)
-    del results
+    # The Tuner sits in reference cycles holding Ray objects (the dataset put by with_parameters):
+    # collected later, after ray.shutdown, their finalizers reach the dead core worker, which aborts
+    # the driver (exit 1, "The core worker has already been shutdown"). Collect them now, Ray up.
+    del results, tuner, trainable
+    import gc
+
+    gc.collect()

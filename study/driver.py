@@ -172,7 +172,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
 
     Everything a user can get wrong is checked before anything is written: the name, the results
     folder, the resources, the cluster address, a changed space, the dataset files."""
-    lock = stopping = None
+    lock = stopping = finishing = None
     try:
         # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.ray_runtime).
         with stop_signals():
@@ -211,17 +211,22 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
                 f"{data.selection_split}), seeds {list(space.seeds)} -> {paths.root}"
                 + ("" if state == "new" else " (resuming)"))
-            _run_stages(space, paths, data, cpus, gpus, verbose, log, in_driver=not address)
+            finishing = _Finishing()
+
+            def searched() -> None:
+                nonlocal stopping
+                if not address:
+                    # Nothing needs Ray any more (the final evaluation runs here): let it stop, about
+                    # a second of waiting for its processes, while the test set is evaluated and the
+                    # records, tables and plots are written.
+                    stopping = _Background(_shutdown_ray)
+
+            _run_stages(space, paths, data, cpus, gpus, verbose, log, in_driver=not address,
+                        on_stage2=finishing.start, on_searched=searched)
             check_stop()
-            if not address:
-                # Nothing needs Ray any more: let it stop (about a second of waiting for its processes)
-                # while the records, tables and plots are written.
-                stopping = threading.Thread(target=_shutdown_ray, name="ray-shutdown", daemon=True)
-                stopping.start()
-            for warming in _WARMING:  # its imports end before the tables import the same modules
-                warming.join()
-            _WARMING.clear()
-            finish_study(paths, view_log=log)
+            finishing.start()  # a no-op when stage 2 ran in this run
+            finishing.imports.join()  # its imports end before the tables import the same modules
+            finish_study(paths, view_log=log, plots=finishing.plots)
             check_stop()
             atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
             log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
@@ -229,6 +234,8 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     except KeyboardInterrupt:
         raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
     finally:
+        if finishing is not None:
+            finishing.close()
         if lock is not None:
             lock.release()
         if stopping is not None:
@@ -246,16 +253,38 @@ def _load_for_search(data_cfg, data_dir):
     return load_data(data_cfg, data_dir)
 
 
-_WARMING: list = []
-"""The background import of the finishing modules, once started (see _run_stages)."""
-
-
 def _import_finish_modules() -> None:
-    import matplotlib.figure  # noqa: F401
     import optuna.importance  # noqa: F401  (fANOVA: scikit-learn)
-    import optuna.storages  # noqa: F401
+    import optuna.storages
     import pandas  # noqa: F401
-    import sqlalchemy  # noqa: F401
+
+    # the first RDB storage of a process also imports Alembic and builds SQLAlchemy's schema
+    # objects (about 0.3 s): do it here, on a throwaway in-memory database
+    storage = optuna.storages.RDBStorage("sqlite:///:memory:")
+    storage.engine.dispose()
+
+
+class _Finishing:
+    """The study's last step, prepared while its last trials run (``start``, once): the modules of
+    the tables and ``optuna.db`` imported in a thread of the driver, which mostly waits by then, and
+    the plot process (``study.plots.PlotProcess``) started, importing matplotlib. Started once stage
+    2's first trials run, not before: the workers starting before then import torch and Ray Tune on
+    the same cores, and the Tune loop starting them shares the driver's interpreter lock."""
+
+    def __init__(self) -> None:
+        self.imports: _Background | None = None
+        self.plots = None
+
+    def start(self) -> None:
+        if self.imports is None:
+            from .plots import PlotProcess
+
+            self.imports = _Background(_import_finish_modules)
+            self.plots = PlotProcess()
+
+    def close(self) -> None:
+        if self.plots is not None:
+            self.plots.close()
 
 
 class _Background:
@@ -293,9 +322,11 @@ def _shutdown_ray() -> None:
 
 
 def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float, verbose: bool,
-                log: Callable[[str], None], in_driver: bool = False) -> None:
+                log: Callable[[str], None], in_driver: bool = False, on_stage2: Callable[[], None] | None = None,
+                on_searched: Callable[[], None] | None = None) -> None:
     """The search (every experiment not finished yet, in one Tuner), then the final evaluation on
-    the test set."""
+    the test set. ``on_stage2`` runs at the first result of a stage-2 trial, ``on_searched`` once
+    every experiment has its selection, before the final evaluation."""
     from .progress import ProgressView
 
     experiments = space.experiments()
@@ -303,11 +334,7 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
         if not all(paths.stage_marker(e.name).exists() for e in experiments):
             from .tune_adapter import run_search
 
-            # The driver mostly waits while stage-2 trials run: import what the tables and plots
-            # need meanwhile (seconds of imports, once), not after the last trial (and not while
-            # the workers start: they import torch and Ray Tune on the same cores).
-            run_search(space, paths, data, cpus, gpus, view.log, on_open=lambda: _WARMING.append(
-                _Background(_import_finish_modules)), start_ahead=in_driver)
+            run_search(space, paths, data, cpus, gpus, view.log, on_stage2=on_stage2, start_ahead=in_driver)
         check_stop()
         selections: dict[str, StageMarker] = {}
         for exp in experiments:
@@ -321,20 +348,29 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
                 raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
                                        "run the same command again to resume")
             selections[exp.name] = marker
+        if on_searched is not None:
+            on_searched()
         run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
 
 
-def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print) -> None:
+def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plots=None) -> None:
     """trials.csv, per_class.csv, optuna.db, tables and plots of a complete study (all rebuilt from
     disk, idempotent). The tables are built as those of a finished study: done.json is written
-    right after them, and ``study table`` then prints exactly what they hold."""
+    right after them, and ``study table`` then prints exactly what they hold. The plots are drawn
+    in a child process (``plots``, a started ``PlotProcess``, or a new one) beside the rest."""
     from .analysis import load_results, write_all_tables
-    from .plots import write_all_plots
+    from .plots import PlotProcess
     from .records import export_optuna, write_records
 
-    write_records(paths)
-    export_optuna(paths)
     pause_point("tables", view_log)
-    results = load_results(paths.root, complete=True)  # read once for both
-    write_all_tables(results)
-    write_all_plots(results)
+    own = plots is None
+    plots = plots or PlotProcess()
+    try:
+        write_records(paths)  # what the plots read
+        plots.write(paths.root)
+        export_optuna(paths)
+        write_all_tables(load_results(paths.root, complete=True))
+        plots.wait()
+    finally:
+        if own:
+            plots.close()

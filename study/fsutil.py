@@ -70,6 +70,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def replace_synced(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file (written by someone else, e.g. SQLite) over ``path``, its
+    contents on disk first: after a crash ``path`` is the old file or the whole new one."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -14,8 +14,12 @@ and no global state); nothing here imports torch or Ray.
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import numpy as np
 
 from .analysis import Results, as_results, label, long_label, split_word
 from .data import shot_groups
+from .fsutil import atomic_write_bytes
 from .layout import COMPLETED, FAILURE_STATUSES, ExperimentInfo
 
 
@@ -263,7 +268,10 @@ def write_plots(root: str | os.PathLike | Results,
         if fig is None:
             skipped.append(f"skipped {name}: {why}")
         else:
-            fig.savefig(folder / name)
+            # through memory and an atomic rename: a stopped or parallel writer never leaves half a PNG
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            atomic_write_bytes(folder / name, buf.getvalue())
             written.append(folder / name)
     return written, skipped
 
@@ -271,6 +279,71 @@ def write_plots(root: str | os.PathLike | Results,
 def write_all_plots(root: str | os.PathLike | Results) -> list[Path]:
     """The plots of a study in ``STUDY/plots/``; returns the written files."""
     return write_plots(root)[0]
+
+
+class PlotProcess:
+    """A study's plots drawn in a child process, beside the driver's own finishing work.
+
+    Matplotlib draws in single-threaded Python (about a second for a small study's plots, several
+    for a large one), while the driver writes ``optuna.db`` and the tables: on a machine with more
+    than one core the two overlap. Started early (when stage 2 opens), the child also imports
+    matplotlib and the analysis modules while the trials run. ``write(root)`` starts the plots of a
+    complete study; ``wait()`` returns the files written, or raises with the child's error. The
+    child reads its one request from a pipe, so it exits by itself when the driver goes away."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, MPLBACKEND="Agg")
+        # the child imports this package as the driver did, also from a source checkout
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = subprocess.Popen([sys.executable, "-c", "from study.plots import _serve; _serve()"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True, env=env)
+
+    def write(self, root: str | os.PathLike) -> None:
+        """Start drawing the plots of the complete study at ``root`` (returns at once)."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(f"{Path(root).resolve()}\n")
+            self._proc.stdin.flush()
+        except OSError:  # the child has died: wait() says so (not a broken pipe of our own output)
+            pass
+
+    def wait(self) -> list[Path]:
+        """The PNGs the child wrote; raises RuntimeError with its error when it failed."""
+        out, _ = self._proc.communicate()
+        try:
+            reply = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            reply = {"error": f"the plot process exited with status {self._proc.returncode} and no reply"}
+        if "error" in reply:
+            raise RuntimeError(f"writing the plots failed: {reply['error']}")
+        return [Path(p) for p in reply["written"]]
+
+    def close(self) -> None:
+        """Stop the child if it still runs (a stopped study, or an error before ``wait``)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
+def _serve() -> None:
+    """The child of :class:`PlotProcess`: import now, then plot the one study named on stdin."""
+    import traceback
+
+    import matplotlib.figure  # noqa: F401  (imported while the study still runs)
+
+    from .analysis import load_results
+
+    root = sys.stdin.readline().strip()
+    if not root:
+        return  # the driver stopped before the plots
+    try:
+        written = write_all_plots(load_results(root, complete=True))  # done.json comes after the plots
+        reply = {"written": [str(p) for p in written]}
+    except Exception:
+        reply = {"error": traceback.format_exc(limit=-3).strip().replace("\n", " | ")}
+    print(json.dumps(reply), flush=True)
 
 
 def plot_command(study: str | os.PathLike, out: str | os.PathLike | None = None) -> int:

@@ -47,6 +47,11 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # A diverged trial's last report has no objective on purpose (so no number can win); the
     # searcher and scheduler skip such reports, so Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's own per-trial loggers (result.json, progress.csv, TensorBoard events) duplicate what
+    # every trial writes itself (events.jsonl, record.json), and cost the driver a write per epoch
+    # report: about 0.6 s of an 8-trial study on 2 cores. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
+    # brings them back (e.g. for TensorBoard).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # See the module top (the variable is set there): without Ray's failure-signal handler, SIGTERM
     # is a Ctrl-C (exit 130, resumable). The parsed constant covers a Ray imported before this module.
     if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
@@ -77,8 +82,12 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     else:
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
+        # Ray starts one worker per CPU for a new driver, but Tune's trial actors start workers of
+        # their own (Ray's log shows the prestarted ones staying idle): on a small machine they only
+        # compete with the workers that are used, about 0.5 s of a study's start on 2 cores.
         with stop_signals_deferred():
-            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+            ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False},
+                     **kwargs)
     if not verbose:
         for name in ("ray", "ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)

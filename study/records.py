@@ -10,11 +10,12 @@ import glob
 import json
 import math
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl
+from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl, replace_synced
 from .layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
                      RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
                      TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, searched_params,
@@ -339,7 +340,15 @@ def export_optuna(paths: StudyPaths) -> Path:
     _, header = load_header(paths.root)
     tmp = paths.optuna_db.with_name(".optuna.db.tmp")
     tmp.unlink(missing_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+
+    def connect():
+        # The file is renamed into place only once complete (and synced), so its commits need not
+        # wait for the disk: SQLite's synchronous=OFF, which halves the time of each added trial.
+        con = sqlite3.connect(str(tmp), check_same_thread=False)
+        con.execute("PRAGMA synchronous=OFF")
+        return con
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}", engine_kwargs={"creator": connect})
     live = lock_alive(paths)
     for exp in header.experiments:
         trials = experiment_trials(paths, exp.name, live, include_unknown=False)
@@ -354,7 +363,7 @@ def export_optuna(paths: StudyPaths) -> Path:
     if hasattr(storage, "engine"):
         storage.engine.dispose()
     del storage
-    os.replace(tmp, paths.optuna_db)
+    replace_synced(tmp, paths.optuna_db)
     return paths.optuna_db
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from study.analysis import load_results  # noqa: E402
 from study.cli import main  # noqa: E402
-from study.plots import search_figure, weight_norm_figure, write_plots  # noqa: E402
+from study.plots import PlotProcess, search_figure, weight_norm_figure, write_plots  # noqa: E402
 
 from analysis_fixture import make_study  # noqa: E402
 
@@ -40,6 +40,36 @@ def test_finish_outputs_written_without_torch_or_ray(tmp_path):
     assert [p.name for p in written] == EXPECTED
     assert all(p.parent == root / "plots" and _is_png(p) for p in written)
     assert len(list((root / "tables").iterdir())) == 15  # 5 kinds x 3 formats
+
+
+def test_plot_process_writes_the_same_pngs_as_write_plots(tmp_path):
+    """The child process finish_study draws in writes exactly the PNGs write_plots writes here."""
+    root = make_study(tmp_path / "toy-lt")
+    plots = PlotProcess()
+    try:
+        plots.write(root)
+        written = plots.wait()
+    finally:
+        plots.close()
+    assert [p.name for p in written] == EXPECTED and all(p.parent == root / "plots" for p in written)
+    here, _ = write_plots(load_results(root, complete=True), tmp_path / "here")
+    assert [p.read_bytes() for p in written] == [p.read_bytes() for p in here]
+
+
+def test_plot_process_failures_raise(tmp_path):
+    """A study the child cannot plot, and a child that died before it was asked: both raise in the
+    driver (never a silent success, nor a broken pipe the CLI would take for a closed stdout)."""
+    plots = PlotProcess()
+    plots.write(tmp_path / "not-a-study")
+    with pytest.raises(RuntimeError, match="writing the plots failed: .*not-a-study"):
+        plots.wait()
+    plots = PlotProcess()
+    plots._proc.kill()  # noqa: SLF001  (as the OOM killer or a stray kill would)
+    plots._proc.wait()  # noqa: SLF001
+    plots.write(make_study(tmp_path / "toy-lt"))
+    with pytest.raises(RuntimeError, match="exited with status -9 and no reply"):
+        plots.wait()
+    assert not (tmp_path / "toy-lt" / "plots").exists()
 
 
 def test_search_figure_axes(tmp_path):

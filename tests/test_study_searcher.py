@@ -186,3 +186,27 @@ def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_o
     assert opened.stage1_dir == StageMarker.read(paths.stage_marker("stage1")).selection("tuned").dir
     assert late["_study"]["stage1_dir"] == opened.stage1_dir
     assert tune_adapter._wait_opened(paths, "stage2").stage1_dir == opened.stage1_dir
+
+
+def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypatch):
+    """``on_stage2`` (the driver's preparations for the end of the study) runs at the first result of
+    a stage-2 trial, once: not for stage-1 results, nor when stage 2 opens and starts its trials."""
+    from study import tune_adapter
+
+    calls = []
+    monkeypatch.setitem(tune_adapter._DRIVER, "on_stage2", lambda: calls.append(1))
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths)
+    stage1 = [(t, s.suggest(t)) for t in ("a", "b")]
+    s.on_trial_result("a", {"objective": 0.3, "epoch": 1, "training_iteration": 1})
+    for tid, cfg in stage1:
+        _end(s, paths, cfg, tid, 0.4)
+    c = s.suggest("c")
+    _end(s, paths, c, "c", 0.5)
+    d, e = s.suggest("d"), s.suggest("e")  # stage 2 opened, its two slots' trials started
+    assert d["_study"]["experiment"] == e["_study"]["experiment"] == "stage2" and calls == []
+    s.on_trial_result("d", {"objective": 0.6, "epoch": 1, "training_iteration": 1})
+    s.on_trial_result("e", {"objective": 0.6, "epoch": 1, "training_iteration": 1})
+    s.on_trial_result("d", {"objective": 0.7, "epoch": 2, "training_iteration": 2})
+    assert calls == [1]

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
 from .errors import StudyInterrupted, UserError
@@ -40,6 +40,9 @@ from .layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, M
 from .ray_runtime import check_address, check_stop, init_ray, stop_signals, trial_resources
 from .records import experiment_trials
 from .spaces import StudySpace, diff_dicts
+
+if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
+    from .plots import PlotProcess
 
 
 # --- final evaluation ---------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ class _Finishing:
 
     def __init__(self) -> None:
         self.imports: _Background | None = None
-        self.plots = None
+        self.plots: PlotProcess | None = None
 
     def start(self) -> None:
         if self.imports is None:
@@ -353,7 +356,8 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
         run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
 
 
-def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plots=None) -> None:
+def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print,
+                 plots: PlotProcess | None = None) -> None:
     """trials.csv, per_class.csv, optuna.db, tables and plots of a complete study (all rebuilt from
     disk, idempotent). The tables are built as those of a finished study: done.json is written
     right after them, and ``study table`` then prints exactly what they hold. The plots are drawn

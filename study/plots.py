@@ -286,8 +286,8 @@ class PlotProcess:
 
     Matplotlib draws in single-threaded Python (about a second for a small study's plots, several
     for a large one), while the driver writes ``optuna.db`` and the tables: on a machine with more
-    than one core the two overlap. Started early (when stage 2 opens), the child also imports
-    matplotlib and the analysis modules while the trials run. ``write(root)`` starts the plots of a
+    than one core the two overlap. Started early (at stage 2's first result), the child also
+    imports matplotlib and the analysis modules while the trials run. ``write(root)`` starts the plots of a
     complete study; ``wait()`` returns the files written, or raises with the child's error. The
     child reads its one request from a pipe, so it exits by itself when the driver goes away."""
 

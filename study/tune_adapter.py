@@ -265,8 +265,9 @@ class MethodSearcher(Searcher):
 _DRIVER: dict = {"log": print, "on_stage2": None, "slots": None, "ahead": 0}
 """This run's settings for :class:`StudySearcher` (in the driver, inside Tune's loop; not pickled):
 ``log`` prints (the live view's log); ``on_stage2`` runs once, at the first result of a stage-2
-trial in this run (the driver's preparations for the end of the study); ``slots`` caps the trials in flight (this run's cluster, even if the saved
-state was made on another); ``ahead`` is how many trials of an experiment may start before it opens."""
+trial in this run (the driver's preparations for the end of the study); ``slots`` caps the trials
+in flight (this run's cluster, even if the saved state was made on another); ``ahead`` is how many
+trials of an experiment may start before it opens."""
 
 
 class StudySearcher(Searcher):

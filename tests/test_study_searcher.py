@@ -210,3 +210,75 @@ def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypat
     s.on_trial_result("e", {"objective": 0.6, "epoch": 1, "training_iteration": 1})
     s.on_trial_result("d", {"objective": 0.7, "epoch": 2, "training_iteration": 2})
     assert calls == [1]
+
+
+def test_trials_report_only_where_asha_decides_and_asha_decides_as_with_every_epoch():
+    """report_epochs gives the first epoch at or past each of Ray's ASHA rungs (before the last
+    epoch), none without a scheduler; an ASHA fed only those reports stops the same trials, at the
+    same epochs, as one fed every epoch."""
+    import math
+    import random
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.tune_adapter import report_epochs
+
+    assert report_epochs(20, None) == []
+    for epochs, g, rf in [(20, 1, 2), (10, 1, 3), (200, 5, 2.5), (7, 7, 2), (30, 2, 1.5), (81, 1, 3)]:
+        asha = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=g, reduction_factor=rf)
+        rungs = sorted({math.ceil(m) for m, _ in asha._brackets[0]._rungs if math.ceil(m) < epochs})
+        want = report_epochs(epochs, SimpleNamespace(grace_period=g, reduction_factor=rf))
+        assert want == rungs, (epochs, g, rf)
+
+        def decisions(only):
+            sched = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=g, reduction_factor=rf,
+                                  metric="objective", mode="max")
+            rng, stops = random.Random(0), {}
+            curves = {f"t{i}": [rng.random() for _ in range(epochs)] for i in range(12)}
+            for tid in curves:  # trials one after another: each sees the rungs the earlier ones filled
+                trial = SimpleNamespace(trial_id=tid)
+                sched.on_trial_add(None, trial)
+                for ep in range(1, epochs):
+                    if only is not None and ep not in only and ep != 1:
+                        continue
+                    if sched.on_trial_result(None, trial, {"epoch": ep, "objective": curves[tid][ep - 1]}) == "STOP":
+                        stops[tid] = ep
+                        break
+            return stops
+
+        assert decisions(set(want)) == decisions(None), (epochs, g, rf)
+
+
+def test_a_trial_forwards_its_first_epoch_its_rungs_and_its_end_only():
+    from study.tune_adapter import sparse_report
+
+    got = []
+    report = sparse_report(got.append, [2, 4])
+    for ep in range(1, 7):
+        report({"epoch": ep, "start_epoch": 0, "trial_status": "running"})
+    report({"epoch": 7, "trial_status": COMPLETED})
+    assert [m["epoch"] for m in got] == [1, 2, 4, 7]
+    got.clear()
+    resumed = sparse_report(got.append, [2, 4])  # an attempt resumed from its epoch-4 checkpoint
+    for ep in range(5, 7):
+        resumed({"epoch": ep, "start_epoch": 4, "trial_status": "running"})
+    assert [m["epoch"] for m in got] == [5]
+    every = []
+    old = sparse_report(every.append, None)  # a trial proposed before report_epochs existed
+    for ep in range(1, 4):
+        old({"epoch": ep, "start_epoch": 0, "trial_status": "running"})
+    assert len(every) == 3
+
+
+def test_optuna_hears_a_trials_epoch_as_its_step(tmp_path):
+    """With reports only at some epochs, Optuna's intermediate values are keyed by epoch (as in
+    optuna.db), not by Tune's count of reports."""
+    space = load_space(str(toy_space(tmp_path)))
+    paths = StudyPaths(tmp_path / "res")
+    s = _searcher(space, paths)
+    tid = next(t for t in ("a", "b") if s.suggest(t)["method"] == "tuned")
+    s.on_trial_result(tid, {"objective": 0.3, "epoch": 1, "training_iteration": 1})
+    s.on_trial_result(tid, {"objective": 0.5, "epoch": 4, "training_iteration": 2})
+    sub = s.searchers["stage1"].subs["tuned"]
+    assert sub._ot_study.trials[0].intermediate_values == {1: 0.3, 4: 0.5}

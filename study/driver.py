@@ -37,7 +37,7 @@ from .faults import pause_point
 from .fsutil import StudyLock, atomic_write_json, check_writable, json_plain
 from .layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, MethodInfo, StageMarker, StudyHeader,
                      StudyPaths, check_name, final_weights, read_yaml_file)
-from .ray_runtime import check_address, check_stop, init_ray, stop_signals, trial_resources
+from .ray_runtime import check_address, check_stop, import_ray, init_ray, stop_signals, trial_resources
 from .records import experiment_trials
 from .spaces import StudySpace, diff_dicts
 
@@ -202,7 +202,8 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             # The dataset loads (files read and checked) and the search's modules are imported (Ray
             # Tune, Optuna, torch) while Ray starts its processes: both take seconds, and Ray's
             # mostly wait. A missing or corrupt dataset, or an unreachable cluster, fails here,
-            # before any write.
+            # before any write. Ray itself is imported first, alone (see import_ray).
+            import_ray()
             loading = _Background(_load_for_search, space.data, data_dir)
             init_ray(address, verbose, ray_temp_dir)
             data = loading.result()

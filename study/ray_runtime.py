@@ -37,9 +37,11 @@ def check_address(address: str) -> None:
                         "with 'ray start --head' or check the address") from None
 
 
-def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) -> None:
-    import logging
-
+def import_ray() -> None:
+    """Import Ray and set up its process-wide switches (logging, Tune's environment variables), without
+    starting it. ``run_study`` calls this on the main thread before its loading thread starts: the
+    two imports share the interpreter lock, and Ray's import (about 0.7 s alone) is what ``ray.init``
+    waits for, while the processes ``ray.init`` starts use the otherwise idle core."""
     import ray
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -56,6 +58,42 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     # is a Ctrl-C (exit 130, resumable). The parsed constant covers a Ray imported before this module.
     if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
         ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+
+def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) -> None:
+    """Join the Ray cluster at ``address``, or start a local one (one CPU per core, no dashboard)."""
+    import logging
+
+    import ray
+
+    import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
+                                      logging_level=logging.INFO if verbose else logging.ERROR,
+                                      configure_logging=True)
+        if address:
+            # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
+            # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
+            # that the address answers (check_address), before anything was written.
+            try:
+                with stop_signals_deferred():
+                    ray.init(address=address, **kwargs)
+            except Exception as e:
+                raise UserError(f"--address {address}: could not join the Ray cluster: "
+                                f"{str(e).splitlines()[0][:200]}") from None
+        else:
+            if temp_dir:
+                kwargs["_temp_dir"] = temp_dir
+            # Ray starts one worker per CPU for a new driver, but Tune's trial actors start workers of
+            # their own (Ray's log shows the prestarted ones staying idle): on a small machine they only
+            # compete with the workers that are used, about 0.5 s of a study's start on 2 cores.
+            with stop_signals_deferred(), _lean_head(log_monitor=verbose):
+                ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False},
+                         **kwargs)
+        if not verbose:
+            for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+    # Optuna is set up after ray.init, not before: its import would only delay Ray's start.
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,33 +102,33 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     import warnings
 
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`")
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
-                                  logging_level=logging.INFO if verbose else logging.ERROR,
-                                  configure_logging=True)
-    if address:
-        # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
-        # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
-        # that the address answers (check_address), before anything was written.
-        try:
-            with stop_signals_deferred():
-                ray.init(address=address, **kwargs)
-        except Exception as e:
-            raise UserError(f"--address {address}: could not join the Ray cluster: "
-                            f"{str(e).splitlines()[0][:200]}") from None
-    else:
-        if temp_dir:
-            kwargs["_temp_dir"] = temp_dir
-        # Ray starts one worker per CPU for a new driver, but Tune's trial actors start workers of
-        # their own (Ray's log shows the prestarted ones staying idle): on a small machine they only
-        # compete with the workers that are used, about 0.5 s of a study's start on 2 cores.
-        with stop_signals_deferred():
-            ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False},
-                     **kwargs)
-    if not verbose:
-        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _lean_head(log_monitor: bool):
+    """While a local Ray starts: leave out the head processes a study on one machine never uses,
+    the autoscaler's monitor (nothing to scale) and, unless workers' output is shown (``-v``), the
+    log monitor (it forwards that output to the driver). Each is a Python process importing Ray,
+    about 0.5 CPU-seconds when the driver and the first workers need the cores most. ``ray.init``
+    has no switch for them; ``ray start --head`` has (``--no-monitor``,
+    ``--include-log-monitor=False``): the same two fields of the node's parameters are set here. A
+    Ray whose parameters lack them starts as before."""
+    from ray._private import node
+
+    build = node.Node.__init__
+
+    def lean(self, ray_params, *args, **kwargs):
+        if hasattr(ray_params, "no_monitor"):
+            ray_params.no_monitor = True
+        if not log_monitor and hasattr(ray_params, "include_log_monitor"):
+            ray_params.include_log_monitor = False
+        build(self, ray_params, *args, **kwargs)
+
+    node.Node.__init__ = lean
+    try:
+        yield
+    finally:
+        node.Node.__init__ = build
 
 
 def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) -> tuple[float, float]:

@@ -39,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
 from .faults import pause_point  # noqa: E402
-from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, RUNNING, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
+from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
                      searched_params, trial_dirname, trial_index_in_experiment)
 from .ray_runtime import trial_slots  # noqa: E402
 from .records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
@@ -109,39 +109,7 @@ def study_trainable(config: dict, data=None) -> None:
                      workers=loader_workers(data, st.get("cpus_per_trial") or 1))
     # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
-    run_trial(spec, data, report=sparse_report(tune.report, st.get("report_epochs")))
-
-
-def sparse_report(report: Callable[[dict], None], epochs: list[int] | None) -> Callable[[dict], None]:
-    """``report`` for the epochs where a report can change something: the first epoch this attempt
-    runs, the ``epochs`` given (the rungs of the trial's ASHA scheduler, see :func:`report_epochs`)
-    and the trial's last report. Every other epoch is skipped: Tune's function trainable waits at
-    each report until the driver has handled it and asks for the next, so a report costs the trial
-    a round trip through the driver's loop. ``epochs`` None (a trial proposed by an older version,
-    restored from its snapshot): every epoch, as before."""
-    if epochs is None:
-        return report
-    wanted = set(epochs)
-
-    def forward(metrics: dict) -> None:
-        if (metrics.get("trial_status") != RUNNING or metrics["epoch"] in wanted
-                or metrics["epoch"] == metrics.get("start_epoch", 0) + 1):
-            report(metrics)
-
-    return forward
-
-
-def report_epochs(epochs: int, scheduler) -> list[int]:
-    """The epochs (before the last) at which a trial of ``epochs`` epochs must report for its
-    scheduler (``spaces.SchedulerSpec`` or None) to decide as it would with a report every epoch:
-    ASHA records a trial at a rung (``grace_period * reduction_factor**k``, as Ray builds them) at
-    its first report at or past the rung, so a report at the first epoch reaching each rung is
-    all it needs. Without a scheduler nothing decides before the end: none."""
-    if scheduler is None:
-        return []
-    g, rf = scheduler.grace_period, scheduler.reduction_factor
-    rungs = int(math.log(epochs / g) / math.log(rf) + 1)  # Ray's count (one bracket)
-    return sorted({math.ceil(g * rf ** k) for k in range(rungs) if math.ceil(g * rf ** k) < epochs})
+    run_trial(spec, data, report=tune.report)
 
 
 def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.05) -> ExperimentOpened:
@@ -165,10 +133,7 @@ class StudyOptunaSearch(OptunaSearch):
         value = result.get(self.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
-        # Optuna's step is the trial's epoch (as in optuna.db), not Tune's count of its reports
-        # (trials report only some epochs, see sparse_report)
-        super().on_trial_result(trial_id, {**result, "training_iteration": result.get("epoch",
-                                                                                  result.get("training_iteration"))})
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -422,9 +387,7 @@ class StudySearcher(Searcher):
         c = self.constants[e]
         return {**cfg, "_study": {"experiment": e, "stage": self.stage[e], "index": self.index[trial_id],
                                   "config": c["configs"][cfg["method"]], "backbone": c["backbone"],
-                                  "stage1_dir": c.get("stage1_dir"), "after": self.after[e],
-                                  # absent from the constants of a study begun by an older version
-                                  "report_epochs": c.get("report_epochs", {}).get(cfg["method"])}}
+                                  "stage1_dir": c.get("stage1_dir"), "after": self.after[e]}}
 
     def _open(self, e: str) -> bool:
         """A dependent experiment: take its stage-1 folder from the marker of the experiment it
@@ -639,9 +602,7 @@ def _study_constants(space: StudySpace, paths: StudyPaths, cpus: float) -> dict:
 
 def _experiment_constants(exp: Experiment, space: StudySpace) -> dict:
     return {"configs": {p.method: asdict(p.config) for p in exp.plans},
-            "backbone": space.backbone_of(exp.variant) if exp.variant else None,
-            "report_epochs": {p.method: report_epochs(getattr(p.config, "epochs", 0), p.scheduler)
-                              for p in exp.plans}}
+            "backbone": space.backbone_of(exp.variant) if exp.variant else None}
 
 
 def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> MethodSearcher:

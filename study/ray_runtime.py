@@ -40,7 +40,7 @@ def check_address(address: str) -> None:
 def import_ray() -> None:
     """Import Ray and set up its process-wide switches (logging, Tune's environment variables), without
     starting it. ``run_study`` calls this on the main thread before its loading thread starts: the
-    two imports share the interpreter lock, and Ray's import (about 0.7 s alone) is what ``ray.init``
+    two imports share the interpreter lock, and Ray's import (0.3–0.5 s alone) is what ``ray.init``
     waits for, while the processes ``ray.init`` starts use the otherwise idle core."""
     import ray
 

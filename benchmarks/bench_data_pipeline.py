@@ -2,12 +2,12 @@
 
 Baseline (what the WB / LDAM code does): a Dataset of HWC uint8 images with
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize applied per image through
-a DataLoader. Ours (study.data.Augmenter): the whole split as a uint8 tensor on the device, crop,
+a DataLoader. Ours (study.data.lt.Augmenter): the whole split as a uint8 tensor on the device, crop,
 flip and normalise applied to each batch at once.
 
 Prints images/s of each and the ratio, for the input pipeline alone, for a plain ResNet training
 step (forward + backward + SGD) on top of each, and for the project's own trainer
-(``study.stages.Stage1Trainer``) in each memory format, all against the same baseline measured in
+(``study.training.stages.Stage1Trainer``) in each memory format, all against the same baseline measured in
 the same run, on the device available (CPU here; CUDA when present).
 
     .venv/bin/python benchmarks/bench_data_pipeline.py [--images 10847] [--batch 64] [--workers 0]
@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30, help="steps timed for the training comparison")
     args = ap.parse_args()
 
-    from study.data import DATASETS, Augmenter, DeviceSplit
-    from study.models import build_model
+    from study.data.lt import DATASETS, Augmenter, DeviceSplit
+    from study.training.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)
@@ -123,10 +123,10 @@ def main() -> None:
     print(f"{args.model} training steps        baseline {b:10.0f} img/s   ours (plain step) {o:10.0f} img/s   "
           f"speed-up x{o / b:.2f}")
 
-    # -- the project's own trainer (study.stages.Stage1Trainer), per memory format: what a trial runs
-    from study.config import Stage1Config
-    from study.data import LTData
-    from study.stages import Stage1Trainer, runtime_settings
+    # -- the project's own trainer (study.training.stages.Stage1Trainer), per memory format: what a trial runs
+    from study.config.schema import Stage1Config
+    from study.data.lt import LTData
+    from study.training.stages import Stage1Trainer, runtime_settings
 
     counts = np.bincount(y, minlength=100).tolist()
     data = LTData(spec=spec, train_x=np.ascontiguousarray(x.transpose(0, 3, 1, 2)), train_y=y, val_x=x[:100].transpose(0, 3, 1, 2),

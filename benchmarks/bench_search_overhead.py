@@ -1,8 +1,8 @@
 """What the search harness costs: a real `study run` vs. the same trials run one after another.
 
 Baseline: every trial of the study (same number per method, same seeds, same epochs; searched
-parameters at their defaults) run one after another in this process with ``study.trial.run_trial``,
-then the final test evaluation (``study.stages.evaluate_selected``) — no Ray, no Optuna, no
+parameters at their defaults) run one after another in this process with ``study.training.trial.run_trial``,
+then the final test evaluation (``study.training.stages.evaluate_selected``) — no Ray, no Optuna, no
 scheduling, no resume machinery.
 Harness: ``study run`` on the same space (Ray Tune + Optuna, one CPU per trial, trials in parallel
 as the cores allow), then its final test evaluation, tables and plots.
@@ -11,7 +11,7 @@ Prints wall time, peak resident memory of the whole process tree (sampled every 
 ratios. Needs psutil (a dev dependency).
 
     .venv/bin/python benchmarks/bench_search_overhead.py [--epochs 20] [--budget 4]
-    .venv/bin/python benchmarks/bench_search_overhead.py --space search_spaces/digits-lt.yaml   # the demo
+    .venv/bin/python benchmarks/bench_search_overhead.py --space study/search_spaces/digits-lt.yaml   # the demo
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def baseline(space_path: Path, out: Path) -> None:
     trial of each method — the work ``study run`` does, without Ray Tune, Optuna or resume."""
     import torch
 
-    from study.data import load_data
+    from study.data.lt import load_data
     from study.fsutil import safe_torch_load
     from study.layout import final_weights
-    from study.spaces import load_space
-    from study.stages import evaluate_selected
-    from study.trial import TrialSpec, run_trial
+    from study.config.spaces import load_space
+    from study.training.stages import evaluate_selected
+    from study.training.trial import TrialSpec, run_trial
 
     torch.set_num_threads(1)  # the harness gives each trial one CPU
     space = load_space(str(space_path))
@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--budget", type=int, default=4)
-    ap.add_argument("--space", help="time this space file instead (e.g. search_spaces/digits-lt.yaml: the "
+    ap.add_argument("--space", help="time this space file instead (e.g. study/search_spaces/digits-lt.yaml: the "
                                     "demo's size); --epochs and --budget are then ignored")
     ap.add_argument("--baseline", nargs=2, metavar=("SPACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,7 +132,7 @@ def main() -> None:
     space = tmp / "space.yaml"
     if args.space:
         space.write_text(Path(args.space).read_text())
-        from study.spaces import load_space
+        from study.config.spaces import load_space
 
         loaded = load_space(str(space))
         n = sum(e.budget for e in loaded.experiments())

@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=10000)
     args = ap.parse_args()
 
-    from study.config import EvalConfig, Stage2Config
-    from study.data import DATASETS, LTData, lt_counts
-    from study.heads import AffineHead
-    from study.models import build_model
-    from study.stages import Stage2Trainer, evaluate_selected
+    from study.config.schema import EvalConfig, Stage2Config
+    from study.data.lt import DATASETS, LTData, lt_counts
+    from study.training.heads import AffineHead
+    from study.training.models import build_model
+    from study.training.stages import Stage2Trainer, evaluate_selected
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = DATASETS["cifar100-lt"]

@@ -1,4 +1,4 @@
-"""Streaming input for image-file datasets: study.streaming against torchvision's usual pipeline,
+"""Streaming input for image-file datasets: study.data.streaming against torchvision's usual pipeline,
 and why stage 2 trains on features computed once.
 
 In one run, on a generated Kang-format tree (``tests/imagefolder_files.make_lt_tree``: long-tailed
@@ -6,7 +6,7 @@ classes, JPEGs of ``--min-side``..``--max-side`` px plus a grayscale, a CMYK and
 
 1. images/s of one warm training epoch (decode + Kang's train augmentation, batch ``--batch``,
    ``--workers`` persistent workers, the same shuffled order) through
-   (a) ``study.streaming.StreamSplit`` + ``KangTransform`` and
+   (a) ``study.data.streaming.StreamSplit`` + ``KangTransform`` and
    (b) the baseline: a Dataset over the same (path, label) list reading with torchvision's
        ``datasets.folder.default_loader`` (what ``ImageFolder`` does per item; no class-folder
        layout needed) and the composed torchvision transforms, through a plain ``DataLoader``;
@@ -62,7 +62,7 @@ def baseline_loader(root: Path, lines, size: int, batch: int, workers: int):
     import torchvision.transforms as T
     from torchvision.datasets.folder import default_loader
 
-    from study.streaming import IMAGENET_MEAN, IMAGENET_STD
+    from study.data.streaming import IMAGENET_MEAN, IMAGENET_STD
 
     tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
                     T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
@@ -105,7 +105,7 @@ def main() -> None:
 
     import torchvision
 
-    from study.streaming import KangTransform, StreamSplit
+    from study.data.streaming import KangTransform, StreamSplit
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root, lines = tree(args)
@@ -129,7 +129,7 @@ def main() -> None:
     ips_b = max(k / s for s, k in warm_b)
     print("\n1. training input pipeline (decode + RandomResizedCrop + flip + ColorJitter + normalise), "
           "best of 2 warm epochs")
-    print(f"   (a) study.streaming.StreamSplit     {ips_a:8.1f} images/s   (cold first epoch: "
+    print(f"   (a) study.data.streaming.StreamSplit     {ips_a:8.1f} images/s   (cold first epoch: "
           f"{cold_a[1] / cold_a[0]:.1f} images/s, incl. worker start)")
     print(f"   (b) default_loader + torchvision    {ips_b:8.1f} images/s   (cold first epoch: "
           f"{cold_b[1] / cold_b[0]:.1f} images/s, incl. worker start)")

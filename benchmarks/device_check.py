@@ -10,8 +10,8 @@ Steps (rows of the table, in order):
    torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize per image, a
    DataLoader (4 workers; 0 with ``--cpu``), eager fp32 (PyTorch's default TF32 settings), SGD
    (momentum 0.9, weight decay 5e-3), cross-entropy, ``model.train()``, the model from
-   ``study.models.build_model``.
-2. **trainer**: ``study.stages.Stage1Trainer`` (the data on the device, batched augmentation), its
+   ``study.training.models.build_model``.
+2. **trainer**: ``study.training.stages.Stage1Trainer`` (the data on the device, batched augmentation), its
    own SGD step loop (``_sgd_epoch``, the one ``run_epoch`` calls) on full batches, in cumulative
    configurations of Stage1Config: eager (``tf32: true`` on CUDA), + ``memory_format:
    channels_last``, + ``amp: true`` (bf16 autocast), + ``compile: default``, + ``compile:
@@ -33,7 +33,7 @@ reason; the exit status is 1 only when a row that must work everywhere (the refe
 trainer, the Ray rows, the study run) failed.
 
 Synthetic data: CIFAR-100-LT-sized random uint8 images (10,847 training images with the IF-100
-counts of ``study.data.lt_counts(500, 100, 100)``, 10,000 balanced test images); 256 training
+counts of ``study.data.lt.lt_counts(500, 100, 100)``, 10,000 balanced test images); 256 training
 images with ``--cpu``.
 """
 
@@ -58,7 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-# Ray's C++ failure-signal handler turns a SIGTERM into an abort (see study/ray_runtime.py); read
+# Ray's C++ failure-signal handler turns a SIGTERM into an abort (see study/search/ray_runtime.py); read
 # once when Ray is imported, so set before any import of Ray.
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
@@ -214,7 +214,7 @@ def time_steps(step, steps: int, warmup: int, batch: int, device) -> tuple[float
 def synthetic_data(n_train: int, n_test: int, n_val: int):
     """CIFAR-100-LT-sized random data as an LTData (as benchmarks/bench_stage2.py builds it): the
     IF-100 counts (scaled to ``n_train`` images when that is not 10,847), balanced test images."""
-    from study.data import DATASETS, LTData, lt_counts
+    from study.data.lt import DATASETS, LTData, lt_counts
 
     rng = np.random.default_rng(0)
     counts = lt_counts(500, NUM_CLASSES, 100)
@@ -238,8 +238,8 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
     import torchvision.transforms as T
     from PIL import Image
 
-    from study.data import CIFAR_MEAN, CIFAR_STD
-    from study.models import build_model
+    from study.data.lt import CIFAR_MEAN, CIFAR_STD
+    from study.training.models import build_model
 
     row = Row(1, backbone, f"reference: torchvision transforms + DataLoader ({args.workers} workers), eager fp32",
               required=True)
@@ -342,7 +342,7 @@ def trainer_configs(cuda: bool) -> list[tuple[str, str, dict]]:
 
 
 def missing_fields(fields: dict) -> list[str]:
-    from study.config import Stage1Config
+    from study.config.schema import Stage1Config
 
     have = {f.name for f in dataclasses.fields(Stage1Config)}
     return [k for k in fields if k not in have]
@@ -363,8 +363,8 @@ def run_trainer(backbone: str, fields: dict, data, device, batch: int, steps: in
     settings) and compile diagnostics. Used in-process (step 2) and by the Ray actors (step 3)."""
     import torch
 
-    from study.config import Stage1Config
-    from study.stages import Stage1Trainer
+    from study.config.schema import Stage1Config
+    from study.training.stages import Stage1Trainer
 
     cfg = Stage1Config(backbone=backbone, batch_size=batch, **fields)
     before = _compile_counters()
@@ -449,8 +449,8 @@ def ray_trial(repo: str, threads: int | None, backbone: str, fields: dict, sizes
         sys.path.insert(0, repo)
     import torch
 
-    from study.config import Stage1Config
-    from study.stages import Stage1Trainer
+    from study.config.schema import Stage1Config
+    from study.training.stages import Stage1Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -614,7 +614,7 @@ def study_run_row(device, args, budget) -> Row:
         from cifar_files import write_cifar100
     finally:
         sys.path.remove(str(REPO / "tests"))
-    from study.data import lt_counts
+    from study.data.lt import lt_counts
 
     tmp = Path(tempfile.mkdtemp(prefix="device-check-"))
     t = time.perf_counter()
@@ -775,7 +775,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from study.models import known_model
+    from study.training.models import known_model
 
     if args.cpu:
         device = torch.device("cpu")

@@ -1,9 +1,9 @@
 """study: hyperparameter-search studies for long-tailed recognition by weight balancing.
 
-Stages (``study.stages``, ``study.posthoc``), data (``study.data``), models (``study.models``),
-evaluation (``study.evaluation``), the search (``study.driver`` with ``study.tune_adapter``,
-``study.resume`` and ``study.ray_runtime``), the on-disk format (``study.layout``), the records and
-analysis (``study.records``, ``study.analysis``, ``study.plots``); ``study.cli`` is the command line.
+Stages (``study.training.stages``, ``study.training.posthoc``), data (``study.data.lt``), models (``study.training.models``),
+evaluation (``study.training.evaluation``), the search (``study.search.driver`` with ``study.search.tune_adapter``,
+``study.search.resume`` and ``study.search.ray_runtime``), the on-disk format (``study.layout``), the records and
+analysis (``study.results.records``, ``study.results.analysis``, ``study.results.plots``); ``study.cli`` is the command line.
 """
 
 __version__ = "0.1.0"

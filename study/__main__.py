@@ -1,3 +1,3 @@
-from .cli import entry
+from study.cli import entry
 
 entry()

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import StudyInterrupted, UserError
+from study.errors import StudyInterrupted, UserError
 
 DEFAULT_RESULTS = "results"
 
@@ -26,10 +26,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .config import PROTOCOL_PRESETS, DataConfig, build, check_protocol
-    from .data import DATASETS, describe
-    from .errors import unknown
-    from .filelists import FILE_DATASETS
+    from study.config.schema import PROTOCOL_PRESETS, DataConfig, build, check_protocol
+    from study.data.lt import DATASETS, describe
+    from study.errors import unknown
+    from study.data.filelists import FILE_DATASETS
 
     if args.dataset in FILE_DATASETS:
         return _cmd_data_files(args)
@@ -69,7 +69,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     t.add_column("class", justify="right")
     t.add_column("train", justify="right")
     t.add_column("group")
-    from .data import shot_groups
+    from study.data.lt import shot_groups
 
     groups = shot_groups(info["train_counts"], cfg.resolved_many, cfg.resolved_few)
     for c, (n, g) in enumerate(zip(info["train_counts"], groups)):
@@ -92,11 +92,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_files(args: argparse.Namespace) -> int:
-    """``study data`` for a dataset given as split files (study.filelists): counts read from the lists."""
+    """``study data`` for a dataset given as split files (study.data.filelists): counts read from the lists."""
     from types import SimpleNamespace
 
-    from .config import check_protocol
-    from .filelists import FILE_DATASETS, describe_file_dataset
+    from study.config.schema import check_protocol
+    from study.data.filelists import FILE_DATASETS, describe_file_dataset
 
     spec = FILE_DATASETS[args.dataset]
     for opt in ("imbalance_factor", "profile", "subset", "rounding", "n_max"):
@@ -132,7 +132,7 @@ def _cmd_data_files(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from .data import shot_groups
+    from study.data.lt import shot_groups
 
     con = Console()
     how = {"val-list": "the val list", "none": "the test set, no validation split",
@@ -172,8 +172,8 @@ def _cmd_data_files(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .spaces import load_space
-    from .train import summary_rows, train_once
+    from study.config.spaces import load_space
+    from study.training.single_run import summary_rows, train_once
 
     space = load_space(args.space, args.set, seeds=args.seeds)
     out = Path(args.out or Path(args.results_dir) / f"{space.name}-train")
@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .spaces import load_space
+    from study.config.spaces import load_space
 
     space = load_space(args.space, args.set, seeds=args.seeds, num_samples=args.num_samples)
     address = args.address or ""
@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # later local cluster in the same process does not start its GCS in token mode.
         os.environ["RAY_AUTH_MODE"] = "token"
     try:
-        from .driver import run_study  # imports Ray: only here
+        from study.search.driver import run_study  # imports Ray: only here
 
         run_study(space, name=args.name, results_dir=args.results_dir, address=args.address,
                   gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, data_dir=args.data_dir,
@@ -223,8 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .layout import FAILURE_STATUSES, INTERRUPTED, PENDING, RUNNING, STOPPED
-    from .records import fmt_params, study_status
+    from study.layout import FAILURE_STATUSES, INTERRUPTED, PENDING, RUNNING, STOPPED
+    from study.results.records import fmt_params, study_status
 
     st = study_status(args.study)
     if args.format == "json":
@@ -254,25 +254,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from .analysis import table_command
+    from study.results.analysis import table_command
 
     return table_command(args.study, kind=args.kind, fmt=args.format, out=args.out, variant=args.variant)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .analysis import compare_command
+    from study.results.analysis import compare_command
 
     return compare_command(args.a, args.b, fmt=args.format, out=args.out)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_command
+    from study.results.plots import plot_command
 
     return plot_command(args.study, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PROTOCOLS
+    from study.config.schema import PROTOCOLS
 
     p = _Parser(prog="study", description="Hyperparameter-search studies for long-tailed recognition "
                                           "by weight balancing.")
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     def space_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("space", help="a name in search_spaces/ (e.g. digits-lt) or a path to a .yaml file")
+        q.add_argument("space", help="a name in study/search_spaces/ (e.g. digits-lt) or a path to a .yaml file")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the space, e.g. --set stage1.epochs=5 (repeatable)")
         q.add_argument("--seeds", type=int, help="use seeds 0..K-1 instead of the space's seeds")

@@ -47,7 +47,7 @@ def pause_point(phase: str, log: Callable[[str], None] = print) -> None:
     sleep (``between-stages`` is inside Tune's loop, where the stop is Tune's graceful one)."""
     for spec in _specs("pause"):
         if len(spec) == 2 and spec[0] == phase:
-            from .ray_runtime import wait_unless_stopped
+            from study.search.ray_runtime import wait_unless_stopped
 
             log(f"fault-injection: pausing at {phase}")
             wait_unless_stopped(float(spec[1]))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from study.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .fsutil import atomic_write_json, read_json_or_none
+from study.errors import UserError
+from study.fsutil import atomic_write_json, read_json_or_none
 
 # --- trial statuses ---------------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ CHECKPOINTS = "ckpt"
 """A trial's per-epoch checkpoint folder."""
 ADOPT_POOL = ".adopt"
 """Inside a stage's trial folder: trials missing from Tune's last snapshot, waiting for their
-method's next trial to continue them (``study.resume``)."""
+method's next trial to continue them (``study.search.resume``)."""
 CLAIM_FILE = "claimed_by"
 """Inside such an orphan's folder: the id of the trial that will continue it."""
 OPENED_FILE = ".opened.json"
@@ -101,7 +101,7 @@ def parse_trial_dirname(name: str) -> tuple[int, str] | None:
 
 def features_file(trial_dir, name: str) -> Path:
     """A stage-1 trial's cached fp16 features of a file dataset's split (``features-<split>-seed<S>.npy``,
-    see ``study.stages.cached_features``)."""
+    see ``study.training.stages.cached_features``)."""
     return Path(trial_dir) / f"features-{name}.npy"
 
 
@@ -478,7 +478,7 @@ def read_yaml_file(path: str | os.PathLike) -> Any:
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     import yaml
 
-    from .fsutil import atomic_write_text, clean_json
+    from study.fsutil import atomic_write_text, clean_json
 
     atomic_write_text(path, yaml.safe_dump(clean_json(obj), sort_keys=False, allow_unicode=True))
 
@@ -544,7 +544,7 @@ class TrialRow:
     tau: float | None = None
     fdr_train: float | None = None
     """Fisher discriminant ratio tr(S_B)/tr(S_W) of the penultimate features on the training split
-    (``study.geometry``; selected configurations only, like every geometry column)."""
+    (``study.training.geometry``; selected configurations only, like every geometry column)."""
     fdr_test: float | None = None
     class_cos_train: float | None = None
     """Mean pairwise cosine of the class-mean features (training split)."""

@@ -32,7 +32,7 @@ from scipy import stats
 from study.fsutil import atomic_write_bytes, atomic_write_json
 from study.layout import (FAILED_FILE, NORMS_FILE, PER_CLASS_COLUMNS, TRIALS_COLUMNS, FinalReport, PerClassRow, Selection,
                           StageMarker, StudyHeader, StudyPaths, TrialInfo, TrialRecord, TrialRow)
-from study.records import csv_text
+from study.results.records import csv_text
 
 COUNTS = [50, 30, 20, 12, 8, 5]
 MANY, FEW = 25, 10  # classes 0-1 many, 2-3 medium, 4-5 few
@@ -203,8 +203,8 @@ def make_study(root: Path, seeds: tuple = (0, 1, 2), interrupted: bool = False, 
 
 
 def write_optuna(root: Path, head: dict, trials: list) -> None:
-    """optuna.db as ``study.records.export_optuna`` lays it out: one study per stage and method
-    (``study.records.optuna_study_name``)."""
+    """optuna.db as ``study.results.records.export_optuna`` lays it out: one study per stage and method
+    (``study.results.records.optuna_study_name``)."""
     import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial

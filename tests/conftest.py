@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from cifar_files import write_cifar100
-from study.config import DataConfig
-from study.data import lt_counts
+from study.config.schema import DataConfig
+from study.data.lt import lt_counts
 
 # Per-class training images of the session's CIFAR-100-LT files: the IF-100 counts with n_max 500
 # plus 20 per class, so that both protocols fit (wb-parity needs n_c, honest needs n_c(480) + 20)
@@ -37,7 +37,7 @@ def no_download(monkeypatch):
     """The CIFAR loaders see no network, so missing files are never downloaded (whatever the host
     can reach). Patches the module global that the loaders look up at call time, so it holds for
     in-process calls (``main(argv)``, ``load_data``) only, not for ``python -m study`` subprocesses."""
-    import study.data as data_mod
+    import study.data.lt as data_mod
 
     monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)
 
@@ -53,7 +53,7 @@ def cifar100_lt_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_data():
     """The bundled digits-lt dataset (honest protocol, IF 20). Shared: do not modify its arrays."""
-    from study.data import load_data
+    from study.data.lt import load_data
 
     return load_data(DataConfig(dataset="digits-lt"))
 

@@ -9,8 +9,8 @@ import optuna
 
 from study.fsutil import append_jsonl, atomic_write_json
 from study.layout import StudyPaths
-from study.resume import adopt_claimed, set_aside_orphans
-from study.tune_adapter import MethodSearcher, StudyOptunaSearch
+from study.search.resume import adopt_claimed, set_aside_orphans
+from study.search.tune_adapter import MethodSearcher, StudyOptunaSearch
 
 
 def _trial(folder, name, method, params, epoch=0, record=False):

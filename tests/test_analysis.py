@@ -1,4 +1,4 @@
-"""Tables of study.analysis on the synthetic study of tests/analysis_fixture.py (no Ray, no GPU)."""
+"""Tables of study.results.analysis on the synthetic study of tests/analysis_fixture.py (no Ray, no GPU)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from study import analysis
-from study.analysis import build_table, latex_escape, load_results, render, significance, table_command
+from study.results import analysis
+from study.results.analysis import build_table, latex_escape, load_results, render, significance, table_command
 from study.cli import main
 
 from analysis_fixture import TEST, make_study
@@ -533,7 +533,7 @@ def test_hyperparameter_formatting():
     not 1e+03), real values keep three significant digits, anything else is text."""
     import numpy as np
 
-    from study.records import fmt_params, fmt_value
+    from study.results.records import fmt_params, fmt_value
 
     assert [fmt_value(v) for v in (1000, 1000.0, np.int64(128), 0.0)] == ["1000", "1000", "128", "0"]
     assert [fmt_value(v) for v in (1e-5, 0.000178, np.float64(0.04432), 2.5)] == ["1e-05", "0.000178", "0.0443", "2.5"]

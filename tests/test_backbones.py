@@ -9,7 +9,7 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from study.errors import UserError
-from study.models import (
+from study.training.models import (
     MODELS,
     TORCHVISION_BACKBONES,
     LTClassifier,

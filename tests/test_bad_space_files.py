@@ -43,7 +43,7 @@ def test_a_duplicated_key_names_the_key_and_both_lines(tmp_path, capsys, text, k
 
 
 def test_the_same_key_in_different_mappings_is_fine(tmp_path):
-    from study.spaces import read_yaml
+    from study.config.spaces import read_yaml
 
     space = tmp_path / "space.yaml"
     space.write_text("dataset: digits-lt\nstage1: {epochs: 3}\nstage2: {epochs: 3}\n")

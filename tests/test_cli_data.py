@@ -12,7 +12,7 @@ import pytest
 
 from cifar_files import CIFAR10, CIFAR10_TOTALS, CIFAR100_IF100
 from study.cli import main
-from study.data import lt_counts
+from study.data.lt import lt_counts
 
 STUDY = Path(sys.executable).parent / "study"
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cifar_files import CIFAR10, CIFAR10_TOTALS, CIFAR100_IF100, write_cifar10, write_cifar100
-from study.config import DataConfig
-from study.data import (DATASETS, Augmenter, build_lt, describe, epoch_order, load_data, lt_counts,
+from study.config.schema import DataConfig
+from study.data.lt import (DATASETS, Augmenter, build_lt, describe, epoch_order, load_data, lt_counts,
                         n_max_for, shot_groups)
 from study.errors import UserError
 
@@ -168,7 +168,7 @@ def test_iclr24_split_rounds_counts_and_takes_validation_after_the_training_imag
     """HN410's split: round() counts (10,457 images, smallest class 5, groups 34/35/31) and the 20
     validation images right after each class's n_c training images (docs/reference.md §1.1). Checked on
     a full-size pool of image ids (build_lt only indexes the arrays)."""
-    from study.data import RawData
+    from study.data.lt import RawData
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(100), 500)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from study.evaluation import accuracy_report, balance_stats, logits_from_features, summarize
+from study.training.evaluation import accuracy_report, balance_stats, logits_from_features, summarize
 
 
 def test_group_means_at_the_threshold_boundaries():

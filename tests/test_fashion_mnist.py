@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from idx_files import FASHION_IF100, IMAGES_MAGIC, LABELS_MAGIC, NAMES, idx_bytes, write_fashion_mnist
 from study.cli import main
-from study.config import DataConfig
-from study.data import DATASETS, Augmenter, build_lt, describe, load_data, lt_counts, shot_groups
+from study.config.schema import DataConfig
+from study.data.lt import DATASETS, Augmenter, build_lt, describe, load_data, lt_counts, shot_groups
 from study.errors import ConfigError, UserError
-from study.models import MODELS, build_model, count_parameters
-from study.spaces import load_space
+from study.training.models import MODELS, build_model, count_parameters
+from study.config.spaces import load_space
 
 SPEC = DATASETS["fashion-mnist-lt"]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -34,7 +34,7 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 def no_system_files(monkeypatch, tmp_path_factory, no_download):
     """Never fall back to an installed dataset-fashion-mnist (or download): tests see only the files
     they write. Returns the (empty) folder that stands in for /usr/share/datasets/fashion-mnist."""
-    import study.data as data_mod
+    import study.data.lt as data_mod
 
     system = tmp_path_factory.mktemp("system-fashion-mnist")
     monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIRS", (str(system),))
@@ -112,7 +112,7 @@ def test_plain_file_wins_over_its_gz(tmp_path):
 
 
 def test_official_flag_checks_the_uncompressed_content(tmp_path, monkeypatch):
-    import study.data as data_mod
+    import study.data.lt as data_mod
 
     f = write_fashion_mnist(tmp_path, seed=8, gz=(True, False, True, False))
     md5 = {}
@@ -129,7 +129,7 @@ def test_official_flag_checks_the_uncompressed_content(tmp_path, monkeypatch):
 @pytest.mark.skipif(not all((DEBIAN / f"{n}.gz").is_file() for n in NAMES),
                     reason="dataset-fashion-mnist is not installed")
 def test_the_installed_debian_files_are_official_and_match_the_statistics(monkeypatch, tmp_path):
-    import study.data as data_mod
+    import study.data.lt as data_mod
 
     monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIRS", (str(DEBIAN),))
     raw = load_raw(tmp_path)

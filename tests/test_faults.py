@@ -353,7 +353,7 @@ def test_stop_signal_during_ray_init_is_not_lost(sig, monkeypatch):
     returns; a second request interrupts at once. Ray cannot replace the SIGTERM handler meanwhile."""
     from ray._private import utils as ray_utils
 
-    from study import ray_runtime as search
+    from study.search import ray_runtime as search
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray_set_handler = ray_utils.set_sigterm_handler

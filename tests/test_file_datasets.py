@@ -177,9 +177,9 @@ def test_a_streamed_stage1_trial_resumes_bit_exactly(tree):
 
     import torch
 
-    from study.config import DataConfig, Stage1Config
-    from study.data import load_data
-    from study.stages import Stage1Trainer
+    from study.config.schema import DataConfig, Stage1Config
+    from study.data.lt import load_data
+    from study.training.stages import Stage1Trainer
 
     data = load_data(DataConfig(dataset="imagenet-lt", image_size=32), str(tree))
     cfg = Stage1Config(backbone="resnet10", epochs=3, batch_size=32, lr=0.05, weight_decay=5e-4)

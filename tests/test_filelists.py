@@ -1,4 +1,4 @@
-"""Datasets in Kang et al.'s split-file format (study.filelists): counts read from the lists, the
+"""Datasets in Kang et al.'s split-file format (study.data.filelists): counts read from the lists, the
 iNaturalist carve rule, split-files with class names, a full-size list, and every bad input through
 the real ``study data`` command (exit code 2, one line, no traceback)."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from imagefolder_files import make_lt_tree
 from study.errors import UserError
-from study.filelists import FILE_DATASETS, carve_validation, load_file_lists
+from study.data.filelists import FILE_DATASETS, carve_validation, load_file_lists
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The fixed simplex-ETF classifier and the feature-geometry measures (study/geometry.py)."""
+"""The fixed simplex-ETF classifier and the feature-geometry measures (study/training/geometry.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.geometry import (
+from study.training.geometry import (
     class_feature_norms,
     class_mean_cosine,
     cone_cosine,
@@ -300,12 +300,12 @@ def test_feature_summary_is_json_friendly_and_matches_the_parts():
 
 
 def test_numpy_spearman_equals_scipy_with_ties_and_constant_input():
-    """study.evaluation.spearman (numpy, no scipy import) gives scipy.stats.spearmanr's rho, ties
+    """study.training.evaluation.spearman (numpy, no scipy import) gives scipy.stats.spearmanr's rho, ties
     ranked by their average, and NaN for a constant side."""
     import numpy as np
     from scipy.stats import spearmanr
 
-    from study.evaluation import spearman
+    from study.training.evaluation import spearman
 
     rng = np.random.default_rng(0)
     for i in range(300):

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from study.config import Stage1Config
-from study.regularizers import MaxNorm, feature_penalty
-from study.stages import Stage1Trainer, train_stage1
+from study.config.schema import Stage1Config
+from study.training.regularizers import MaxNorm, feature_penalty
+from study.training.stages import Stage1Trainer, train_stage1
 
 BACKBONE = "digits-cnn"
 

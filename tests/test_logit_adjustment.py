@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from study.config import EvalConfig, Stage1Config, Stage2Config
-from study.data import Augmenter, DeviceSplit
-from study.evaluation import compute_features
-from study.models import build_model
-from study.stages import train_stage1, train_stage2
+from study.config.schema import EvalConfig, Stage1Config, Stage2Config
+from study.data.lt import Augmenter, DeviceSplit
+from study.training.evaluation import compute_features
+from study.training.models import build_model
+from study.training.stages import train_stage1, train_stage2
 
 BACKBONE = "digits-cnn"
 METHODS = ["la-add", "la-mul"]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from study.data import lt_counts
-from study.losses import class_balanced_weights, cb_bce_softmax, make_loss, weighted_cross_entropy
+from study.data.lt import lt_counts
+from study.training.losses import class_balanced_weights, cb_bce_softmax, make_loss, weighted_cross_entropy
 
 
 def test_cb_weights_cifar100_if100_match_reference():

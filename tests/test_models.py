@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from study.errors import UserError
-from study.models import (LTClassifier, _BasicBlockA, _ShortcutA, build_model, count_parameters,
+from study.training.models import (LTClassifier, _BasicBlockA, _ShortcutA, build_model, count_parameters,
                           known_model)
 
 

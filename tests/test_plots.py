@@ -1,4 +1,4 @@
-"""Plots of study.plots on the synthetic study of tests/analysis_fixture.py (Agg, no display)."""
+"""Plots of study.results.plots on the synthetic study of tests/analysis_fixture.py (Agg, no display)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from study.analysis import load_results  # noqa: E402
+from study.results.analysis import load_results  # noqa: E402
 from study.cli import main  # noqa: E402
-from study.plots import PlotProcess, search_figure, weight_norm_figure, write_plots  # noqa: E402
+from study.results.plots import PlotProcess, search_figure, weight_norm_figure, write_plots  # noqa: E402
 
 from analysis_fixture import make_study  # noqa: E402
 
@@ -30,7 +30,7 @@ def test_finish_outputs_written_without_torch_or_ray(tmp_path):
     """write_all_tables and write_all_plots (what finish_study calls) in a fresh interpreter: the PNGs
     are written and neither torch nor Ray gets imported."""
     root = make_study(tmp_path / "toy-lt")
-    code = ("import sys; from study.analysis import write_all_tables; from study.plots import write_all_plots; "
+    code = ("import sys; from study.results.analysis import write_all_tables; from study.results.plots import write_all_plots; "
             f"write_all_tables({str(root)!r}); print('\\n'.join(map(str, write_all_plots({str(root)!r})))); "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -114,7 +114,7 @@ def test_plot_not_a_study_exits_2(tmp_path, capsys, sub):
 
 
 def test_weight_norm_evolution_shows_the_selected_trials_epochs(tmp_path):
-    from study.plots import norm_evolution_figure
+    from study.results.plots import norm_evolution_figure
 
     res = load_results(make_study(tmp_path / "toy-lt"))
     fig = norm_evolution_figure(res)

@@ -1,4 +1,4 @@
-"""The local Ray that `study run` starts (study.ray_runtime.init_ray)."""
+"""The local Ray that `study run` starts (study.search.ray_runtime.init_ray)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 PROBE = """
 import json, ray
 from ray._private import node
-from study.ray_runtime import init_ray
+from study.search.ray_runtime import init_ray
 build = node.Node.__init__
 out = {}
 for verbose in (False, True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.regularizers import MaxNorm, maxnorm_radius, project_rows_, row_norms, tau_normalize
+from study.training.regularizers import MaxNorm, maxnorm_radius, project_rows_, row_norms, tau_normalize
 
 
 def _random_matrix(seed: int) -> torch.Tensor:

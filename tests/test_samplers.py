@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.data import SAMPLERS, epoch_order
+from study.data.lt import SAMPLERS, epoch_order
 from study.errors import UserError
 
 # A long-tailed label vector with an empty class (2), interleaved (not sorted by class) so that
@@ -86,7 +86,7 @@ CASES = [("instance", 0, 1), ("class-balanced", 0, 1), ("square-root", 0, 1), ("
 
 
 def test_samplers_tuple():
-    from study.data import EPOCH_SAMPLERS
+    from study.data.lt import EPOCH_SAMPLERS
 
     assert EPOCH_SAMPLERS == ("instance", "class-balanced", "square-root", "progressive")
     assert SAMPLERS == EPOCH_SAMPLERS + ("class-aware-kang",)

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from study.config import EvalConfig, Stage1Config, Stage2Config
-from study.data import Augmenter, DeviceSplit
-from study.evaluation import compute_features
-from study.models import build_model
-from study.regularizers import row_norms, tau_normalize
-from study.stages import Stage1Trainer, Stage2Trainer, lr_at, train_stage1, train_stage2
-from study.trial import TrialSpec, resumed_from, run_trial
+from study.config.schema import EvalConfig, Stage1Config, Stage2Config
+from study.data.lt import Augmenter, DeviceSplit
+from study.training.evaluation import compute_features
+from study.training.models import build_model
+from study.training.regularizers import row_norms, tau_normalize
+from study.training.stages import Stage1Trainer, Stage2Trainer, lr_at, train_stage1, train_stage2
+from study.training.trial import TrialSpec, resumed_from, run_trial
 
 BACKBONE = "digits-cnn"
 
@@ -260,7 +260,7 @@ def _features(digits_data, stage1_state):
 
 
 def _head(res):
-    from study.heads import AffineHead
+    from study.training.heads import AffineHead
 
     return AffineHead.from_state(res["state"]["head"])
 
@@ -403,11 +403,11 @@ def test_finished_trial_is_returned_without_training(digits_data, uninterrupted_
                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
                                 dict(momentum=0.0, weight_decay=0.0)])
 def test_study_sgd_steps_are_bit_identical_to_torch_sgd(kw, foreach):
-    """study.stages.SGD skips only torch's dynamo wrappers, and its foreach implementation (what the
+    """study.training.stages.SGD skips only torch's dynamo wrappers, and its foreach implementation (what the
     trainers use) computes what torch's default per-parameter loop does: the same parameters,
     momentum buffers and state_dict as torch.optim.SGD after several steps, each loading the
     other's state."""
-    from study.stages import SGD
+    from study.training.stages import SGD
 
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -442,9 +442,9 @@ def test_a_training_epoch_imports_neither_dynamo_nor_scipy(tmp_path):
     code = """
 import sys
 import torch
-from study.config import DataConfig, Stage1Config
-from study.data import load_data
-from study.stages import Stage1Trainer
+from study.config.schema import DataConfig, Stage1Config
+from study.data.lt import load_data
+from study.training.stages import Stage1Trainer
 data = load_data(DataConfig(dataset="digits-lt"))
 t = Stage1Trainer(Stage1Config(backbone="digits-cnn", epochs=1, batch_size=64), data, seed=0)
 t.run_epoch()

@@ -1,4 +1,4 @@
-"""The streaming input pipeline for image-file datasets (study.streaming): Kang et al.'s transforms
+"""The streaming input pipeline for image-file datasets (study.data.streaming): Kang et al.'s transforms
 against torchvision's, decoding of odd image modes, worker-count independence, exact replay,
 unreadable images and drop_last."""
 
@@ -13,8 +13,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 from imagefolder_files import make_lt_tree, open_modes
-from study.data import epoch_order
-from study.streaming import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, KangTransform, StreamSplit,
+from study.data.lt import epoch_order
+from study.data.streaming import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, KangTransform, StreamSplit,
                              UnreadableImage, draw_epoch_seed, load_rgb)
 
 SIZE = 32
@@ -40,7 +40,7 @@ def tree(tmp_path_factory):
 def _split(tree, workers: int, **kw) -> StreamSplit:
     root, lines = tree
     paths, labels = zip(*lines["train"])
-    # as study.filelists.FileLists gives them: an object array of paths, an int64 array of labels
+    # as study.data.filelists.FileLists gives them: an object array of paths, an int64 array of labels
     return StreamSplit(root, np.array(paths, dtype=object), np.array(labels, dtype=np.int64),
                        KangTransform(SIZE), num_workers=workers, **kw)
 

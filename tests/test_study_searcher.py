@@ -11,8 +11,8 @@ import json
 from studyrun import toy_space
 
 from study.layout import COMPLETED, DIVERGED, StageMarker, StudyPaths, TrialInfo, TrialRecord
-from study.spaces import load_space
-from study.tune_adapter import StudySearcher, _experiment_constants, _method_searcher
+from study.config.spaces import load_space
+from study.search.tune_adapter import StudySearcher, _experiment_constants, _method_searcher
 
 STAMP = "2026-01-01_00-00-00"
 
@@ -162,7 +162,7 @@ def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_o
     """With slots to spare at the end of stage 1, a stage-2 trial is proposed early (at most slots
     - 1 of them) and waits in its worker for ``trials/<experiment>/.opened.json``, so the workers
     of stage 1 carry on into stage 2 (Tune would otherwise stop all but one of them)."""
-    from study import tune_adapter
+    from study.search import tune_adapter
     from study.layout import ExperimentOpened
 
     monkeypatch.setitem(tune_adapter._DRIVER, "ahead", 1)
@@ -191,7 +191,7 @@ def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_o
 def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypatch):
     """``on_stage2`` (the driver's preparations for the end of the study) runs at the first result of
     a stage-2 trial, once: not for stage-1 results, nor when stage 2 opens and starts its trials."""
-    from study import tune_adapter
+    from study.search import tune_adapter
 
     calls = []
     monkeypatch.setitem(tune_adapter._DRIVER, "on_stage2", lambda: calls.append(1))

@@ -13,7 +13,7 @@ import pytest
 from studyrun import TOY_SPACE, assert_complete, kill_hard, read_rows, start, trial_in_flight, wait_for
 from study.cli import main
 from study.errors import ConfigError
-from study.spaces import parse_space
+from study.config.spaces import parse_space
 
 OLD_FORM = {"dataset": "digits-lt", "seeds": 2,
             "stage1": {"backbone": "digits-cnn", "epochs": 3, "lr": 0.05, "baseline": True, "budget": 4,

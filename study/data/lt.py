@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError, unknown
+from study.errors import UserError, unknown
 
 DEFAULT_DATA_DIR = "data"
 
@@ -76,7 +76,7 @@ class DatasetSpec:
     kind: str = "memory"
     """``memory``: images held as uint8 arrays and augmented on the device; ``files``: image files
     named by Kang et al.-format split lists, decoded and augmented in DataLoader workers
-    (``study.filelists``, ``study.streaming``)."""
+    (``study.data.filelists``, ``study.data.streaming``)."""
     color_jitter: bool = False
     """File datasets: Kang et al.'s ColorJitter(0.4, 0.4, 0.4, 0) in the training transform (not for
     iNaturalist)."""
@@ -113,7 +113,7 @@ def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: st
     return counts
 
 
-from .groups import shot_groups  # noqa: E402,F401  (part of this module's API)
+from study.config.groups import shot_groups  # noqa: E402,F401  (part of this module's API)
 
 
 # --- loaders ----------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def _file_spec(fs, imbalance: float) -> DatasetSpec:
-    """The DatasetSpec of a split-file dataset, from its ``study.filelists`` entry (the one home of
+    """The DatasetSpec of a split-file dataset, from its ``study.data.filelists`` entry (the one home of
     its classes, statistics, transform and thresholds). The sizes of a balanced pool do not apply
     (the lists fix every count); shape's 224 is the default data.image_size, replaced by the
     configured one when the lists are loaded; C = 0 for split-files until its lists are read."""
@@ -411,10 +411,10 @@ def _file_spec(fs, imbalance: float) -> DatasetSpec:
 
 
 def _no_raw_loader(data_dir, download=True) -> RawData:
-    raise TypeError("file datasets are loaded by load_data through study.filelists")
+    raise TypeError("file datasets are loaded by load_data through study.data.filelists")
 
 
-from .filelists import FILE_DATASETS  # noqa: E402  (numpy only)
+from study.data.filelists import FILE_DATASETS  # noqa: E402  (numpy only)
 
 # The published lists' largest / smallest class (ImageNet-LT 1280 / 5, Places-LT 4980 / 5, iNat 1000 / 2);
 # a study records the ratio of the lists it actually read (FileLTData.imbalance_factor).
@@ -583,11 +583,11 @@ class FileLTData(LTData):
 
 
 def load_file_data(cfg, data_dir) -> FileLTData:
-    """Read and check a file dataset's lists (``study.filelists``): every named image exists, every
+    """Read and check a file dataset's lists (``study.data.filelists``): every named image exists, every
     label is in range, before anything is written."""
     from dataclasses import replace
 
-    from .filelists import load_file_lists
+    from study.data.filelists import load_file_lists
 
     lists = {k: getattr(cfg, k) for k in ("train_list", "val_list", "test_list") if getattr(cfg, k, None)}
     data_dir = data_dir or os.environ.get("STUDY_DATA_DIR") or None
@@ -613,13 +613,13 @@ def loader_workers(data, cpus: float | None = None) -> int:
 def make_split(data, name: str, device, *, augment: bool = False, workers: int = 0):
     """The split ``name`` ('train', 'val', 'test' or 'selection') ready for a trainer on ``device``:
     a DeviceSplit of the uint8 images (augmented batch-wise on the device by an Augmenter), or for
-    a file dataset a ``study.streaming.StreamSplit`` that decodes and transforms images in
+    a file dataset a ``study.data.streaming.StreamSplit`` that decodes and transforms images in
     ``workers`` DataLoader processes (Kang et al.'s train transform with ``augment``, else the
     evaluation transform)."""
     x, y = data.split(name)
     if not isinstance(data, FileLTData):
         return DeviceSplit(x, y, device)
-    from .streaming import KangTransform, StreamSplit
+    from study.data.streaming import KangTransform, StreamSplit
 
     key = (data.selection_split if name == "selection" else name, bool(augment), int(workers), str(device))
     if key not in data._splits:  # every sample's randomness is its own (seeded per position): sharing is exact
@@ -691,7 +691,7 @@ EPOCH_SAMPLERS = ("instance", "class-balanced", "square-root", "progressive")
 """The samplers :func:`epoch_order` draws an epoch of (``instance`` is the plain shuffle)."""
 SAMPLERS = EPOCH_SAMPLERS + ("class-aware-kang",)
 """Every sampler a stage can train with; ``class-aware-kang`` keeps state across epochs
-(``study.samplers.KangClassAwareSampler``, held by the trainer)."""
+(``study.data.samplers.KangClassAwareSampler``, held by the trainer)."""
 
 
 def _class_index(labels, num_classes: int):

@@ -1,6 +1,6 @@
 """``study train``: one stage-1 + stage-2 run at the values a space fixes or defaults to, no search.
 
-Each stage is one multi-seed trial (``study.trial``) in ``OUT/stage1`` and ``OUT/stage2-<method>``;
+Each stage is one multi-seed trial (``study.training.trial``) in ``OUT/stage1`` and ``OUT/stage2-<method>``;
 running the same command again resumes an interrupted run. The selected epochs come from the
 selection split; the test set is evaluated once per seed at the end.
 """
@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UserError
-from .fsutil import atomic_write_json, json_plain, read_json
-from .spaces import StudySpace
-from .trial import COMPLETED, TrialSpec, load_final_state, run_trial
+from study.errors import UserError
+from study.fsutil import atomic_write_json, json_plain, read_json
+from study.config.spaces import StudySpace
+from study.training.trial import COMPLETED, TrialSpec, load_final_state, run_trial
 
 
 def _mean_std(values: list) -> tuple[Any, Any]:
@@ -57,9 +57,9 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
                device: str | None = None, console: Callable[[str], None] = print, variant: str | None = None) -> dict:
     """Run one stage-1 variant (default: the first that feeds stage 2) and one stage-2 method for
     every seed; write and return ``OUT/metrics.json``."""
-    from .data import load_data, loader_workers
-    from .provenance import provenance
-    from .stages import evaluate_selected
+    from study.data.lt import load_data, loader_workers
+    from study.provenance import provenance
+    from study.training.stages import evaluate_selected
 
     method = method or space.train_method
     if method not in space.stage2:

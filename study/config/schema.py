@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses, one docstring per field.
 
 The dataclasses are the single source of truth for what can be set. Search-space files
-(``search_spaces/*.yaml``) and ``--set KEY=VALUE`` are validated against them: an unknown key, a
+(``study/search_spaces/*.yaml``) and ``--set KEY=VALUE`` are validated against them: an unknown key, a
 wrong type or an out-of-range value is a :class:`~study.errors.ConfigError` naming the key and the
 valid choices. Values are checked in ``__post_init__``, so every way of building a config (YAML,
 CLI, tests) goes through the same checks; the search-space loader also builds a config at both
@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError, unknown
+from study.errors import ConfigError, unknown
 
 PROTOCOLS = ("honest", "wb-parity", "test-selection")
 """``honest``: hyperparameters and best epochs are selected on a validation split carved from the
@@ -131,7 +131,7 @@ class DataConfig:
     """``split-files``: optional file with one class name per line (line i names class i)."""
 
     def __post_init__(self) -> None:
-        from .data import DATASETS  # lazy: keeps `import study.config` light
+        from study.data.lt import DATASETS  # lazy: keeps `import study.config.schema` light
 
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", unknown("dataset", self.dataset, DATASETS))
@@ -154,7 +154,7 @@ class DataConfig:
             raise ConfigError("val_per_class", f"{self.val_per_class} leaves no training images "
                               f"({self.dataset} has {spec.train_per_class} per class)")
         if self.n_max is not None:
-            from .data import n_max_for
+            from study.data.lt import n_max_for
 
             _range("n_max", self.n_max, 1)
             most = n_max_for(spec, self.val_per_class)
@@ -194,20 +194,20 @@ class DataConfig:
 
     @property
     def resolved_imbalance_factor(self) -> float:
-        from .data import DATASETS
+        from study.data.lt import DATASETS
 
         return float(self.imbalance_factor if self.imbalance_factor is not None
                      else DATASETS[self.dataset].default_imbalance_factor)
 
     @property
     def resolved_many(self) -> int:
-        from .data import DATASETS
+        from study.data.lt import DATASETS
 
         return self.many_threshold if self.many_threshold is not None else DATASETS[self.dataset].many_threshold
 
     @property
     def resolved_few(self) -> int:
-        from .data import DATASETS
+        from study.data.lt import DATASETS
 
         return self.few_threshold if self.few_threshold is not None else DATASETS[self.dataset].few_threshold
 
@@ -313,7 +313,7 @@ class TrainConfig:
     memory_format: str = "auto"
     """Tensor layout of the model and its training batches: ``contiguous`` (NCHW), ``channels_last``
     (NHWC: faster convolutions on many CPUs and on GPU tensor cores) or ``auto`` (what was measured
-    fastest on the trial's device: see ``study.stages.AUTO_MEMORY_FORMAT``). Changes float rounding
+    fastest on the trial's device: see ``study.training.stages.AUTO_MEMORY_FORMAT``). Changes float rounding
     only; the resolved value is recorded with every trial."""
 
     compile: str = "off"
@@ -325,13 +325,13 @@ class TrainConfig:
     ~1e-3 relative rounding); off by default so that results match fp32 references."""
 
     sampler: str = "instance"
-    """How an epoch's batches are drawn (Kang et al.'s samplers, ``study.data.epoch_order``):
+    """How an epoch's batches are drawn (Kang et al.'s samplers, ``study.data.lt.epoch_order``):
     ``instance`` (every image once per epoch), ``class-balanced`` (the class-aware sampler: classes
     in reshuffled cycles, 4 images per visit), ``square-root`` (class probability proportional to
     sqrt(n_c)) or ``progressive`` (from instance- to class-balanced over the epochs:
     p_c(t) = (1 - t/T) n_c/N + (t/T)/C). Every epoch draws N images, and ``class-balanced``
     starts fresh cycles each epoch (a checkpoint needs only the generator). ``class-aware-kang``
-    is Kang et al.'s ClassAwareSampler exactly (``study.samplers``): the class cycle and each
+    is Kang et al.'s ClassAwareSampler exactly (``study.data.samplers``): the class cycle and each
     class's cycle carry over from epoch to epoch, and an epoch is floor(N / batch_size) batches,
     as their training loop runs."""
 
@@ -359,7 +359,7 @@ class TrainConfig:
             _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, lo_open=True,
                    what="absolute radius")
         _choice("pgd_every", self.pgd_every, ("step", "epoch"))
-        from .data import SAMPLERS
+        from study.data.lt import SAMPLERS
 
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("memory_format", self.memory_format, ("auto", "contiguous", "channels_last"))
@@ -401,7 +401,7 @@ class Stage1Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .model_names import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
+        from study.config.backbones import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
 
         if not known_model(self.backbone):
             raise ConfigError("backbone", unknown("backbone", self.backbone, MODEL_NAMES))
@@ -424,7 +424,7 @@ class Stage2Config(TrainConfig):
     (``methods.METHODS``) sets its own loss, MaxNorm and sampler on top."""
 
     method: str = "wb"
-    """Registered stage-2 method (see ``study.methods``)."""
+    """Registered stage-2 method (see ``study.config.methods``)."""
 
     epochs: int = 10
     weight_decay: float = 0.0
@@ -453,7 +453,7 @@ class Stage2Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .methods import METHODS
+        from study.config.methods import METHODS
 
         if self.method not in METHODS:
             raise ConfigError("method", unknown("stage-2 method", self.method, METHODS))

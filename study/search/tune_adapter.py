@@ -11,10 +11,10 @@ and caps the trials in flight at the cluster's slots; :class:`MethodSearcher` ro
 one experiment to its method's Optuna study and keeps every method's budget exact;
 :class:`MethodScheduler` gives each method its own ASHA early stopping (if the space asks for it) so
 methods are never compared with each other.
-Tune is given no checkpoints: a trial resumes from its own (``study.trial``), so restoring a trial
+Tune is given no checkpoints: a trial resumes from its own (``study.training.trial``), so restoring a trial
 just calls its function again. Optuna keeps in-memory storage inside the searcher, pickled with
 Tune's snapshot: a persistent (SQLite) storage shared with a restored searcher crashes restores
-after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (``study.records``).
+after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (``study.results.records``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from . import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
+from study.search import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
 
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -37,17 +37,17 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from .fsutil import append_jsonl, atomic_write_json  # noqa: E402
-from .faults import pause_point  # noqa: E402
-from .layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
+from study.fsutil import append_jsonl, atomic_write_json  # noqa: E402
+from study.faults import pause_point  # noqa: E402
+from study.layout import (COMPLETED, DIVERGED, EVENTS_FILE, FAILED, FAILED_FILE, ExperimentOpened, StageMarker, StudyPaths, TrialInfo,  # noqa: E402
                      searched_params, trial_dirname, trial_index_in_experiment)
-from .ray_runtime import trial_slots  # noqa: E402
-from .records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
+from study.search.ray_runtime import trial_slots  # noqa: E402
+from study.results.records import (error_reason, experiment_trials, optuna_study_name, optuna_trial, read_tune_state,  # noqa: E402
                       select_best)
-from .resume import (SNAPSHOT_FILES, SNAPSHOT_STAMP, adopt_claimed, claim_orphan, set_aside_orphans,  # noqa: E402
+from study.search.resume import (SNAPSHOT_FILES, SNAPSHOT_STAMP, adopt_claimed, claim_orphan, set_aside_orphans,  # noqa: E402
                      usable_snapshot)
-from .spaces import Experiment, StudySpace  # noqa: E402
-from .trial import TrialSpec, run_trial  # noqa: E402
+from study.config.spaces import Experiment, StudySpace  # noqa: E402
+from study.training.trial import TrialSpec, run_trial  # noqa: E402
 
 OBJECTIVE = "objective"
 _USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
@@ -67,15 +67,15 @@ def _index_of(trial) -> int:
 # --- the trainable (runs in Ray workers) --------------------------------------------------------------
 
 def study_trainable(config: dict, data=None) -> None:
-    """Tune function trainable: one configuration of one method, every seed (``study.trial``).
+    """Tune function trainable: one configuration of one method, every seed (``study.training.trial``).
 
     ``config`` holds the searched parameters (flat, as Optuna names them), ``method``, and the
     ``_study`` block: the study's constants (paths, seeds, evaluation) merged with the trial's
     experiment, stage, index in its experiment, base configuration and stage-1 folder."""
     import torch
 
-    from .config import EvalConfig, Stage1Config, Stage2Config, build
-    from .data import loader_workers
+    from study.config.schema import EvalConfig, Stage1Config, Stage2Config, build
+    from study.data.lt import loader_workers
 
     ctx = tune.get_context()
     st = config["_study"]
@@ -107,7 +107,7 @@ def study_trainable(config: dict, data=None) -> None:
                      stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
                      experiment=st["experiment"], trial_index=index, params=params, method=method,
                      workers=loader_workers(data, st.get("cpus_per_trial") or 1))
-    # No Tune checkpoints: the trial resumes from its own (study.trial), so Tune needs none, and an
+    # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none, and an
     # older snapshot can never name a Tune checkpoint that no longer exists.
     run_trial(spec, data, report=tune.report)
 
@@ -215,7 +215,7 @@ class MethodSearcher(Searcher):
             sub.suggest(trial_id)
 
     def take_over_ended(self, view) -> None:
-        """Count an ended trial (a :class:`study.records.TrialView`) this state never issued, and
+        """Count an ended trial (a :class:`study.results.records.TrialView`) this state never issued, and
         add it, finished, to its method's Optuna history (see :meth:`StudySearcher.restore`)."""
         if not self._count(view.trial_id, view.method):
             return
@@ -226,7 +226,7 @@ class MethodSearcher(Searcher):
 
     def tell_ended(self, view, trial_id: str) -> None:
         """Tell the method's Optuna study how an issued trial ended, from its record (``view``, a
-        :class:`study.records.TrialView`; None: no record, told as failed), when Tune's end of it
+        :class:`study.results.records.TrialView`; None: no record, told as failed), when Tune's end of it
         was lost (see :meth:`StudySearcher.restore`)."""
         sub = self.subs.get(self.trial_method.get(trial_id, ""))
         if sub is None or trial_id not in sub._ot_trials or trial_id in sub._completed_trials:

@@ -19,7 +19,7 @@ from typing import Any
 
 os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
 
-from .errors import UserError  # noqa: E402
+from study.errors import UserError  # noqa: E402
 
 
 def check_address(address: str) -> None:

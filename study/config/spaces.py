@@ -45,10 +45,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import (PROTOCOL_PRESETS, PROTOCOLS, DataConfig, EvalConfig, Stage1Config, Stage2Config,
+from study.config.schema import (PROTOCOL_PRESETS, PROTOCOLS, DataConfig, EvalConfig, Stage1Config, Stage2Config,
                      build, check_protocol, coerce, field_types, to_dict)
-from .errors import ConfigError, UserError, nearest, unknown
-from .methods import METHODS
+from study.errors import ConfigError, UserError, nearest, unknown
+from study.config.methods import METHODS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -293,7 +293,7 @@ def read_yaml(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
-                        "pass a YAML search-space file such as search_spaces/digits-lt.yaml") from None
+                        "pass a YAML search-space file such as study/search_spaces/digits-lt.yaml") from None
     try:
         # safe loader: no arbitrary Python objects from a space file
         raw = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506
@@ -305,7 +305,7 @@ def read_yaml(path: Path) -> dict:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{path}:{where}: YAML syntax error: {problem}") from None
     if raw is None:
-        raise UserError(f"{path}: the file is empty; start from one of search_spaces/*.yaml")
+        raise UserError(f"{path}: the file is empty; start from one of study/search_spaces/*.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys (dataset, protocol, seeds, stage1, stage2, ...), "
                         f"got a {type(raw).__name__}")
@@ -572,8 +572,8 @@ def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
     anything runs, with the backbones that would do."""
     if cfg.classifier != "etf":
         return
-    from .data import DATASETS
-    from .model_names import MODEL_NAMES as MODELS, feature_dim
+    from study.data.lt import DATASETS
+    from study.config.backbones import MODEL_NAMES as MODELS, feature_dim
 
     spec = DATASETS[data.dataset]
     need = spec.num_classes - 1
@@ -600,7 +600,7 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
     if protocol not in PROTOCOLS:
         raise ConfigError("protocol", unknown("protocol", protocol, PROTOCOLS))
     if "dataset" not in raw:
-        from .data import DATASETS
+        from study.data.lt import DATASETS
 
         raise ConfigError("dataset", f"missing; name a dataset ({', '.join(DATASETS)})")
 

@@ -7,7 +7,7 @@ their seed-mean at equal epochs, and a configuration is never half-evaluated whe
 
 A trial folder (``study.layout``) holds ``events.jsonl``, the per-epoch checkpoints ``ckpt/``, the
 outcome ``record.json`` (:class:`~study.layout.TrialRecord`) and the selected weights per seed
-(:func:`~study.layout.final_weights`). Methods that do not train (``study.posthoc``) run in one
+(:func:`~study.layout.final_weights`). Methods that do not train (``study.training.posthoc``) run in one
 step, without checkpoints.
 
 Running a trial whose ``record.json`` exists returns that record without training, so a trial
@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .faults import maybe_raise
-from .fsutil import append_jsonl, atomic_write_json, load_latest_checkpoint, read_jsonl, safe_torch_load, save_checkpoint
-from .layout import COMPLETED, DIVERGED, NORMS_FILE, RUNNING, SeedSummary, TrialRecord, final_weights
+from study.faults import maybe_raise
+from study.fsutil import append_jsonl, atomic_write_json, load_latest_checkpoint, read_jsonl, safe_torch_load, save_checkpoint
+from study.layout import COMPLETED, DIVERGED, NORMS_FILE, RUNNING, SeedSummary, TrialRecord, final_weights
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrialSpec:
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
-    from .stages import Stage1Trainer, Stage2Trainer
+    from study.training.stages import Stage1Trainer, Stage2Trainer
 
     if spec.stage == "stage1":
         return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg, spec.workers)
@@ -66,13 +66,13 @@ def _make_trainer(spec: TrialSpec, data, seed: int, device):
 def _feature_cache(spec: TrialSpec, data):
     """Stage 2 on a file dataset: the stage-1 trial folder that holds (or will hold) its cached
     features; None otherwise (in-memory features are recomputed, in well under a second)."""
-    from .data import FileLTData
+    from study.data.lt import FileLTData
 
     return spec.stage1_dir if spec.stage == "stage2" and isinstance(data, FileLTData) else None
 
 
 def _trains(spec: TrialSpec) -> bool:
-    from .methods import get_method
+    from study.config.methods import get_method
 
     return spec.stage == "stage1" or get_method(spec.config.method).trains
 
@@ -108,7 +108,7 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     ``tune.report``) and once more with the final status. Exceptions other than divergence
     propagate, so the caller (Tune) can retry from the last checkpoint.
     """
-    from .stages import Diverged, pick_device
+    from study.training.stages import Diverged, pick_device
 
     report = report or (lambda m: None)
     log = log or (lambda s: None)
@@ -128,7 +128,7 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     method = getattr(spec.config, "method", "") or spec.method
     if not _trains(spec):
         # Closed-form methods: nothing to checkpoint or report per epoch.
-        from .stages import posthoc_result
+        from study.training.stages import posthoc_result
 
         append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": 0, "attempt": 1,
                               "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})

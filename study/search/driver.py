@@ -2,7 +2,7 @@
 test set, the records, tables and plots — and resumes an interrupted one when run again.
 
 A study runs one Tune experiment, a single ``Tuner`` stored in ``results/NAME/tune/search``
-(``study.tune_adapter``), whose searcher proposes the trials of every stage in order:
+(``study.search.tune_adapter``), whose searcher proposes the trials of every stage in order:
 
 1. ``stage1``: one method per stage-1 variant (e.g. ``naive``, weight decay 0, one configuration,
    and ``tuned``, the stage-1 space proposed by a seeded Optuna TPE sampler); each trial trains
@@ -12,13 +12,13 @@ A study runs one Tune experiment, a single ``Tuner`` stored in ``results/NAME/tu
    each trial's configuration, so a restored trial uses the same ones). Methods with searched
    parameters get their own Optuna study and budget; the others run once;
 3. the final evaluation: each method's selected configuration, once per seed, on the test set
-   (``study.stages.evaluate_selected``, as ``study train`` does).
+   (``study.training.stages.evaluate_selected``, as ``study train`` does).
 
 Resume contract: a finished experiment has ``stages/<experiment>.json`` (written by the searcher
 when its last trial ended) and never runs again; an unfinished search is restored with
 ``Tuner.restore`` (searchers keep their history, Tune keeps the budget); trials continue from
-their own per-epoch checkpoints (``study.trial``), independent of Tune's snapshot timing; what a
-hard kill left inconsistent is repaired by ``study.resume``.
+their own per-epoch checkpoints (``study.training.trial``), independent of Tune's snapshot timing; what a
+hard kill left inconsistent is repaired by ``study.search.resume``.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
-from .errors import StudyInterrupted, UserError
-from .faults import pause_point
-from .fsutil import StudyLock, atomic_write_json, check_writable, json_plain
-from .layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, MethodInfo, StageMarker, StudyHeader,
+from study.search import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
+from study.errors import StudyInterrupted, UserError
+from study.faults import pause_point
+from study.fsutil import StudyLock, atomic_write_json, check_writable, json_plain
+from study.layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, MethodInfo, StageMarker, StudyHeader,
                      StudyPaths, check_name, final_weights, read_yaml_file)
-from .ray_runtime import check_address, check_stop, import_ray, init_ray, stop_signals, trial_resources
-from .records import experiment_trials
-from .spaces import StudySpace, diff_dicts
+from study.search.ray_runtime import check_address, check_stop, import_ray, init_ray, stop_signals, trial_resources
+from study.results.records import experiment_trials
+from study.config.spaces import StudySpace, diff_dicts
 
 if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
-    from .plots import PlotProcess
+    from study.results.plots import PlotProcess
 
 
 # --- final evaluation ---------------------------------------------------------------------------------
@@ -50,9 +50,9 @@ if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
 def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict,
                      workers: int = 0) -> dict:
     """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``)."""
-    from .config import EvalConfig
-    from .fsutil import safe_torch_load
-    from .stages import evaluate_selected
+    from study.config.schema import EvalConfig
+    from study.fsutil import safe_torch_load
+    from study.training.stages import evaluate_selected
 
     stage1 = safe_torch_load(stage1_file)
     # the variant's own stage-1 model is the backbone of its heads: the same object, one feature pass
@@ -87,7 +87,7 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
         for seed in space.seeds:
             jobs[variant, seed] = (space.backbone_of(variant), str(final_weights(s1_dir, seed)),
                                    {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items})
-    from .data import loader_workers
+    from study.data.lt import loader_workers
 
     if in_driver:
         pause_point("final-eval", log)
@@ -114,7 +114,7 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
 
 def study_header(space: StudySpace, name: str, data) -> StudyHeader:
     """study.yaml: what the study is (resolved space, experiments, data) and what produced it."""
-    from .provenance import provenance
+    from study.provenance import provenance
 
     exps = tuple(ExperimentInfo(e.name, e.stage, e.budget,
                                 {p.method: MethodInfo(p.budget, tuple(p.params)) for p in e.plans}, e.variant)
@@ -177,7 +177,7 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
     folder, the resources, the cluster address, a changed space, the dataset files."""
     lock = stopping = finishing = None
     try:
-        # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.ray_runtime).
+        # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.search.ray_runtime).
         with stop_signals():
             name = check_name(name or space.name)
             results_dir = Path(results_dir).expanduser()
@@ -251,8 +251,8 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
 def _load_for_search(data_cfg, data_dir):
     import torch  # noqa: F401  (imported here, for their import time, see run_study)
 
-    from . import tune_adapter  # noqa: F401
-    from .data import load_data
+    from study.search import tune_adapter  # noqa: F401
+    from study.data.lt import load_data
 
     return load_data(data_cfg, data_dir)
 
@@ -271,7 +271,7 @@ def _import_finish_modules() -> None:
 class _Finishing:
     """The study's last step, prepared while its last trials run (``start``, once): the modules of
     the tables and ``optuna.db`` imported in a thread of the driver, which mostly waits by then, and
-    the plot process (``study.plots.PlotProcess``) started, importing matplotlib. Started once stage
+    the plot process (``study.results.plots.PlotProcess``) started, importing matplotlib. Started once stage
     2's first trials run, not before: the workers starting before then import torch and Ray Tune on
     the same cores, and the Tune loop starting them shares the driver's interpreter lock."""
 
@@ -281,7 +281,7 @@ class _Finishing:
 
     def start(self) -> None:
         if self.imports is None:
-            from .plots import PlotProcess
+            from study.results.plots import PlotProcess
 
             self.imports = _Background(_import_finish_modules)
             self.plots = PlotProcess()
@@ -331,12 +331,12 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
     """The search (every experiment not finished yet, in one Tuner), then the final evaluation on
     the test set. ``on_stage2`` runs at the first result of a stage-2 trial, ``on_searched`` once
     every experiment has its selection, before the final evaluation."""
-    from .progress import ProgressView
+    from study.search.progress import ProgressView
 
     experiments = space.experiments()
     with ProgressView(paths, space, log, live=not verbose) as view:
         if not all(paths.stage_marker(e.name).exists() for e in experiments):
-            from .tune_adapter import run_search
+            from study.search.tune_adapter import run_search
 
             run_search(space, paths, data, cpus, gpus, view.log, on_stage2=on_stage2, start_ahead=in_driver)
         check_stop()
@@ -363,9 +363,9 @@ def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print,
     disk, idempotent). The tables are built as those of a finished study: done.json is written
     right after them, and ``study table`` then prints exactly what they hold. The plots are drawn
     in a child process (``plots``, a started ``PlotProcess``, or a new one) beside the rest."""
-    from .analysis import load_results, write_all_tables
-    from .plots import PlotProcess
-    from .records import export_optuna, write_records
+    from study.results.analysis import load_results, write_all_tables
+    from study.results.plots import PlotProcess
+    from study.results.records import export_optuna, write_records
 
     pause_point("tables", view_log)
     own = plots is None

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import shot_groups
+from study.data.lt import shot_groups
 
 
 def accuracy_report(preds, labels, train_counts: Sequence[int], many: int, few: int) -> dict:

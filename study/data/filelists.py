@@ -48,7 +48,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import UserError, unknown
+from study.errors import UserError, unknown
 
 SPLITS = ("train", "val", "test")
 KANG_REPO = "https://github.com/facebookresearch/classifier-balancing"
@@ -572,12 +572,12 @@ def describe_file_dataset(name: str, data_dir: str | os.PathLike | None, *, many
     """Counts, split sizes and groups of a split-file dataset, for ``study data`` (JSON-ready).
 
     ``load_kwargs`` go to :func:`load_file_lists`. The keys shared with the synthetic datasets'
-    ``study.data.describe`` mean the same: ``train_counts`` (after carving), ``total_train``,
+    ``study.data.lt.describe`` mean the same: ``train_counts`` (after carving), ``total_train``,
     ``num_classes``, ``thresholds``, ``groups``, ``val_per_class`` / ``test_per_class`` (images per
     class when that number is the same for every class, else null; see ``val_counts`` /
     ``test_counts``), ``imbalance_factor`` (largest / smallest training count) and ``n_max``.
     ``official_files`` is true only when every list has its published line count."""
-    from .groups import shot_groups
+    from study.config.groups import shot_groups
 
     spec = get_file_spec(name)
     fl = load_file_lists(name, data_dir, **load_kwargs)

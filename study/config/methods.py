@@ -1,6 +1,6 @@
 """Stage-2 methods by name.
 
-Each method is a *kind* of procedure plus a preset of :class:`~study.config.Stage2Config` values
+Each method is a *kind* of procedure plus a preset of :class:`~study.config.schema.Stage2Config` values
 that define it (its loss, whether MaxNorm is on, its sampler). A search-space file picks methods
 under ``stage2.methods`` and may search or fix any Stage2Config field per method; values precedence
 is: dataclass defaults < protocol preset < ``stage2`` common values < method preset < the method's
@@ -37,7 +37,7 @@ class Method:
     @property
     def trains(self) -> bool:
         """A classifier (or LWS scales) is trained by SGD; the other kinds are closed-form functions
-        of the stage-1 classifier and cached features (``study.posthoc``)."""
+        of the stage-1 classifier and cached features (``study.training.posthoc``)."""
         return self.kind == "trained"
 
 
@@ -77,7 +77,7 @@ ABLATION_ORDER = ["none", "ce", "l2-norm", "tau-norm", "cb", "cb-wd", "cb-maxnor
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        from .errors import UserError, unknown
+        from study.errors import UserError, unknown
 
         raise UserError(unknown("stage-2 method", name, METHODS))
     return METHODS[name]

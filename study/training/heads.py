@@ -72,7 +72,7 @@ def stage1_head_state(stage1_state: dict) -> dict:
 def frozen_model(backbone: str, stage1_state: dict, data, device, buffers: dict | None = None):
     """The stage-1 model on ``device`` in eval mode with every parameter frozen; with ``buffers``
     (a stage-2 run with batch norm in train mode) its backbone's running statistics replaced."""
-    from .models import build_model
+    from study.training.models import build_model
 
     model = build_model(backbone, data.num_classes, data.spec.shape[0])
     model.load_state_dict(stage1_state)

@@ -1,6 +1,6 @@
 """Kang et al.'s class-aware sampler, exactly as their code runs it.
 
-``study.data.epoch_order(..., "class-balanced", ...)`` reimplements the *scheme* of the decoupling
+``study.data.lt.epoch_order(..., "class-balanced", ...)`` reimplements the *scheme* of the decoupling
 paper's class-aware sampler but starts fresh cycles every epoch and draws N indices. The authors'
 code (facebookresearch/classifier-balancing, ``data/ClassAwareSampler.py``) differs in two ways that
 :class:`KangClassAwareSampler` reproduces:

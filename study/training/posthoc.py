@@ -6,7 +6,7 @@ and cached features.
 - ``la-add``: z_c - tau log pi_c (Menon et al.), i.e. the bias shifted by -tau log pi_c;
 - ``la-mul``: z_c * pi_c^(-tau) (Hasegawa & Sato), i.e. W and b scaled row-wise by pi_c^(-tau);
 - ``ncm``: nearest class mean of centred, L2-normalised training features, as an affine head
-  (see :class:`study.heads.AffineHead`).
+  (see :class:`study.training.heads.AffineHead`).
 
 pi_c = n_c / N are the training priors. Where tau is not fixed, every value of the grid
 (``Stage2Config.tau_grid``) is evaluated on the selection split and the best kept; ties keep the
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluation import accuracy_report, balance_stats, summarize
-from .heads import AffineHead
-from .methods import Method
-from .regularizers import row_norms, tau_normalize
+from study.training.evaluation import accuracy_report, balance_stats, summarize
+from study.training.heads import AffineHead
+from study.config.methods import Method
+from study.training.regularizers import row_norms, tau_normalize
 
 
 def candidate_heads(method: Method, cfg, W: torch.Tensor, b: torch.Tensor, priors,

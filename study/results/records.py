@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl, replace_synced
-from .layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
+from study.fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl, replace_synced
+from study.layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
                      RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
                      TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, searched_params,
                      trial_index_in_experiment)
@@ -128,7 +128,7 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
     ``live``: a `study run` holds the study (in-flight trials are ``running``, not ``interrupted``).
     ``include_unknown``: also list trial folders that Tune's last snapshot does not know — trials
     of a live run that have not reached their first report yet; after a hard kill such folders are
-    never resumed (see ``study.resume.set_aside_orphans``). Default: ``live``."""
+    never resumed (see ``study.search.resume.set_aside_orphans``). Default: ``live``."""
     if live is None:
         live = lock_alive(paths)
     if include_unknown is None:
@@ -209,7 +209,7 @@ def select_best(paths: StudyPaths, experiment: str, methods, trial_ids: set[str]
 
 def collect(paths: StudyPaths, header: StudyHeader) -> tuple[list[dict], list[dict]]:
     """(trials rows, per-class rows) from the files of a study, as plain mappings in column order."""
-    from .data import shot_groups
+    from study.data.lt import shot_groups
 
     study = header.study or paths.root.name
     counts = header.data.train_counts
@@ -334,7 +334,7 @@ def export_optuna(paths: StudyPaths) -> Path:
     temporary file and renamed, so readers never see a half-written database."""
     import optuna
 
-    from .spaces import dist_from_yaml
+    from study.config.spaces import dist_from_yaml
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _, header = load_header(paths.root)

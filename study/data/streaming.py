@@ -1,6 +1,6 @@
 """Streaming input for image-file datasets (ImageNet-LT, Places-LT, iNaturalist 2018).
 
-The CIFAR-style datasets live on the device as uint8 tensors (``study.data.DeviceSplit``); file
+The CIFAR-style datasets live on the device as uint8 tensors (``study.data.lt.DeviceSplit``); file
 datasets are far too large for that, so their images are decoded and augmented in DataLoader
 worker processes and only the in-flight batches exist at any time. Three pieces:
 
@@ -33,9 +33,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .errors import UserError
+from study.errors import UserError
 
-from .filelists import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: F401  (Kang et al.'s statistics)
+from study.data.filelists import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: F401  (Kang et al.'s statistics)
 
 EVAL_RESIZE_RATIO = 256 / 224
 """Evaluation resizes the shorter side to ``round(size * 256 / 224)`` before the centre crop."""
@@ -411,7 +411,7 @@ class StreamSplit:
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches: (x, y) for ``order[0:B]``, ``order[B:2B]``, ... on the device, the last
         partial batch kept unless ``drop_last``. ``order`` is a 1-d sequence of dataset indices (the
-        CPU int64 tensor of ``study.data.epoch_order``); ``epoch_seed`` a non-negative int (see
+        CPU int64 tensor of ``study.data.lt.epoch_order``); ``epoch_seed`` a non-negative int (see
         :func:`draw_epoch_seed`). The order and seed are checked and the workers given the epoch
         when this is called, before the first batch is requested."""
         epoch_seed = int(epoch_seed)

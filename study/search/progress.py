@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from .records import fmt_params
+from study.results.records import fmt_params
 
 
 def _fmt_time(seconds: float) -> str:
@@ -39,8 +39,8 @@ class ProgressView:
 
     # -- state
     def snapshot(self) -> list[dict]:
-        from .layout import COMPLETED, FAILURE_STATUSES, INTERRUPTED, RUNNING, STOPPED
-        from .records import best_completed, experiment_trials
+        from study.layout import COMPLETED, FAILURE_STATUSES, INTERRUPTED, RUNNING, STOPPED
+        from study.results.records import best_completed, experiment_trials
 
         rows = []
         for exp in self.experiments:

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .fsutil import atomic_write_text, read_jsonl
-from .layout import (ADOPT_POOL, CLAIM_FILE, EVENTS_FILE, FAILED_FILE, StudyPaths, TrialInfo, TrialRecord,
+from study.fsutil import atomic_write_text, read_jsonl
+from study.layout import (ADOPT_POOL, CLAIM_FILE, EVENTS_FILE, FAILED_FILE, StudyPaths, TrialInfo, TrialRecord,
                      parse_trial_dirname)
-from .records import tune_trials
+from study.results.records import tune_trials
 
 
 SNAPSHOT_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")

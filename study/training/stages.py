@@ -1,7 +1,7 @@
 """The two training stages as plain, framework-free code.
 
 ``train_stage1(config, data, seed)`` and ``train_stage2(config, data, seed, stage1_state)`` run a
-stage to the end and return a result dict; a trial (``study.trial``, run by ``study run``'s Tune
+stage to the end and return a result dict; a trial (``study.training.trial``, run by ``study run``'s Tune
 adapter and by ``study train``) drives the same trainers one epoch at a time (``run_epoch``) so they can report, checkpoint and
 interleave seeds. A trainer's ``state_dict()`` holds everything needed to continue exactly (model,
 optimizer, step counter, the CPU generator that orders batches and draws augmentations, history,
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import EvalConfig, Stage1Config, Stage2Config
-from .data import Augmenter, FileLTData, LTData, epoch_order, make_split
-from .evaluation import (accuracy_report, balance_stats, compute_features, evaluate_head, logits_from_features, summarize,
+from study.config.schema import EvalConfig, Stage1Config, Stage2Config
+from study.data.lt import Augmenter, FileLTData, LTData, epoch_order, make_split
+from study.training.evaluation import (accuracy_report, balance_stats, compute_features, evaluate_head, logits_from_features, summarize,
                          _autocast)
-from .heads import AffineHead, LinearHead, LWSHead, frozen_model, stage1_head_state
-from .losses import make_loss
-from .methods import get_method
-from .models import build_model
-from .posthoc import fit_posthoc
-from .regularizers import MaxNorm, feature_penalty, row_norms, weight_decay_penalty
+from study.training.heads import AffineHead, LinearHead, LWSHead, frozen_model, stage1_head_state
+from study.training.losses import make_loss
+from study.config.methods import get_method
+from study.training.models import build_model
+from study.training.posthoc import fit_posthoc
+from study.training.regularizers import MaxNorm, feature_penalty, row_norms, weight_decay_penalty
 
 STAGE2_SEED_OFFSET = 1_000_003
 """Stage 2 draws its batches from a generator seeded with seed + this offset, so its random stream
@@ -167,7 +167,7 @@ class _Trainer:
         """Kang et al.'s class-aware sampler (``sampler: class-aware-kang``): its cycles persist
         across epochs, so it lives here and is checkpointed with the trainer."""
         if cfg.sampler == "class-aware-kang":
-            from .samplers import KangClassAwareSampler
+            from study.data.samplers import KangClassAwareSampler
 
             self.kang = KangClassAwareSampler(torch.as_tensor(data.train_y), data.num_classes, self.gen)
 
@@ -218,7 +218,7 @@ class _Trainer:
             for i in range(0, len(order), bs):
                 yield order[i:i + bs].to(self.device), None
             return
-        from .streaming import draw_epoch_seed
+        from study.data.streaming import draw_epoch_seed
 
         epoch_seed = draw_epoch_seed(self.gen)
         for i, (x, _) in enumerate(self.train_split.batches(order, bs, epoch_seed)):
@@ -313,8 +313,8 @@ class Stage1Trainer(_Trainer):
         self.model = build_model(cfg.backbone, data.num_classes, data.spec.shape[0], seed=self.seed)
         init = None
         if cfg.init_from:
-            from .fsutil import sha256_file
-            from .models import load_init_weights
+            from study.fsutil import sha256_file
+            from study.training.models import load_init_weights
 
             report = load_init_weights(self.model, cfg.init_from)
             digest = sha256_file(os.path.expanduser(cfg.init_from))
@@ -322,7 +322,7 @@ class Stage1Trainer(_Trainer):
             init = {"path": str(cfg.init_from), "sha256": digest, "classifier": report["classifier"]}
         self.model = self.model.to(self.device)
         if cfg.classifier == "etf":
-            from .geometry import etf_directions
+            from study.training.geometry import etf_directions
 
             # fixed directions: never handed to the optimizer, so never changed (nor decayed)
             with torch.no_grad():
@@ -407,7 +407,7 @@ class Stage1Trainer(_Trainer):
 
 class Stage2Trainer(_Trainer):
     """Stage 2 for the methods that train (``Method.trains``): a classifier, or LWS scales, trained
-    by SGD on the frozen stage-1 backbone. The other methods are plain functions (``study.posthoc``,
+    by SGD on the frozen stage-1 backbone. The other methods are plain functions (``study.training.posthoc``,
     run by :func:`posthoc_result`)."""
 
     stage = "stage2"
@@ -547,7 +547,7 @@ def cached_features(backbone, split, plain, batch: int, amp: bool, cache_dir, na
 
     import numpy as np
 
-    from .layout import features_file
+    from study.layout import features_file
 
     path = features_file(cache_dir, name)
     with open(path.with_suffix(".lock"), "a") as lock:
@@ -624,9 +624,9 @@ def evaluate_selected(backbone: str, stage1_state: dict, finals: dict[str, dict]
     function.
 
     With ``geometry``, each report also has ``geometry``: the feature measures of
-    :func:`study.geometry.feature_summary` on the training split and on ``split`` (unaugmented,
+    :func:`study.training.geometry.feature_summary` on the training split and on ``split`` (unaugmented,
     unflipped features of the backbone the head runs on)."""
-    from .geometry import feature_summary
+    from study.training.geometry import feature_summary
 
     eval_cfg = eval_cfg or EvalConfig()
     device = pick_device(device)

@@ -1,7 +1,7 @@
 """The backbones by name, without torch: which names exist, their feature dimensions and the
-torchvision architectures' shapes. Validating a space (``study.config``, ``study.spaces``) needs
+torchvision architectures' shapes. Validating a space (``study.config.schema``, ``study.config.spaces``) needs
 only these facts, so ``study run`` imports torch in the background while Ray starts, not while
-it reads the space file; :mod:`study.models` builds the networks from the same table."""
+it reads the space file; :mod:`study.training.models` builds the networks from the same table."""
 
 from __future__ import annotations
 
@@ -40,6 +40,6 @@ def feature_dim(name: str) -> int:
         return _FEATURE_DIMS[name]
     if known_model(name):
         return 64
-    from .errors import UserError, unknown
+    from study.errors import UserError, unknown
 
     raise UserError(unknown("backbone", name, MODEL_NAMES))

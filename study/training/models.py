@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model_names import (MODEL_NAMES, TORCHVISION_BACKBONES, TORCHVISION_RESNETS,  # noqa: F401  (part of
+from study.config.backbones import (MODEL_NAMES, TORCHVISION_BACKBONES, TORCHVISION_RESNETS,  # noqa: F401  (part of
                           feature_dim, known_model)                                 # this module's API)
 
 
@@ -202,7 +202,7 @@ def _digits_cnn(num_classes: int, in_channels: int) -> LTClassifier:
     return model
 
 
-# --- torchvision ImageNet ResNets (Kang et al.'s backbones; their shapes: study.model_names) ---------
+# --- torchvision ImageNet ResNets (Kang et al.'s backbones; their shapes: study.config.backbones) ---------
 
 def _torchvision_resnet(name: str) -> Callable[[int, int], LTClassifier]:
     kind, layers, groups, width = TORCHVISION_RESNETS[name]
@@ -268,7 +268,7 @@ def load_init_weights(model: LTClassifier, path) -> dict:
     """
     from torchvision.models.resnet import ResNet
 
-    from .errors import UserError
+    from study.errors import UserError
 
     path = Path(path).expanduser()
     where = f"init_from {path}"
@@ -350,7 +350,7 @@ MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
     # ResNet-(6n+2) rule below, which would otherwise also match those two names
     **{name: _torchvision_resnet(name) for name in TORCHVISION_RESNETS},
 }
-assert tuple(MODELS) == MODEL_NAMES, "study.model_names.MODEL_NAMES lists the registry's names, in order"
+assert tuple(MODELS) == MODEL_NAMES, "study.config.backbones.MODEL_NAMES lists the registry's names, in order"
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | None = None) -> LTClassifier:
     """Build a registered model; with ``seed`` the initialisation is reproducible and leaves the
@@ -360,7 +360,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | N
     elif known_model(name):
         make = _cifar_resnet(int(name[len("resnet"):]))
     else:
-        from .errors import UserError, unknown
+        from study.errors import UserError, unknown
 
         raise UserError(unknown("backbone", name, MODELS))
     if seed is None:

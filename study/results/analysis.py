@@ -3,7 +3,7 @@ when a study finishes).
 
 Reads study.yaml, trials.csv, per_class.csv and optuna.db only — never Ray, torch or a GPU — so it
 works on a finished study, an interrupted one and one that is still running (when trials.csv is
-not written yet the rows are rebuilt from the trial folders by :func:`study.records.collect`).
+not written yet the rows are rebuilt from the trial folders by :func:`study.results.records.collect`).
 
 Every kind of table (``main``, ``ablation``, ``seeds``, ``search``) is built once as a
 :class:`Table` — typed columns, rows, a caption and notes — and rendered by one function per format
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .methods import ABLATION_ORDER, METHODS
-from .layout import (COMPLETED, ENDED_STATUSES, FAILURE_STATUSES, NUMERIC_COLUMNS, PER_CLASS_COLUMNS, TRIALS_COLUMNS,
+from study.errors import UserError
+from study.config.methods import ABLATION_ORDER, METHODS
+from study.layout import (COMPLETED, ENDED_STATUSES, FAILURE_STATUSES, NUMERIC_COLUMNS, PER_CLASS_COLUMNS, TRIALS_COLUMNS,
                      ExperimentInfo, StudyHeader, StudyPaths, load_header)
-from .records import collect, fmt_value, optuna_study_name
+from study.results.records import collect, fmt_value, optuna_study_name
 
 KINDS = ("main", "ablation", "seeds", "search", "analysis")
 FORMATS = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -595,7 +595,7 @@ def ablation_table(res: Results, variant: str | None = None) -> Table:
     if variant is not None:
         fed = [e.variant for e in exps]
         if variant not in fed:
-            from .errors import unknown
+            from study.errors import unknown
 
             raise UserError(f"--variant {variant}: " + unknown("variant that fed stage 2", variant, fed))
         exps = [e for e in exps if e.variant == variant]
@@ -788,7 +788,7 @@ def _emit(table: Table, fmt: str, out: str | os.PathLike | None) -> int:
         for n in table.notes:
             print(n, file=sys.stderr)
     if out:
-        from .fsutil import atomic_write_text
+        from study.fsutil import atomic_write_text
 
         atomic_write_text(out, text)
         print(f"wrote {out}")
@@ -814,7 +814,7 @@ def compare_command(a: str | os.PathLike, b: str | os.PathLike, fmt: str = "mark
 def write_all_tables(root: str | os.PathLike | Results) -> list[Path]:
     """Every kind of table in every format under ``STUDY/tables/`` (``main.md``, ``main.tex``,
     ``main.csv``, ``ablation.md``, ...). Returns the written paths."""
-    from .fsutil import atomic_write_text
+    from study.fsutil import atomic_write_text
 
     res = as_results(root)
     written = []

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import Results, as_results, label, long_label, split_word
-from .data import shot_groups
-from .fsutil import atomic_write_bytes
-from .layout import COMPLETED, FAILURE_STATUSES, ExperimentInfo
+from study.results.analysis import Results, as_results, label, long_label, split_word
+from study.data.lt import shot_groups
+from study.fsutil import atomic_write_bytes
+from study.layout import COMPLETED, FAILURE_STATUSES, ExperimentInfo
 
 
 def _figure(width: float, height: float) -> Any:
@@ -204,7 +204,7 @@ def _norm_evolution(res: Results, exp: ExperimentInfo, method: str):
     """Seed-mean per-epoch per-class norms (epochs x classes) of the selected trial, or None."""
     import json
 
-    from .layout import NORMS_FILE, StageMarker
+    from study.layout import NORMS_FILE, StageMarker
 
     marker = StageMarker.read(res.paths.stage_marker(exp.name))
     sel = marker.selection(method) if marker else None
@@ -296,7 +296,7 @@ class PlotProcess:
         # the child imports this package as the driver did, also from a source checkout
         here = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._proc = subprocess.Popen([sys.executable, "-c", "from study.plots import _serve; _serve()"],
+        self._proc = subprocess.Popen([sys.executable, "-c", "from study.results.plots import _serve; _serve()"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True, env=env)
 
@@ -333,7 +333,7 @@ def _serve() -> None:
 
     import matplotlib.figure  # noqa: F401  (imported while the study still runs)
 
-    from .analysis import load_results
+    from study.results.analysis import load_results
 
     root = sys.stdin.readline().strip()
     if not root:

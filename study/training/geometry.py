@@ -215,8 +215,8 @@ def norm_count_spearman(norms: Sequence, counts: Sequence) -> float:
     +1: the frequent classes have the larger values. Classes whose value is None or NaN (absent
     from the evaluated split) are dropped. NaN when fewer than 3 classes remain or either side is
     constant — including values equal up to float rounding (relative spread < 1e-9), whose ranks
-    would be noise, as in :func:`study.evaluation.balance_stats`."""
-    from .evaluation import spearman
+    would be noise, as in :func:`study.training.evaluation.balance_stats`."""
+    from study.training.evaluation import spearman
 
     if len(norms) != len(counts):
         raise ValueError(f"{len(norms)} values for {len(counts)} class counts")

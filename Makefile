@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all setup clean-demo
+.PHONY: demo test test-slow test-all setup clean-demo lint format
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,12 @@ test-all: $(STAMP)
 
 clean-demo:
 	rm -rf results/digits-lt
+
+# Style: ruff's lint rules and its formatter (pyproject.toml's [tool.ruff]); `make format` applies both.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .

@@ -2,12 +2,12 @@
 
 Baseline (what the WB / LDAM code does): a Dataset of HWC uint8 images with
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize applied per image through
-a DataLoader. Ours (study.data.lt.Augmenter): the whole split as a uint8 tensor on the device, crop,
+a DataLoader. Ours (study.data.device.Augmenter): the whole split as a uint8 tensor on the device, crop,
 flip and normalise applied to each batch at once.
 
 Prints images/s of each and the ratio, for the input pipeline alone, for a plain ResNet training
 step (forward + backward + SGD) on top of each, and for the project's own trainer
-(``study.training.stages.Stage1Trainer``) in each memory format, all against the same baseline measured in
+(``study.training.trainers.Stage1Trainer``) in each memory format, all against the same baseline measured in
 the same run, on the device available (CPU here; CUDA when present).
 
     .venv/bin/python benchmarks/bench_data_pipeline.py [--images 10847] [--batch 64] [--workers 0]
@@ -26,8 +26,14 @@ def baseline_loader(x_hwc: np.ndarray, y: np.ndarray, batch: int, workers: int):
     import torchvision.transforms as T
     from PIL import Image
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        ]
+    )
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -36,8 +42,9 @@ def baseline_loader(x_hwc: np.ndarray, y: np.ndarray, batch: int, workers: int):
         def __getitem__(self, i):
             return tf(Image.fromarray(x_hwc[i])), int(y[i])
 
-    return torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        DS(), batch_size=batch, shuffle=True, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
 
 
 def main() -> None:
@@ -49,7 +56,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30, help="steps timed for the training comparison")
     args = ap.parse_args()
 
-    from study.data.lt import DATASETS, Augmenter, DeviceSplit
+    from study.config.datasets import DATASETS
+    from study.data.device import Augmenter, DeviceSplit
     from study.training.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,14 +84,16 @@ def main() -> None:
     t0 = time.perf_counter()
     order = torch.randperm(len(split), generator=gen)
     for i in range(0, len(order), args.batch):
-        idx = order[i:i + args.batch].to(device)
+        idx = order[i : i + args.batch].to(device)
         xb = aug(split.x[idx], gen)
     sync()
     ours_s = time.perf_counter() - t0
 
     print(f"device: {device}  images: {args.images}  batch: {args.batch}  baseline workers: {args.workers}")
-    print(f"input pipeline, one epoch   baseline {args.images / base_s:10.0f} img/s   "
-          f"ours {args.images / ours_s:10.0f} img/s   speed-up x{base_s / ours_s:.1f}")
+    print(
+        f"input pipeline, one epoch   baseline {args.images / base_s:10.0f} img/s   "
+        f"ours {args.images / ours_s:10.0f} img/s   speed-up x{base_s / ours_s:.1f}"
+    )
 
     # -- training steps on top of each pipeline (the same model and optimizer)
     def train_steps(batches) -> float:
@@ -115,33 +125,45 @@ def main() -> None:
         while True:
             order = torch.randperm(len(split), generator=gen)
             for i in range(0, len(order), args.batch):
-                idx = order[i:i + args.batch].to(device)
+                idx = order[i : i + args.batch].to(device)
                 yield aug(split.x[idx], gen), split.y[idx]
 
     b = train_steps(base_batches())
     o = train_steps(our_batches())
-    print(f"{args.model} training steps        baseline {b:10.0f} img/s   ours (plain step) {o:10.0f} img/s   "
-          f"speed-up x{o / b:.2f}")
+    print(
+        f"{args.model} training steps        baseline {b:10.0f} img/s   ours (plain step) {o:10.0f} img/s   "
+        f"speed-up x{o / b:.2f}"
+    )
 
-    # -- the project's own trainer (study.training.stages.Stage1Trainer), per memory format: what a trial runs
+    # -- the project's own trainer (study.training.trainers.Stage1Trainer), per memory format: what a trial runs
     from study.config.schema import Stage1Config
-    from study.data.lt import LTData
-    from study.training.stages import Stage1Trainer, runtime_settings
+    from study.data.longtail import LTData
+    from study.training.trainers import Stage1Trainer, runtime_settings
 
     counts = np.bincount(y, minlength=100).tolist()
-    data = LTData(spec=spec, train_x=np.ascontiguousarray(x.transpose(0, 3, 1, 2)), train_y=y, val_x=x[:100].transpose(0, 3, 1, 2),
-                  val_y=y[:100], test_x=x[:100].transpose(0, 3, 1, 2), test_y=y[:100], train_counts=counts,
-                  many_threshold=100, few_threshold=20, subset_hash="bench")
+    data = LTData(
+        spec=spec,
+        train_x=np.ascontiguousarray(x.transpose(0, 3, 1, 2)),
+        train_y=y,
+        val_x=x[:100].transpose(0, 3, 1, 2),
+        val_y=y[:100],
+        test_x=x[:100].transpose(0, 3, 1, 2),
+        test_y=y[:100],
+        train_counts=counts,
+        many_threshold=100,
+        few_threshold=20,
+        subset_hash="bench",
+    )
 
     def trainer_steps(fmt: str) -> tuple[float, str]:
         cfg = Stage1Config(backbone=args.model, batch_size=args.batch, lr=0.01, weight_decay=5e-3, memory_format=fmt)
         t = Stage1Trainer(cfg, data, 0, device)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        t.train_steps(order[:args.batch])  # warm-up step
+        t.train_steps(order[: args.batch])  # warm-up step
         sync()
         t0 = time.perf_counter()
         n = args.batch * args.train_steps
-        t.train_steps(order[args.batch:args.batch + n])
+        t.train_steps(order[args.batch : args.batch + n])
         sync()
         return n / (time.perf_counter() - t0), t.runtime["memory_format"]
 

@@ -2,7 +2,7 @@
 
 Baseline: every trial of the study (same number per method, same seeds, same epochs; searched
 parameters at their defaults) run one after another in this process with ``study.training.trial.run_trial``,
-then the final test evaluation (``study.training.stages.evaluate_selected``) — no Ray, no Optuna, no
+then the final test evaluation (``study.training.final_eval.evaluate_selected``) — no Ray, no Optuna, no
 scheduling, no resume machinery.
 Harness: ``study run`` on the same space (Ray Tune + Optuna, one CPU per trial, trials in parallel
 as the cores allow), then its final test evaluation, tables and plots.
@@ -86,11 +86,11 @@ def baseline(space_path: Path, out: Path) -> None:
     trial of each method — the work ``study run`` does, without Ray Tune, Optuna or resume."""
     import torch
 
-    from study.data.lt import load_data
+    from study.config.spaces import load_space
+    from study.data.longtail import load_data
     from study.fsutil import safe_torch_load
     from study.layout import final_weights
-    from study.config.spaces import load_space
-    from study.training.stages import evaluate_selected
+    from study.training.final_eval import evaluate_selected
     from study.training.trial import TrialSpec, run_trial
 
     torch.set_num_threads(1)  # the harness gives each trial one CPU
@@ -103,14 +103,31 @@ def baseline(space_path: Path, out: Path) -> None:
             for i in range(plan.budget):
                 d = out / exp.name / plan.method / str(i)
                 backbone = space.backbone_of(exp.variant or plan.method)
-                run_trial(TrialSpec(exp.stage, plan.config, space.seeds, space.eval, d, backbone, stage1_dir=s1,
-                                    experiment=exp.name, trial_index=i, method=plan.method), data, "cpu")
+                run_trial(
+                    TrialSpec(
+                        exp.stage,
+                        plan.config,
+                        space.seeds,
+                        space.eval,
+                        d,
+                        backbone,
+                        stage1_dir=s1,
+                        experiment=exp.name,
+                        trial_index=i,
+                        method=plan.method,
+                    ),
+                    data,
+                    "cpu",
+                )
                 first.setdefault((exp.name, plan.method), d)
     torch.set_num_threads(psutil.cpu_count())  # the study evaluates in the driver, on every core
     for variant in space.variants:
         s1 = first[("stage1", variant)]
-        heads = {f"{e}--{m}": d for (e, m), d in first.items()
-                 if e == "stage1" and m == variant or e == space.stage2_experiment_name(variant)}
+        heads = {
+            f"{e}--{m}": d
+            for (e, m), d in first.items()
+            if e == "stage1" and m == variant or e == space.stage2_experiment_name(variant)
+        }
         for seed in space.seeds:
             stage1 = safe_torch_load(final_weights(s1, seed))
             states = {k: safe_torch_load(final_weights(d, seed)) for k, d in heads.items()}
@@ -121,8 +138,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--budget", type=int, default=4)
-    ap.add_argument("--space", help="time this space file instead (e.g. study/search_spaces/digits-lt.yaml: the "
-                                    "demo's size); --epochs and --budget are then ignored")
+    ap.add_argument(
+        "--space",
+        help="time this space file instead (e.g. study/search_spaces/digits-lt.yaml: the "
+        "demo's size); --epochs and --budget are then ignored",
+    )
     ap.add_argument("--baseline", nargs=2, metavar=("SPACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:  # the plain baseline, run in its own process so its peak memory is its own
@@ -150,8 +170,9 @@ def main() -> None:
     assert p.returncode == 0, "the plain baseline failed"
 
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "study", "run", str(space), "--results-dir", str(tmp / "res")],
-                         stdout=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "study", "run", str(space), "--results-dir", str(tmp / "res")], stdout=subprocess.DEVNULL
+    )
     with PeakRSS(p.pid) as mem_study:
         p.wait()
     t_study = time.perf_counter() - t0
@@ -160,10 +181,14 @@ def main() -> None:
     cores = psutil.cpu_count()
     print(f"{what}, {cores} cores")
     print(f"plain sequential run_trial    {t_plain:7.1f} s   peak RSS {mem_plain.peak / 2**20:7.0f} MB")
-    print(f"study run (Ray Tune + Optuna) {t_study:7.1f} s   peak RSS {mem_study.peak / 2**20:7.0f} MB"
-          f"   (includes the final test evaluation, tables and plots)")
-    print(f"ratio study/plain: time x{t_study / t_plain:.2f}, memory x{mem_study.peak / mem_plain.peak:.1f}; "
-          f"overhead {(t_study - t_plain) / n:+.1f} s per trial")
+    print(
+        f"study run (Ray Tune + Optuna) {t_study:7.1f} s   peak RSS {mem_study.peak / 2**20:7.0f} MB"
+        f"   (includes the final test evaluation, tables and plots)"
+    )
+    print(
+        f"ratio study/plain: time x{t_study / t_plain:.2f}, memory x{mem_study.peak / mem_plain.peak:.1f}; "
+        f"overhead {(t_study - t_plain) / n:+.1f} s per trial"
+    )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=10000)
     args = ap.parse_args()
 
+    from study.config.datasets import DATASETS, lt_counts
     from study.config.schema import EvalConfig, Stage2Config
-    from study.data.lt import DATASETS, LTData, lt_counts
+    from study.data.longtail import LTData
+    from study.training.final_eval import evaluate_selected
     from study.training.heads import AffineHead
     from study.training.models import build_model
-    from study.training.stages import Stage2Trainer, evaluate_selected
+    from study.training.trainers import Stage2Trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = DATASETS["cifar100-lt"]
@@ -45,9 +47,19 @@ def main() -> None:
     x = rng.integers(0, 256, size=(len(y), 3, 32, 32), dtype=np.uint8)
     ty = np.repeat(np.arange(100), args.test // 100)
     tx = rng.integers(0, 256, size=(len(ty), 3, 32, 32), dtype=np.uint8)
-    data = LTData(spec=spec, train_x=x, train_y=y, val_x=tx[:2000], val_y=ty[:2000], test_x=tx, test_y=ty,
-                  train_counts=np.bincount(y, minlength=100).tolist(), many_threshold=100, few_threshold=20,
-                  subset_hash="bench")
+    data = LTData(
+        spec=spec,
+        train_x=x,
+        train_y=y,
+        val_x=tx[:2000],
+        val_y=ty[:2000],
+        test_x=tx,
+        test_y=ty,
+        train_counts=np.bincount(y, minlength=100).tolist(),
+        many_threshold=100,
+        few_threshold=20,
+        subset_hash="bench",
+    )
     state = build_model(args.model, 100, 3, seed=0).state_dict()
 
     def sync():
@@ -68,8 +80,10 @@ def main() -> None:
     plain = time_epochs(Stage2Config(**base, augment=True))
     cached = time_epochs(Stage2Config(**base, augment=False))
     print(f"device: {device}  model: {args.model}  train: {len(y)}  test: {len(ty)}")
-    print(f"stage-2 epoch   backbone every batch {plain:8.2f} s   cached features {cached:8.3f} s   "
-          f"speed-up x{plain / cached:.0f}")
+    print(
+        f"stage-2 epoch   backbone every batch {plain:8.2f} s   cached features {cached:8.3f} s   "
+        f"speed-up x{plain / cached:.0f}"
+    )
 
     heads = []
     for i in range(args.heads):
@@ -91,8 +105,10 @@ def main() -> None:
     sync()
     t_shared = time.perf_counter() - t0
     assert all(a["all"] == b["all"] for a, b in zip(per_head, shared)), "shared features changed a result"
-    print(f"final eval, {args.heads} heads   one backbone pass per head {t_plain:8.2f} s   shared features "
-          f"{t_shared:8.2f} s   speed-up x{t_plain / t_shared:.1f}   (identical accuracies)")
+    print(
+        f"final eval, {args.heads} heads   one backbone pass per head {t_plain:8.2f} s   shared features "
+        f"{t_shared:8.2f} s   speed-up x{t_plain / t_shared:.1f}   (identical accuracies)"
+    )
 
 
 if __name__ == "__main__":

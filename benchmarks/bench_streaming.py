@@ -24,15 +24,12 @@ classes, JPEGs of ``--min-side``..``--max-side`` px plus a grayscale, a CMYK and
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def lt_counts(total: int, classes: int = 20, imbalance: float = 20.0) -> list[int]:
@@ -42,7 +39,7 @@ def lt_counts(total: int, classes: int = 20, imbalance: float = 20.0) -> list[in
 
 
 def tree(args) -> tuple[Path, list[tuple[str, int]]]:
-    from imagefolder_files import make_lt_tree
+    from study.testing.imagefolder_files import make_lt_tree
 
     root = Path(args.tree) if args.tree else Path(tempfile.mkdtemp(prefix="bench-streaming-"))
     lst = root / "ImageNet_LT_train.txt"
@@ -52,8 +49,10 @@ def tree(args) -> tuple[Path, list[tuple[str, int]]]:
         return root, lines
     t = time.perf_counter()
     lines = make_lt_tree(root, counts=counts, splits=("train",), min_side=args.min_side, max_side=args.max_side)
-    print(f"generated {len(lines['train'])} images ({args.min_side}-{args.max_side} px) in {root} "
-          f"in {time.perf_counter() - t:.1f}s")
+    print(
+        f"generated {len(lines['train'])} images ({args.min_side}-{args.max_side} px) in {root} "
+        f"in {time.perf_counter() - t:.1f}s"
+    )
     return root, lines["train"]
 
 
@@ -64,9 +63,15 @@ def baseline_loader(root: Path, lines, size: int, batch: int, workers: int):
 
     from study.data.streaming import IMAGENET_MEAN, IMAGENET_STD
 
-    tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-                    T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
-                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     class ListDataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -76,8 +81,14 @@ def baseline_loader(root: Path, lines, size: int, batch: int, workers: int):
             rel, y = lines[i]
             return tf(default_loader(str(root / rel))), y
 
-    return torch.utils.data.DataLoader(ListDataset(), batch_size=batch, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        ListDataset(),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def timed_epoch(batches) -> tuple[float, int]:
@@ -111,8 +122,10 @@ def main() -> None:
     root, lines = tree(args)
     n = len(lines)
     paths, labels = zip(*lines)
-    print(f"{n} images, size {args.size}, batch {args.batch}, {args.workers} workers, device {device}, "
-          f"{torch.get_num_threads()} torch threads in the main process")
+    print(
+        f"{n} images, size {args.size}, batch {args.batch}, {args.workers} workers, device {device}, "
+        f"{torch.get_num_threads()} torch threads in the main process"
+    )
 
     # --- 1. input pipeline --------------------------------------------------------------------
     gen = torch.Generator().manual_seed(0)
@@ -127,12 +140,18 @@ def main() -> None:
         warm_b.append(timed_epoch((x.to(device, non_blocking=True), y) for x, y in base))
     ips_a = max(k / s for s, k in warm_a)
     ips_b = max(k / s for s, k in warm_b)
-    print("\n1. training input pipeline (decode + RandomResizedCrop + flip + ColorJitter + normalise), "
-          "best of 2 warm epochs")
-    print(f"   (a) study.data.streaming.StreamSplit     {ips_a:8.1f} images/s   (cold first epoch: "
-          f"{cold_a[1] / cold_a[0]:.1f} images/s, incl. worker start)")
-    print(f"   (b) default_loader + torchvision    {ips_b:8.1f} images/s   (cold first epoch: "
-          f"{cold_b[1] / cold_b[0]:.1f} images/s, incl. worker start)")
+    print(
+        "\n1. training input pipeline (decode + RandomResizedCrop + flip + ColorJitter + normalise), "
+        "best of 2 warm epochs"
+    )
+    print(
+        f"   (a) study.data.streaming.StreamSplit     {ips_a:8.1f} images/s   (cold first epoch: "
+        f"{cold_a[1] / cold_a[0]:.1f} images/s, incl. worker start)"
+    )
+    print(
+        f"   (b) default_loader + torchvision    {ips_b:8.1f} images/s   (cold first epoch: "
+        f"{cold_b[1] / cold_b[0]:.1f} images/s, incl. worker start)"
+    )
     print(f"   ratio (a)/(b): {ips_a / ips_b:.2f}x")
     split.close()
     del base
@@ -141,8 +160,9 @@ def main() -> None:
     model = torchvision.models.resnet18(num_classes=args.head_classes)
     model.fc = torch.nn.Identity()
     model.eval().to(device)
-    evals = StreamSplit(root, paths, labels, KangTransform(args.size, train=False), device=device,
-                        num_workers=args.workers)
+    evals = StreamSplit(
+        root, paths, labels, KangTransform(args.size, train=False), device=device, num_workers=args.workers
+    )
     t = time.perf_counter()
     feats = []
     with torch.no_grad():
@@ -163,7 +183,7 @@ def main() -> None:
         order = torch.randperm(n, generator=gen).to(device)
         t = time.perf_counter()
         for i in range(0, n, args.batch):
-            idx = order[i:i + args.batch]
+            idx = order[i : i + args.batch]
             loss = loss_fn(head(feats[idx].float()), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,16 +194,21 @@ def main() -> None:
 
     stage2_epoch()  # warm-up (allocations, first-call dispatch)
     t_stage2 = min(stage2_epoch() for _ in range(3))
-    mb = feats.numel() * feats.element_size() / 2 ** 20
-    print(f"\n2. stage 2: features computed once ({n} x {args.feature_dim} fp16 = {mb:.1f} MiB) "
-          f"vs. recomputed")
-    print(f"   one backbone pass (ResNet-18, {args.size} px, eval, no grad, decode + resize + "
-          f"centre crop, {args.workers} workers): {t_forward:8.3f} s  ({n / t_forward:.1f} images/s)")
-    print(f"   one stage-2 epoch on the cached features (Linear {args.feature_dim}->{args.head_classes}, "
-          f"SGD, batch {args.batch}):  {t_stage2:8.3f} s  ({n / t_stage2:.0f} images/s)")
-    print(f"   ratio: one backbone pass costs {t_forward / t_stage2:.0f} stage-2 epochs; "
-          f"a 10-epoch stage 2 that re-ran the backbone each epoch would take "
-          f"{10 * (t_forward + t_stage2) / (t_forward + 10 * t_stage2):.1f}x longer than computing features once")
+    mb = feats.numel() * feats.element_size() / 2**20
+    print(f"\n2. stage 2: features computed once ({n} x {args.feature_dim} fp16 = {mb:.1f} MiB) vs. recomputed")
+    print(
+        f"   one backbone pass (ResNet-18, {args.size} px, eval, no grad, decode + resize + "
+        f"centre crop, {args.workers} workers): {t_forward:8.3f} s  ({n / t_forward:.1f} images/s)"
+    )
+    print(
+        f"   one stage-2 epoch on the cached features (Linear {args.feature_dim}->{args.head_classes}, "
+        f"SGD, batch {args.batch}):  {t_stage2:8.3f} s  ({n / t_stage2:.0f} images/s)"
+    )
+    print(
+        f"   ratio: one backbone pass costs {t_forward / t_stage2:.0f} stage-2 epochs; "
+        f"a 10-epoch stage 2 that re-ran the backbone each epoch would take "
+        f"{10 * (t_forward + t_stage2) / (t_forward + 10 * t_stage2):.1f}x longer than computing features once"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Steps (rows of the table, in order):
    DataLoader (4 workers; 0 with ``--cpu``), eager fp32 (PyTorch's default TF32 settings), SGD
    (momentum 0.9, weight decay 5e-3), cross-entropy, ``model.train()``, the model from
    ``study.training.models.build_model``.
-2. **trainer**: ``study.training.stages.Stage1Trainer`` (the data on the device, batched augmentation), its
+2. **trainer**: ``study.training.trainers.Stage1Trainer`` (the data on the device, batched augmentation), its
    own SGD step loop (``_sgd_epoch``, the one ``run_epoch`` calls) on full batches, in cumulative
    configurations of Stage1Config: eager (``tf32: true`` on CUDA), + ``memory_format:
    channels_last``, + ``amp: true`` (bf16 autocast), + ``compile: default``, + ``compile:
@@ -33,7 +33,7 @@ reason; the exit status is 1 only when a row that must work everywhere (the refe
 trainer, the Ray rows, the study run) failed.
 
 Synthetic data: CIFAR-100-LT-sized random uint8 images (10,847 training images with the IF-100
-counts of ``study.data.lt.lt_counts(500, 100, 100)``, 10,000 balanced test images); 256 training
+counts of ``study.config.datasets.lt_counts(500, 100, 100)``, 10,000 balanced test images); 256 training
 images with ``--cpu``.
 """
 
@@ -78,6 +78,7 @@ def reason(e: BaseException) -> str:
 
 # --- rows and the table -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Row:
     step: int
@@ -106,8 +107,18 @@ class Row:
         return self
 
 
-COLUMNS = ("step", "backbone", "pipeline", "images/s", "ms/step", "first step (s)", "peak memory (MiB)",
-           "x ref", "wall (s)", "note")
+COLUMNS = (
+    "step",
+    "backbone",
+    "pipeline",
+    "images/s",
+    "ms/step",
+    "first step (s)",
+    "peak memory (MiB)",
+    "x ref",
+    "wall (s)",
+    "note",
+)
 
 
 def _num(v: float | None, digits: int) -> str:
@@ -115,18 +126,27 @@ def _num(v: float | None, digits: int) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| " + " | ".join(COLUMNS) + " |",
-           "| --: | :-- | :-- | --: | --: | --: | --: | --: | --: | :-- |"]
+    out = ["| " + " | ".join(COLUMNS) + " |", "| --: | :-- | :-- | --: | --: | --: | --: | --: | --: | :-- |"]
     for r in rows:
         ms_digits = 2 if (r.ms is not None and r.ms < 100) else 1
-        cells = [str(r.step), r.backbone, r.pipeline, _num(r.ips, 0), _num(r.ms, ms_digits), _num(r.first_s, 2),
-                 _num(r.peak_mib, 0), _num(r.ratio, 2), _num(r.wall_s, 1),
-                 r.note.replace("|", "/").replace("\n", " ")]
+        cells = [
+            str(r.step),
+            r.backbone,
+            r.pipeline,
+            _num(r.ips, 0),
+            _num(r.ms, ms_digits),
+            _num(r.first_s, 2),
+            _num(r.peak_mib, 0),
+            _num(r.ratio, 2),
+            _num(r.wall_s, 1),
+            r.note.replace("|", "/").replace("\n", " "),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 # --- measuring ------------------------------------------------------------------------------------
+
 
 def sync(device) -> None:
     import torch
@@ -211,10 +231,12 @@ def time_steps(step, steps: int, warmup: int, batch: int, device) -> tuple[float
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 def synthetic_data(n_train: int, n_test: int, n_val: int):
     """CIFAR-100-LT-sized random data as an LTData (as benchmarks/bench_stage2.py builds it): the
     IF-100 counts (scaled to ``n_train`` images when that is not 10,847), balanced test images."""
-    from study.data.lt import DATASETS, LTData, lt_counts
+    from study.config.datasets import DATASETS, lt_counts
+    from study.data.longtail import LTData
 
     rng = np.random.default_rng(0)
     counts = lt_counts(500, NUM_CLASSES, 100)
@@ -225,12 +247,23 @@ def synthetic_data(n_train: int, n_test: int, n_val: int):
     x = rng.integers(0, 256, size=(len(y), 3, 32, 32), dtype=np.uint8)
     ty = np.repeat(np.arange(NUM_CLASSES), max(1, n_test // NUM_CLASSES))
     tx = rng.integers(0, 256, size=(len(ty), 3, 32, 32), dtype=np.uint8)
-    return LTData(spec=DATASETS["cifar100-lt"], train_x=x, train_y=y, val_x=tx[:n_val], val_y=ty[:n_val],
-                  test_x=tx, test_y=ty, train_counts=np.bincount(y, minlength=NUM_CLASSES).tolist(),
-                  many_threshold=100, few_threshold=20, subset_hash="device-check")
+    return LTData(
+        spec=DATASETS["cifar100-lt"],
+        train_x=x,
+        train_y=y,
+        val_x=tx[:n_val],
+        val_y=ty[:n_val],
+        test_x=tx,
+        test_y=ty,
+        train_counts=np.bincount(y, minlength=NUM_CLASSES).tolist(),
+        many_threshold=100,
+        few_threshold=20,
+        subset_hash="device-check",
+    )
 
 
 # --- step 1: the plain reference loop -------------------------------------------------------------
+
 
 def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, bool]) -> Row:
     import torch
@@ -238,11 +271,15 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
     import torchvision.transforms as T
     from PIL import Image
 
-    from study.data.lt import CIFAR_MEAN, CIFAR_STD
+    from study.config.datasets import CIFAR_MEAN, CIFAR_STD
     from study.training.models import build_model
 
-    row = Row(1, backbone, f"reference: torchvision transforms + DataLoader ({args.workers} workers), eager fp32",
-              required=True)
+    row = Row(
+        1,
+        backbone,
+        f"reference: torchvision transforms + DataLoader ({args.workers} workers), eager fp32",
+        required=True,
+    )
     # PyTorch's defaults (a previous trainer row may have switched TF32 on for the process)
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_defaults
@@ -250,8 +287,9 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
         row.note = f"TF32 flags not reset ({reason(e)})"
     x_hwc = np.ascontiguousarray(data.train_x.transpose(0, 2, 3, 1))
     labels = data.train_y
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    )
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):
@@ -261,9 +299,15 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
             return tf(Image.fromarray(x_hwc[i])), int(labels[i])
 
     t_row = time.perf_counter()
-    loader = torch.utils.data.DataLoader(Images(), batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        Images(),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     it = None
     try:
         with PeakMemory(device) as peak:
@@ -305,6 +349,7 @@ def reference_row(backbone: str, data, device, args, tf32_defaults: tuple[bool, 
 
 # --- step 2: the project's trainer ------------------------------------------------------------------
 
+
 def trainer_stepper(trainer):
     """``step(k)``: k SGD steps of the trainer's own loop (``Stage1Trainer.train_steps``:
     augmentation, memory format, autocast, the compiled forward), on full batches of a random order
@@ -318,9 +363,9 @@ def trainer_stepper(trainer):
     def step(k: int) -> None:
         need = k * bs
         while len(state["order"]) - state["pos"] < need:
-            state["order"] = torch.cat([state["order"][state["pos"]:], torch.randperm(n, generator=gen)])
+            state["order"] = torch.cat([state["order"][state["pos"] :], torch.randperm(n, generator=gen)])
             state["pos"] = 0
-        chunk = state["order"][state["pos"]:state["pos"] + need]
+        chunk = state["order"][state["pos"] : state["pos"] + need]
         state["pos"] += need
         trainer.train_steps(chunk)
 
@@ -334,11 +379,13 @@ def trainer_configs(cuda: bool) -> list[tuple[str, str, dict]]:
     amp = {**cl, "amp": True}
     comp = {**amp, "compile": "default"}
     ro = {**amp, "compile": "reduce-overhead"}
-    return [("eager", "trainer: eager fp32" + (" (tf32)" if cuda else ""), eager),
-            ("channels_last", "trainer: + channels_last", cl),
-            ("amp", "trainer: + bf16 autocast (amp)", amp),
-            ("compile", "trainer: + torch.compile default", comp),
-            ("reduce-overhead", "trainer: + compile reduce-overhead (CUDA graphs)", ro)]
+    return [
+        ("eager", "trainer: eager fp32" + (" (tf32)" if cuda else ""), eager),
+        ("channels_last", "trainer: + channels_last", cl),
+        ("amp", "trainer: + bf16 autocast (amp)", amp),
+        ("compile", "trainer: + torch.compile default", comp),
+        ("reduce-overhead", "trainer: + compile reduce-overhead (CUDA graphs)", ro),
+    ]
 
 
 def missing_fields(fields: dict) -> list[str]:
@@ -353,9 +400,11 @@ def _compile_counters() -> dict:
         from torch._dynamo.utils import counters
     except Exception:  # noqa: BLE001
         return {}
-    return {"cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
-            "graph_breaks": int(sum(counters["graph_break"].values())),
-            "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
+    return {
+        "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+    }
 
 
 def run_trainer(backbone: str, fields: dict, data, device, batch: int, steps: int, warmup: int) -> dict:
@@ -364,7 +413,7 @@ def run_trainer(backbone: str, fields: dict, data, device, batch: int, steps: in
     import torch
 
     from study.config.schema import Stage1Config
-    from study.training.stages import Stage1Trainer
+    from study.training.trainers import Stage1Trainer
 
     cfg = Stage1Config(backbone=backbone, batch_size=batch, **fields)
     before = _compile_counters()
@@ -377,8 +426,15 @@ def run_trainer(backbone: str, fields: dict, data, device, batch: int, steps: in
         after = _compile_counters()
         diag = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         runtime = dict(getattr(trainer, "runtime", {}) or {})
-        return {"first_s": first, "ms": ms, "ips": ips, "peak_mib": peak.mib, "peak_note": peak.note,
-                "runtime": runtime, "diag": diag}
+        return {
+            "first_s": first,
+            "ms": ms,
+            "ips": ips,
+            "peak_mib": peak.mib,
+            "peak_note": peak.note,
+            "runtime": runtime,
+            "diag": diag,
+        }
     finally:
         trainer = step = None
         gc.collect()
@@ -424,8 +480,10 @@ def trainer_row(backbone: str, key: str, label: str, fields: dict, data, device,
     if fields.get("compile") == "reduce-overhead" and not cuda:
         return row.na("CUDA graphs need a CUDA device")
     if fields.get("compile", "off") != "off" and not cuda and not args.compile_on_cpu:
-        return row.na("skipped in --cpu mode: a cold inductor compile takes ~1 min on 2 cores "
-                      "(--compile-on-cpu runs it)", status="skipped")
+        return row.na(
+            "skipped in --cpu mode: a cold inductor compile takes ~1 min on 2 cores (--compile-on-cpu runs it)",
+            status="skipped",
+        )
     t = time.perf_counter()
     try:
         res = run_trainer(backbone, fields, data, device, args.batch, args.steps, args.warmup)
@@ -440,8 +498,20 @@ def trainer_row(backbone: str, key: str, label: str, fields: dict, data, device,
 
 # --- step 3: trials sharing the device through Ray --------------------------------------------------
 
-def ray_trial(repo: str, threads: int | None, backbone: str, fields: dict, sizes, batch: int, warmup: int,
-              steps: int, barrier: str, k: int, wait_s: float) -> dict:
+
+def ray_trial(
+    repo: str,
+    threads: int | None,
+    backbone: str,
+    fields: dict,
+    sizes,
+    batch: int,
+    warmup: int,
+    steps: int,
+    barrier: str,
+    k: int,
+    wait_s: float,
+) -> dict:
     """One Ray trial (a task; its worker process is reused by the next group): build the synthetic
     data and the trainer, warm up (compile), wait until all k trials are warm (a file barrier: the
     cluster is local), then run ``steps`` timed steps."""
@@ -450,7 +520,7 @@ def ray_trial(repo: str, threads: int | None, backbone: str, fields: dict, sizes
     import torch
 
     from study.config.schema import Stage1Config
-    from study.training.stages import Stage1Trainer
+    from study.training.trainers import Stage1Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -472,8 +542,16 @@ def ray_trial(repo: str, threads: int | None, backbone: str, fields: dict, sizes
             step(steps)
             sync(device)
             t1 = time.time()
-        return {"t0": t0, "t1": t1, "images": steps * batch, "first_s": first, "peak_mib": peak.mib,
-                "device": str(device), "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid()}
+        return {
+            "t0": t0,
+            "t1": t1,
+            "images": steps * batch,
+            "first_s": first,
+            "peak_mib": peak.mib,
+            "device": str(device),
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "pid": os.getpid(),
+        }
     finally:
         trainer = step = data = None
         gc.collect()
@@ -506,9 +584,14 @@ def ray_rows(backbone: str, best: tuple[str, dict] | None, sizes, device, args, 
     try:
         # the workers import `study` from this checkout whether or not it is installed
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-        ray.init(num_cpus=ncpu if cuda else args.ray_cpus, num_gpus=1 if cuda else 0, include_dashboard=False,
-                 log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.ERROR,
-                 configure_logging=True)
+        ray.init(
+            num_cpus=ncpu if cuda else args.ray_cpus,
+            num_gpus=1 if cuda else 0,
+            include_dashboard=False,
+            log_to_driver=args.verbose,
+            logging_level=logging.INFO if args.verbose else logging.ERROR,
+            configure_logging=True,
+        )
     except Exception as e:  # noqa: BLE001
         return [r.fail(e) for r in rows]
     log(f"ray.init took {time.perf_counter() - t_init:.1f} s; fastest {backbone} configuration: {best_key}")
@@ -527,9 +610,22 @@ def ray_rows(backbone: str, best: tuple[str, dict] | None, sizes, device, args, 
             barrier.mkdir()
             res = {"num_gpus": 1 / k, "num_cpus": 1} if cuda else {"num_gpus": 0, "num_cpus": args.ray_cpus / k}
             threads = None if cuda else max(1, int(args.ray_cpus // k))
-            refs = [trial.options(**res).remote(str(REPO), threads, backbone, best_fields, sizes, args.batch,
-                                                args.warmup, args.steps, str(barrier), k, max(10.0, left - 10))
-                    for _ in range(k)]
+            refs = [
+                trial.options(**res).remote(
+                    str(REPO),
+                    threads,
+                    backbone,
+                    best_fields,
+                    sizes,
+                    args.batch,
+                    args.warmup,
+                    args.steps,
+                    str(barrier),
+                    k,
+                    max(10.0, left - 10),
+                )
+                for _ in range(k)
+            ]
             try:
                 runs = ray.get(refs, timeout=max(15.0, left))
             except Exception as e:  # noqa: BLE001
@@ -546,11 +642,14 @@ def ray_rows(backbone: str, best: tuple[str, dict] | None, sizes, device, args, 
                 row.peak_mib = max(peaks) if peaks else None
                 per = [r["images"] / (r["t1"] - r["t0"]) for r in runs]
                 procs = len({r["pid"] for r in runs})
-                devs = sorted({r["device"] + (f" (CUDA_VISIBLE_DEVICES={r['visible']})" if r["visible"] else "")
-                               for r in runs})
-                row.note = (f"config: {best_key}; per trial {', '.join(f'{p:.0f}' for p in per)} images/s; "
-                            f"ms/step: mean of the trials; first step, peak memory: the largest; "
-                            f"{procs} process{'es' if procs != 1 else ''} on {', '.join(devs)}")
+                devs = sorted(
+                    {r["device"] + (f" (CUDA_VISIBLE_DEVICES={r['visible']})" if r["visible"] else "") for r in runs}
+                )
+                row.note = (
+                    f"config: {best_key}; per trial {', '.join(f'{p:.0f}' for p in per)} images/s; "
+                    f"ms/step: mean of the trials; first step, peak memory: the largest; "
+                    f"{procs} process{'es' if procs != 1 else ''} on {', '.join(devs)}"
+                )
             row.wall_s = time.perf_counter() - t
             log(f"{row.pipeline}: {row.note or row.status}")
     finally:
@@ -609,12 +708,8 @@ def study_run_row(device, args, budget) -> Row:
     left = budget()
     if left < 30:
         return row.na("time budget (--budget-s) spent", status="skipped")
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from cifar_files import write_cifar100
-    finally:
-        sys.path.remove(str(REPO / "tests"))
-    from study.data.lt import lt_counts
+    from study.config.datasets import lt_counts
+    from study.testing.cifar_files import write_cifar100
 
     tmp = Path(tempfile.mkdtemp(prefix="device-check-"))
     t = time.perf_counter()
@@ -628,14 +723,34 @@ def study_run_row(device, args, budget) -> Row:
             per_class = [n + val for n in lt_counts(10, NUM_CLASSES, imbalance)]
         files = write_cifar100(tmp / "data", per_class_train=per_class, per_class_test=test, seed=0)
         space = tmp / "device-check.yaml"
-        space.write_text(STUDY_SPACE.format(imbalance=imbalance, val=val, n_max=n_max, backbone=args.study_backbone,
-                                            epochs=epochs, batch=args.batch))
-        cmd = [sys.executable, "-m", "study", "run", str(space), "--results-dir", str(tmp / "results"),
-               "--name", "device-check", "--data-dir", str(files.root), *resources]
-        log(f"study run: {len(files.train_y)} training / {len(files.test_y)} test images written; "
-            f"running {' '.join(cmd[1:])}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        space.write_text(
+            STUDY_SPACE.format(
+                imbalance=imbalance, val=val, n_max=n_max, backbone=args.study_backbone, epochs=epochs, batch=args.batch
+            )
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "study",
+            "run",
+            str(space),
+            "--results-dir",
+            str(tmp / "results"),
+            "--name",
+            "device-check",
+            "--data-dir",
+            str(files.root),
+            *resources,
+        ]
+        log(
+            f"study run: {len(files.train_y)} training / {len(files.test_y)} test images written; "
+            f"running {' '.join(cmd[1:])}"
+        )
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
         logfile = tmp / "study-run.log"
         t = time.perf_counter()
         with open(logfile, "wb") as out:
@@ -680,6 +795,7 @@ def _count_trials(path: Path) -> int:
 
 # --- main -----------------------------------------------------------------------------------------
 
+
 def header(device, args, data) -> list[str]:
     from importlib import metadata
 
@@ -692,8 +808,10 @@ def header(device, args, data) -> list[str]:
         ray_v = "not installed"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        dev = (f"{torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB, "
-               f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})")
+        dev = (
+            f"{torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+        )
     else:
         model = platform.processor() or platform.machine()
         with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -705,56 +823,77 @@ def header(device, args, data) -> list[str]:
     n_test = len(data.test_y)
     return [
         f"device: {dev}; {os.cpu_count()} CPU cores",
-        (f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
-         f"{torchvision.__version__}, ray {ray_v}, numpy {np.__version__}"),
-        (f"data: synthetic CIFAR-100-LT, {len(data.train_y)} training images (IF 100), {n_test} test images; "
-         f"batch {args.batch}; {args.steps} timed steps after 1 + {args.warmup} warm-up; "
-         f"mode: {'--cpu (dry run)' if args.cpu else 'GPU'}"),
+        (
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
+            f"{torchvision.__version__}, ray {ray_v}, numpy {np.__version__}"
+        ),
+        (
+            f"data: synthetic CIFAR-100-LT, {len(data.train_y)} training images (IF 100), {n_test} test images; "
+            f"batch {args.batch}; {args.steps} timed steps after 1 + {args.warmup} warm-up; "
+            f"mode: {'--cpu (dry run)' if args.cpu else 'GPU'}"
+        ),
     ]
 
 
 def legend(device, args) -> str:
-    peak = ("torch.cuda.max_memory_allocated (the trainer's includes its training and selection splits on "
-            "the device)" if device.type == "cuda" else "peak resident set size of the process (libraries included)")
+    peak = (
+        "torch.cuda.max_memory_allocated (the trainer's includes its training and selection splits on the device)"
+        if device.type == "cuda"
+        else "peak resident set size of the process (libraries included)"
+    )
     share = "GPU" if device.type == "cuda" else "CPU"
-    return (f"images/s, ms/step: {args.steps} steps after the first one and {args.warmup} warm-up "
-            f"step{'s' if args.warmup != 1 else ''}, timed "
-            f"with {'torch.cuda.synchronize' if device.type == 'cuda' else 'wall clocks'}; first step: its "
-            f"seconds (compilation, CUDA-graph capture, DataLoader start-up); peak memory: {peak}; x ref: images/s "
-            f"over the reference loop of the same backbone. Trainer rows add each setting to the previous row's. "
-            f"Ray rows: k trials of the fastest trainer configuration, each a Ray task holding 1/k of the "
-            f"{share}, started together; images/s is their total over the span from the first start to the last "
-            f"end. The study run row gives the wall time of the whole command.")
+    return (
+        f"images/s, ms/step: {args.steps} steps after the first one and {args.warmup} warm-up "
+        f"step{'s' if args.warmup != 1 else ''}, timed "
+        f"with {'torch.cuda.synchronize' if device.type == 'cuda' else 'wall clocks'}; first step: its "
+        f"seconds (compilation, CUDA-graph capture, DataLoader start-up); peak memory: {peak}; x ref: images/s "
+        f"over the reference loop of the same backbone. Trainer rows add each setting to the previous row's. "
+        f"Ray rows: k trials of the fastest trainer configuration, each a Ray task holding 1/k of the "
+        f"{share}, started together; images/s is their total over the span from the first start to the last "
+        f"end. The study run row gives the wall time of the whole command."
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="The device check: reference loop vs. the stage-1 trainer, Ray's "
-                                             "fractional GPUs and a 4-trial study run, as one Markdown table.",
-                                 epilog="Run it as: bash benchmarks/device_check.sh [--cpu] [--out FILE]",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="The device check: reference loop vs. the stage-1 trainer, Ray's "
+        "fractional GPUs and a 4-trial study run, as one Markdown table.",
+        epilog="Run it as: bash benchmarks/device_check.sh [--cpu] [--out FILE]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU at small sizes (the test suite runs this)")
     ap.add_argument("--steps", type=int, help="timed SGD steps per row (default 100; 3 with --cpu)")
     ap.add_argument("--warmup", type=int, help="warm-up steps after the first one (default 10; 1 with --cpu)")
     ap.add_argument("--batch", type=int, help="batch size (default 64; 32 with --cpu)")
     ap.add_argument("--out", help="also write the table (with the device lines) to this file")
     ap.add_argument("--backbones", help="comma-separated (default resnet32,resnet34-wb; resnet8 with --cpu)")
-    ap.add_argument("--budget-s", type=float, dest="budget_s",
-                    help="stop starting rows after this many seconds (default 450; 240 with --cpu)")
-    ap.add_argument("--compile-on-cpu", action="store_true", dest="compile_on_cpu",
-                    help="with --cpu: run the torch.compile row too (about a minute of compilation)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        dest="budget_s",
+        help="stop starting rows after this many seconds (default 450; 240 with --cpu)",
+    )
+    ap.add_argument(
+        "--compile-on-cpu",
+        action="store_true",
+        dest="compile_on_cpu",
+        help="with --cpu: run the torch.compile row too (about a minute of compilation)",
+    )
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out: ray, study")
     ap.add_argument("--keep", action="store_true", help="keep the generated study files (path on stderr)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show Ray's worker output")
     args = ap.parse_args(argv)
     cpu = args.cpu
+
     def default(value, on_cpu, on_gpu):
         return value if value is not None else (on_cpu if cpu else on_gpu)
 
     args.steps = default(args.steps, 3, 100)
     args.warmup = default(args.warmup, 1, 10)
     args.batch = default(args.batch, 32, 64)
-    args.backbones = [b.strip() for b in default(args.backbones, "resnet8", "resnet32,resnet34-wb").split(",")
-                      if b.strip()]
+    args.backbones = [
+        b.strip() for b in default(args.backbones, "resnet8", "resnet32,resnet34-wb").split(",") if b.strip()
+    ]
     args.budget_s = default(args.budget_s, 240.0, 450.0)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.workers = 0 if cpu else 4
@@ -783,8 +922,10 @@ def main(argv=None) -> int:
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
-        print("device_check: no CUDA device (torch.cuda.is_available() is False); run with --cpu for the "
-              "dry run", file=sys.stderr)
+        print(
+            "device_check: no CUDA device (torch.cuda.is_available() is False); run with --cpu for the dry run",
+            file=sys.stderr,
+        )
         return 2
     bad = [b for b in args.backbones if not known_model(b)]
     if bad:
@@ -822,8 +963,7 @@ def main(argv=None) -> int:
             if row.status == "ok" and (backbone not in fastest or row.ips > fastest[backbone][0]):
                 fastest[backbone] = (row.ips, key, fields)
             rows.append(row)
-            log(f"{backbone} {label}: {_num(row.ips, 0)} images/s, first step {_num(row.first_s, 2)} s "
-                f"{row.note}")
+            log(f"{backbone} {label}: {_num(row.ips, 0)} images/s, first step {_num(row.first_s, 2)} s {row.note}")
         if ref.status == "ok":
             ref.ratio = 1.0
     del data
@@ -833,8 +973,9 @@ def main(argv=None) -> int:
 
     if "ray" not in args.skip:
         best = fastest.get(args.ray_backbone)
-        ray_rows_ = ray_rows(args.ray_backbone, None if best is None else best[1:], sizes, device, args,
-                             lambda: left(reserve_study))
+        ray_rows_ = ray_rows(
+            args.ray_backbone, None if best is None else best[1:], sizes, device, args, lambda: left(reserve_study)
+        )
         ref_ips = next((r.ips for r in rows if r.step == 1 and r.backbone == args.ray_backbone and r.ips), None)
         for r in ray_rows_:
             if r.status == "ok" and ref_ips:
@@ -847,8 +988,11 @@ def main(argv=None) -> int:
 
     text = "\n".join(head) + "\n\n" + table(rows) + "\n\n" + legend(device, args) + "\n"
     failed = [r for r in rows if r.required and r.status == "failed"]
-    verdict = ("check: OK" if not failed else
-               "check: FAILED: " + "; ".join(f"step {r.step} {r.backbone} {r.pipeline}" for r in failed))
+    verdict = (
+        "check: OK"
+        if not failed
+        else "check: FAILED: " + "; ".join(f"step {r.step} {r.backbone} {r.pipeline}" for r in failed)
+    )
     total = time.perf_counter() - T0
     text += f"\n{verdict} (total {total:.0f} s)\n"
     print(text, end="", flush=True)

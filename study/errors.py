@@ -9,7 +9,7 @@ mistake can be detected, before anything is written.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class UserError(Exception):
@@ -30,7 +30,7 @@ class ConfigError(UserError):
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
 
-    def at(self, prefix: str) -> "ConfigError":
+    def at(self, prefix: str) -> ConfigError:
         """The same error with ``prefix`` prepended to its key."""
         key = f"{prefix}.{self.key}" if prefix and self.key else (prefix or self.key)
         return ConfigError(key, self.message)

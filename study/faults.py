@@ -13,8 +13,9 @@ Real faults (a NaN, a SIGKILL, a corrupted file) need no hook: tests cause them 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def _specs(kind: str) -> list[list[str]]:
@@ -42,12 +43,11 @@ def maybe_raise(stage: str, trial_index: int, method: str, epoch: int, trial_dir
             raise RuntimeError(f"injected fault at epoch {epoch} (STUDY_FAULT)")
 
 
-def pause_point(phase: str, log: Callable[[str], None] = print) -> None:
-    """Sleep at a driver phase boundary when a ``pause`` spec names it; Ctrl-C or SIGTERM ends the
-    sleep (``between-stages`` is inside Tune's loop, where the stop is Tune's graceful one)."""
+def pause_point(phase: str, log: Callable[[str], None] = print, wait: Callable[[float], None] = time.sleep) -> None:
+    """Sleep at a driver phase boundary when a ``pause`` spec names it. The driver passes a ``wait``
+    that Ctrl-C or SIGTERM ends early (``study.search.ray_runtime.wait_unless_stopped``;
+    ``between-stages`` is inside Tune's loop, where the stop is Tune's graceful one)."""
     for spec in _specs("pause"):
         if len(spec) == 2 and spec[0] == phase:
-            from study.search.ray_runtime import wait_unless_stopped
-
             log(f"fault-injection: pausing at {phase}")
-            wait_unless_stopped(float(spec[1]))
+            wait(float(spec[1]))

@@ -112,7 +112,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -136,7 +136,7 @@ def read_json_or_none(path: str | os.PathLike) -> Any:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     out = []
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
                     out.append(json.loads(line))
@@ -170,11 +170,14 @@ def check_writable(folder: str | os.PathLike, need_mb: int = 50) -> None:
         raise UserError(f"cannot write to {probe_dir} ({e.strerror or e}); choose another --results-dir") from None
     free_mb = shutil.disk_usage(probe_dir).free / 2**20
     if free_mb < need_mb:
-        raise UserError(f"only {free_mb:.0f} MB free on the disk holding {probe_dir}; free some space "
-                        f"(a study needs at least {need_mb} MB) or choose another --results-dir")
+        raise UserError(
+            f"only {free_mb:.0f} MB free on the disk holding {probe_dir}; free some space "
+            f"(a study needs at least {need_mb} MB) or choose another --results-dir"
+        )
 
 
 # --- the study lock -----------------------------------------------------------------------------------
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -237,8 +240,10 @@ class StudyLock:
     @staticmethod
     def _busy(info: dict) -> str:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("started", 0)))
-        return (f"this study is in use by another 'study run' (pid {info.get('pid')} on {info.get('host')}, "
-                f"started {started}); wait for it to finish or stop it, or use another --name")
+        return (
+            f"this study is in use by another 'study run' (pid {info.get('pid')} on {info.get('host')}, "
+            f"started {started}); wait for it to finish or stop it, or use another --name"
+        )
 
     def release(self) -> None:
         if self.held:
@@ -250,7 +255,7 @@ class StudyLock:
                 pass
             self.held = False
 
-    def __enter__(self) -> "StudyLock":
+    def __enter__(self) -> StudyLock:
         self.acquire()
         return self
 
@@ -259,6 +264,7 @@ class StudyLock:
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
@@ -306,7 +312,7 @@ def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[dict | None, list
             if not isinstance(state, dict):
                 raise ValueError("not a checkpoint dictionary")
             return state, notes
-        except Exception as e:  # a bad file must never stop the study: fall back and say so
+        except Exception as e:  # noqa: BLE001 - a bad file must never stop the study: fall back and say so
             notes.append(f"checkpoint {path.name} is unusable ({type(e).__name__}: {str(e)[:100]})")
             bad = path.with_name(path.name + ".corrupt")
             try:

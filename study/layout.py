@@ -101,7 +101,7 @@ def parse_trial_dirname(name: str) -> tuple[int, str] | None:
 
 def features_file(trial_dir, name: str) -> Path:
     """A stage-1 trial's cached fp16 features of a file dataset's split (``features-<split>-seed<S>.npy``,
-    see ``study.training.stages.cached_features``)."""
+    see ``study.training.features.cached_features``)."""
     return Path(trial_dir) / f"features-{name}.npy"
 
 
@@ -134,10 +134,19 @@ def trial_index_of(experiment_tag: str | None, trial_id: str) -> int:
 
 def check_name(name: str) -> str:
     """Study names are one folder below the results folder: no paths, no '..', not too long."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~") \
-            or os.path.isabs(name) or ".." in Path(name).parts:
-        raise UserError(f"--name {name!r}: a study name must be a plain folder name (no '/', '..' or "
-                        "absolute paths); use --results-dir to choose where results go")
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or name.startswith("~")
+        or os.path.isabs(name)
+        or ".." in Path(name).parts
+    ):
+        raise UserError(
+            f"--name {name!r}: a study name must be a plain folder name (no '/', '..' or "
+            "absolute paths); use --results-dir to choose where results go"
+        )
     if len(name) > MAX_NAME_LENGTH:
         raise UserError(f"--name {name[:20]}...: {len(name)} characters; use at most {MAX_NAME_LENGTH}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
@@ -192,6 +201,7 @@ class StudyPaths:
 
 
 # --- typed views of the files -------------------------------------------------------------------------------
+
 
 def _from(cls: type, d: dict | None):
     """``cls`` from a mapping, ignoring keys it does not know (files written by newer versions) and
@@ -263,8 +273,20 @@ class SeedSummary(_View):
     """Stage 1: the resolved speed settings it trained with (device, memory format, compile, TF32,
     autocast, threads): provenance for numbers that differ by float rounding."""
 
-    KEYS = ("best_epoch", "epochs_run", "selection", "weight_norms", "balance", "maxnorm_radius", "maxnorm_binding",
-            "maxnorm_rows_clipped", "tau", "tau_curve", "history", "runtime")
+    KEYS = (
+        "best_epoch",
+        "epochs_run",
+        "selection",
+        "weight_norms",
+        "balance",
+        "maxnorm_radius",
+        "maxnorm_binding",
+        "maxnorm_rows_clipped",
+        "tau",
+        "tau_curve",
+        "history",
+        "runtime",
+    )
 
 
 @dataclass(frozen=True)
@@ -376,13 +398,20 @@ class ExperimentInfo:
         return method if self.stage == "stage1" else (self.variant or "")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "stage": self.stage, "budget": self.budget, "variant": self.variant,
-                "methods": {m: {"budget": i.budget, "searched": list(i.searched)} for m, i in self.methods.items()}}
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "budget": self.budget,
+            "variant": self.variant,
+            "methods": {m: {"budget": i.budget, "searched": list(i.searched)} for m, i in self.methods.items()},
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExperimentInfo":
-        methods = {m: MethodInfo(int((i or {}).get("budget", 1)), tuple((i or {}).get("searched") or ()))
-                   for m, i in (d.get("methods") or {}).items()}
+    def from_dict(cls, d: dict) -> ExperimentInfo:
+        methods = {
+            m: MethodInfo(int((i or {}).get("budget", 1)), tuple((i or {}).get("searched") or ()))
+            for m, i in (d.get("methods") or {}).items()
+        }
         stage = str(d.get("stage") or d["name"])
         # studies written before variants: their single stage-2 experiment ran on `tuned`
         variant = d.get("variant") or ("tuned" if stage == "stage2" else None)
@@ -451,18 +480,29 @@ class StudyHeader:
         return dict(((self.space.get("stage2") or {}).get(method) or {}).get("search") or {})
 
     def to_dict(self) -> dict:
-        return {"study": self.study, "fingerprint": self.fingerprint, "protocol": self.protocol,
-                "space": self.space, "experiments": [e.to_dict() for e in self.experiments],
-                "data": self.data.to_dict(), "backbone": self.backbone, "provenance": self.provenance}
+        return {
+            "study": self.study,
+            "fingerprint": self.fingerprint,
+            "protocol": self.protocol,
+            "space": self.space,
+            "experiments": [e.to_dict() for e in self.experiments],
+            "data": self.data.to_dict(),
+            "backbone": self.backbone,
+            "provenance": self.provenance,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StudyHeader":
-        return cls(study=str(d.get("study") or ""), fingerprint=str(d.get("fingerprint") or ""),
-                   protocol=str(d.get("protocol") or (d.get("space") or {}).get("protocol") or "honest"),
-                   space=dict(d.get("space") or {}),
-                   experiments=tuple(ExperimentInfo.from_dict(e) for e in d["experiments"]),
-                   data=DataSummary.from_dict(d.get("data") or {}), backbone=str(d.get("backbone") or ""),
-                   provenance=dict(d.get("provenance") or {}))
+    def from_dict(cls, d: dict) -> StudyHeader:
+        return cls(
+            study=str(d.get("study") or ""),
+            fingerprint=str(d.get("fingerprint") or ""),
+            protocol=str(d.get("protocol") or (d.get("space") or {}).get("protocol") or "honest"),
+            space=dict(d.get("space") or {}),
+            experiments=tuple(ExperimentInfo.from_dict(e) for e in d["experiments"]),
+            data=DataSummary.from_dict(d.get("data") or {}),
+            backbone=str(d.get("backbone") or ""),
+            provenance=dict(d.get("provenance") or {}),
+        )
 
     def write(self, path: str | os.PathLike) -> None:
         write_yaml(path, self.to_dict())
@@ -471,7 +511,7 @@ class StudyHeader:
 def read_yaml_file(path: str | os.PathLike) -> Any:
     import yaml
 
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
@@ -492,7 +532,7 @@ def load_header(root: str | os.PathLike) -> tuple[StudyPaths, StudyHeader]:
         raise UserError(f"{root} is not a study folder (no study.yaml); pass a folder written by 'study run'")
     try:
         raw = read_yaml_file(paths.study_yaml)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise UserError(f"{paths.study_yaml} is unreadable ({type(e).__name__}); the study folder is damaged") from None
     try:
         return paths, StudyHeader.from_dict(raw)
@@ -501,6 +541,7 @@ def load_header(root: str | os.PathLike) -> tuple[StudyPaths, StudyHeader]:
 
 
 # --- rows of trials.csv and per_class.csv --------------------------------------------------------------------
+
 
 @dataclass
 class TrialRow:
@@ -597,11 +638,40 @@ TRIALS_COLUMNS = [f.name for f in dataclasses.fields(TrialRow) if f.name != "par
 PER_CLASS_COLUMNS = [("class" if f.name == "klass" else f.name) for f in dataclasses.fields(PerClassRow)]
 """per_class.csv columns (:class:`PerClassRow`)."""
 
-NUMERIC_COLUMNS = {"trial", "seed", "objective", "best_epoch", "epochs_run", "resumed_from_epoch", "sel_all",
-                   "sel_many", "sel_medium", "sel_few", "test_all", "test_many", "test_medium", "test_few",
-                   "norm_ratio", "norm_cv", "norm_spearman", "maxnorm_radius", "maxnorm_binding",
-                   "maxnorm_rows_clipped", "tau", "fdr_train", "fdr_test", "class_cos_train",
-                   "class_cos_test", "class_cos_centred_test", "cone_cos_test", "feature_norm_spearman",
-                   "feature_norm", "class", "train_count",
-                   "sel_acc", "test_acc", "weight_norm"}
+NUMERIC_COLUMNS = {
+    "trial",
+    "seed",
+    "objective",
+    "best_epoch",
+    "epochs_run",
+    "resumed_from_epoch",
+    "sel_all",
+    "sel_many",
+    "sel_medium",
+    "sel_few",
+    "test_all",
+    "test_many",
+    "test_medium",
+    "test_few",
+    "norm_ratio",
+    "norm_cv",
+    "norm_spearman",
+    "maxnorm_radius",
+    "maxnorm_binding",
+    "maxnorm_rows_clipped",
+    "tau",
+    "fdr_train",
+    "fdr_test",
+    "class_cos_train",
+    "class_cos_test",
+    "class_cos_centred_test",
+    "cone_cos_test",
+    "feature_norm_spearman",
+    "feature_norm",
+    "class",
+    "train_count",
+    "sel_acc",
+    "test_acc",
+    "weight_norm",
+}
 """Columns of both CSVs that hold numbers (read back with fixed dtypes)."""

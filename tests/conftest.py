@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from cifar_files import write_cifar100
+from study.config.datasets import lt_counts
 from study.config.schema import DataConfig
-from study.data.lt import lt_counts
+from study.testing.cifar_files import write_cifar100
 
 # Per-class training images of the session's CIFAR-100-LT files: the IF-100 counts with n_max 500
 # plus 20 per class, so that both protocols fit (wb-parity needs n_c, honest needs n_c(480) + 20)
@@ -37,7 +37,7 @@ def no_download(monkeypatch):
     """The CIFAR loaders see no network, so missing files are never downloaded (whatever the host
     can reach). Patches the module global that the loaders look up at call time, so it holds for
     in-process calls (``main(argv)``, ``load_data``) only, not for ``python -m study`` subprocesses."""
-    import study.data.lt as data_mod
+    import study.data.sources as data_mod
 
     monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)
 
@@ -46,14 +46,15 @@ def no_download(monkeypatch):
 def cifar100_lt_files(tmp_path_factory):
     """CIFAR-100 files large enough for the IF-100 subsets of both protocols (written once).
     Returns a ``cifar_files.CifarFiles``; do not modify the files."""
-    return write_cifar100(tmp_path_factory.mktemp("cifar100-lt"), per_class_train=CIFAR100_LT_PER_CLASS,
-                          per_class_test=3, seed=1)
+    return write_cifar100(
+        tmp_path_factory.mktemp("cifar100-lt"), per_class_train=CIFAR100_LT_PER_CLASS, per_class_test=3, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
 def digits_data():
     """The bundled digits-lt dataset (honest protocol, IF 20). Shared: do not modify its arrays."""
-    from study.data.lt import load_data
+    from study.data.longtail import load_data
 
     return load_data(DataConfig(dataset="digits-lt"))
 
@@ -62,7 +63,7 @@ def digits_data():
 def toy_study(tmp_path_factory):
     """One uninterrupted real study (Ray Tune + Optuna, toy scale) through the real command line,
     shared by the end-to-end test and, as the reference shape, by the fault tests."""
-    from studyrun import study, toy_space
+    from study.testing.studyrun import study, toy_space
 
     tmp = tmp_path_factory.mktemp("toy-study")
     r = study("run", str(toy_space(tmp)), "--results-dir", str(tmp / "res"), "--name", "toy")

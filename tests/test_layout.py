@@ -3,17 +3,25 @@ tables, one test-set evaluation for both commands, no import cycles."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
-from study.layout import (PER_CLASS_COLUMNS, TRIALS_COLUMNS, PerClassRow, StudyHeader, TrialRecord, TrialRow,
-                          check_name, parse_trial_dirname, trial_dirname)
 from study.errors import UserError
+from study.layout import (
+    PER_CLASS_COLUMNS,
+    TRIALS_COLUMNS,
+    PerClassRow,
+    StudyHeader,
+    TrialRecord,
+    TrialRow,
+    check_name,
+    parse_trial_dirname,
+    trial_dirname,
+)
+
 
 def test_trial_folder_names_round_trip():
     name = trial_dirname(7, "ab12c_00003")
@@ -23,16 +31,19 @@ def test_trial_folder_names_round_trip():
 
 
 def test_csv_columns_are_the_row_views_fields():
-    assert TRIALS_COLUMNS[:5] == ["study", "stage", "experiment", "variant", "method"] and "params" not in TRIALS_COLUMNS
+    assert (
+        TRIALS_COLUMNS[:5] == ["study", "stage", "experiment", "variant", "method"] and "params" not in TRIALS_COLUMNS
+    )
     row = TrialRow(method="wb", params={"weight_decay": 0.1}).to_dict()
-    assert list(row)[:len(TRIALS_COLUMNS)] == TRIALS_COLUMNS and row["param.weight_decay"] == 0.1
+    assert list(row)[: len(TRIALS_COLUMNS)] == TRIALS_COLUMNS and row["param.weight_decay"] == 0.1
     assert list(PerClassRow(klass=3).to_dict()) == PER_CLASS_COLUMNS and PerClassRow(klass=3).to_dict()["class"] == 3
 
 
 def test_views_read_older_and_newer_files():
     # a field a newer version added is ignored, a field an older version lacked takes its default
-    rec = TrialRecord.from_dict({"status": "completed", "objective": 0.5, "per_seed": {"0": {"best_epoch": 2}},
-                                 "added_later": 1})
+    rec = TrialRecord.from_dict(
+        {"status": "completed", "objective": 0.5, "per_seed": {"0": {"best_epoch": 2}}, "added_later": 1}
+    )
     assert rec.objective == 0.5 and rec.seed(0).best_epoch == 2 and rec.seed(1).best_epoch is None
     assert TrialRecord.from_dict(rec.to_dict()) == rec
 
@@ -61,11 +72,24 @@ def test_every_file_of_a_real_study_is_readable_by_others(toy_study):
     umask = os.umask(0)
     os.umask(umask)
     files = [p for p in toy_study.rglob("*") if p.is_file()]  # Ray Tune's own files included
-    ours = {"study.yaml", "trials.csv", "per_class.csv", "done.json", "main.md", "record.json", "trial.json",
-            "final-seed0.pt", "weight_norms.png", "optuna.db"}
+    ours = {
+        "study.yaml",
+        "trials.csv",
+        "per_class.csv",
+        "done.json",
+        "main.md",
+        "record.json",
+        "trial.json",
+        "final-seed0.pt",
+        "weight_norms.png",
+        "optuna.db",
+    }
     assert ours <= {p.name for p in files}
-    wrong = {str(p.relative_to(toy_study)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
-             if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~umask}
+    wrong = {
+        str(p.relative_to(toy_study)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in files
+        if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~umask
+    }
     assert not wrong, wrong
 
 
@@ -81,9 +105,8 @@ def test_a_finished_studys_saved_tables_are_what_study_table_prints(toy_study, c
 
 
 def test_an_unfinished_studys_saved_tables_say_so(tmp_path):
-    from analysis_fixture import make_study
-
-    from study.results.analysis import write_all_tables
+    from study.results.builders import write_all_tables
+    from study.testing.analysis_fixture import make_study
 
     root = make_study(tmp_path / "s", interrupted=True)
     write_all_tables(root)
@@ -94,19 +117,23 @@ def test_study_run_and_study_train_evaluate_a_checkpoint_identically(tmp_path, d
     """`study run` evaluates in a Ray task (driver._final_eval_task), `study train` in-process; both
     go through stages.evaluate_selected and must give the same numbers for the same weights."""
     from study.config.schema import EvalConfig
-    from study.search.driver import _final_eval_task
-    from study.layout import final_weights
     from study.config.spaces import load_space
+    from study.layout import final_weights
+    from study.search.driver import _final_eval_task
     from study.training.single_run import train_once
 
     for method in ("wb", "tau-norm"):
         space = load_space("digits-lt", ["stage1.epochs=2", "stage2.epochs=2", "eval.tta_flip=true"], seeds=1)
         out = tmp_path / method
         metrics = train_once(space, out, method=method, console=lambda s: None)
-        finals = {"s1": str(final_weights(out / "stage1", 0)),
-                  "s2": str(final_weights(out / f"stage2-{method}", 0))}
-        got = _final_eval_task(space.stage1.backbone, finals["s1"], finals, digits_data,
-                               json.loads(json.dumps(EvalConfig(**vars(space.eval)).__dict__)))
+        finals = {"s1": str(final_weights(out / "stage1", 0)), "s2": str(final_weights(out / f"stage2-{method}", 0))}
+        got = _final_eval_task(
+            space.stage1.backbone,
+            finals["s1"],
+            finals,
+            digits_data,
+            json.loads(json.dumps(EvalConfig(**vars(space.eval)).__dict__)),
+        )
         run = metrics["runs"][0]
         for key, stage in (("s1", "stage1"), ("s2", "stage2")):
             want = run[stage]["test"]

@@ -22,8 +22,11 @@ TORCHVISION_BACKBONES = tuple(TORCHVISION_RESNETS)
 MODEL_NAMES = ("resnet32", "resnet8", "resnet34-wb", "digits-cnn", *TORCHVISION_BACKBONES)
 """The registered names (``models.MODELS``' keys, in its order); any CIFAR ``resnet{6n+2}`` also works."""
 
-_FEATURE_DIMS = {"resnet34-wb": 512, "digits-cnn": 128,
-                 **{name: 512 if spec[0] == "basic" else 2048 for name, spec in TORCHVISION_RESNETS.items()}}
+_FEATURE_DIMS = {
+    "resnet34-wb": 512,
+    "digits-cnn": 128,
+    **{name: 512 if spec[0] == "basic" else 2048 for name, spec in TORCHVISION_RESNETS.items()},
+}
 _RESNET_N = re.compile(r"^resnet(\d+)$")
 
 

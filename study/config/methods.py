@@ -41,37 +41,111 @@ class Method:
         return self.kind == "trained"
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("none", "Stage-1 classifier", "identity",
-           description="the stage-1 classifier unchanged"),
-    Method("ce", "CE fine-tune", "trained", {"loss": "ce", "weight_decay": 0.0, "maxnorm": False},
-           description="fine-tune the classifier with plain cross-entropy"),
-    Method("l2-norm", "L2-norm", "posthoc", {"tau": 1.0}, transform="tau-norm",
-           description="unit-norm classifier rows (tau-normalisation with tau = 1), no training"),
-    Method("tau-norm", "τ-norm", "posthoc", {}, transform="tau-norm",
-           description="w_c / ||w_c||^tau with tau picked on the selection split (Kang et al.)"),
-    Method("cb", "CB", "trained", {"loss": "cb", "weight_decay": 0.0, "maxnorm": False},
-           description="class-balanced loss, no weight decay, no MaxNorm"),
-    Method("cb-wd", "CB + WD", "trained", {"loss": "cb", "maxnorm": False},
-           description="class-balanced loss with (searched) weight decay"),
-    Method("cb-maxnorm", "CB + MaxNorm", "trained", {"loss": "cb", "weight_decay": 0.0, "maxnorm": True},
-           description="class-balanced loss with a (searched) MaxNorm threshold"),
-    Method("wb", "CB + WD + MaxNorm (WB)", "trained", {"loss": "cb", "maxnorm": True},
-           description="the weight-balancing method: class-balanced loss, weight decay and MaxNorm"),
-    Method("crt", "cRT", "trained",
-           {"loss": "ce", "classifier_init": "reinit", "sampler": "class-balanced", "maxnorm": False},
-           description="classifier re-training: re-initialised classifier, class-balanced sampling, CE"),
-    Method("lws", "LWS", "trained", {"loss": "ce", "sampler": "class-balanced", "maxnorm": False},
-           head="lws", description="learnable weight scaling: per-class scales on the frozen classifier"),
-    Method("ncm", "NCM", "ncm", description="nearest class mean of centred, L2-normalised features"),
-    Method("la-add", "Logit adj. (add.)", "posthoc", {}, transform="la-add",
-           description="z_c - tau log pi_c, tau picked on the selection split (Menon et al.)"),
-    Method("la-mul", "Logit adj. (mult.)", "posthoc", {}, transform="la-mul",
-           description="z_c * pi_c^(-tau), tau picked on the selection split (Hasegawa & Sato)"),
-]}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("none", "Stage-1 classifier", "identity", description="the stage-1 classifier unchanged"),
+        Method(
+            "ce",
+            "CE fine-tune",
+            "trained",
+            {"loss": "ce", "weight_decay": 0.0, "maxnorm": False},
+            description="fine-tune the classifier with plain cross-entropy",
+        ),
+        Method(
+            "l2-norm",
+            "L2-norm",
+            "posthoc",
+            {"tau": 1.0},
+            transform="tau-norm",
+            description="unit-norm classifier rows (tau-normalisation with tau = 1), no training",
+        ),
+        Method(
+            "tau-norm",
+            "τ-norm",
+            "posthoc",
+            {},
+            transform="tau-norm",
+            description="w_c / ||w_c||^tau with tau picked on the selection split (Kang et al.)",
+        ),
+        Method(
+            "cb",
+            "CB",
+            "trained",
+            {"loss": "cb", "weight_decay": 0.0, "maxnorm": False},
+            description="class-balanced loss, no weight decay, no MaxNorm",
+        ),
+        Method(
+            "cb-wd",
+            "CB + WD",
+            "trained",
+            {"loss": "cb", "maxnorm": False},
+            description="class-balanced loss with (searched) weight decay",
+        ),
+        Method(
+            "cb-maxnorm",
+            "CB + MaxNorm",
+            "trained",
+            {"loss": "cb", "weight_decay": 0.0, "maxnorm": True},
+            description="class-balanced loss with a (searched) MaxNorm threshold",
+        ),
+        Method(
+            "wb",
+            "CB + WD + MaxNorm (WB)",
+            "trained",
+            {"loss": "cb", "maxnorm": True},
+            description="the weight-balancing method: class-balanced loss, weight decay and MaxNorm",
+        ),
+        Method(
+            "crt",
+            "cRT",
+            "trained",
+            {"loss": "ce", "classifier_init": "reinit", "sampler": "class-balanced", "maxnorm": False},
+            description="classifier re-training: re-initialised classifier, class-balanced sampling, CE",
+        ),
+        Method(
+            "lws",
+            "LWS",
+            "trained",
+            {"loss": "ce", "sampler": "class-balanced", "maxnorm": False},
+            head="lws",
+            description="learnable weight scaling: per-class scales on the frozen classifier",
+        ),
+        Method("ncm", "NCM", "ncm", description="nearest class mean of centred, L2-normalised features"),
+        Method(
+            "la-add",
+            "Logit adj. (add.)",
+            "posthoc",
+            {},
+            transform="la-add",
+            description="z_c - tau log pi_c, tau picked on the selection split (Menon et al.)",
+        ),
+        Method(
+            "la-mul",
+            "Logit adj. (mult.)",
+            "posthoc",
+            {},
+            transform="la-mul",
+            description="z_c * pi_c^(-tau), tau picked on the selection split (Hasegawa & Sato)",
+        ),
+    ]
+}
 
-ABLATION_ORDER = ["none", "ce", "l2-norm", "tau-norm", "cb", "cb-wd", "cb-maxnorm", "wb",
-                  "crt", "lws", "ncm", "la-add", "la-mul"]
+ABLATION_ORDER = [
+    "none",
+    "ce",
+    "l2-norm",
+    "tau-norm",
+    "cb",
+    "cb-wd",
+    "cb-maxnorm",
+    "wb",
+    "crt",
+    "lws",
+    "ncm",
+    "la-add",
+    "la-mul",
+]
 """Row order of the ablation table (methods a study did not run are left out)."""
 
 

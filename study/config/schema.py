@@ -14,14 +14,17 @@ may still override each value, and every output records the resolved configurati
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
 import math
+import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
+from study.config.backbones import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
+from study.config.datasets import DATASETS, SAMPLERS, n_max_for
+from study.config.methods import METHODS
 from study.errors import ConfigError, unknown
 
 PROTOCOLS = ("honest", "wb-parity", "test-selection")
@@ -40,12 +43,20 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(key, f"'{value}' is not valid; choose one of: {', '.join(choices)}")
 
 
-def _range(key: str, value: float, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False, hi_open: bool = False, what: str = "") -> None:
+def _range(
+    key: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    what: str = "",
+) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(key, f"must be a finite number, got {value}")
-    bad = ((lo is not None and (value < lo or (lo_open and value == lo)))
-           or (hi is not None and (value > hi or (hi_open and value == hi))))
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi))
+    )
     if bad:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
@@ -131,7 +142,6 @@ class DataConfig:
     """``split-files``: optional file with one class name per line (line i names class i)."""
 
     def __post_init__(self) -> None:
-        from study.data.lt import DATASETS  # lazy: keeps `import study.config.schema` light
 
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", unknown("dataset", self.dataset, DATASETS))
@@ -142,8 +152,12 @@ class DataConfig:
             if getattr(self, key) is not None:
                 raise ConfigError(key, f"only for dataset split-files (this is {self.dataset})")
         if self.imbalance_factor is not None:
-            _range("imbalance_factor", self.imbalance_factor, 1.0,
-                   what="1 is balanced; 100 means the largest class has 100x the smallest")
+            _range(
+                "imbalance_factor",
+                self.imbalance_factor,
+                1.0,
+                what="1 is balanced; 100 means the largest class has 100x the smallest",
+            )
         _choice("profile", self.profile, ("exp", "step"))
         _choice("subset", self.subset, ("shuffle", "first"))
         _choice("rounding", self.rounding, ("floor", "round"))
@@ -151,17 +165,20 @@ class DataConfig:
         _range("val_per_class", self.val_per_class, 0)
         spec = DATASETS[self.dataset]
         if self.val_per_class >= spec.train_per_class:
-            raise ConfigError("val_per_class", f"{self.val_per_class} leaves no training images "
-                              f"({self.dataset} has {spec.train_per_class} per class)")
+            raise ConfigError(
+                "val_per_class",
+                f"{self.val_per_class} leaves no training images ({self.dataset} has {spec.train_per_class} per class)",
+            )
         if self.n_max is not None:
-            from study.data.lt import n_max_for
-
             _range("n_max", self.n_max, 1)
             most = n_max_for(spec, self.val_per_class)
             if self.n_max > most:
-                raise ConfigError("n_max", f"{self.n_max} is more than the {most} training images per class "
-                                  f"that {self.dataset} has left after a validation split of "
-                                  f"{self.val_per_class}; use at most {most} (or null)")
+                raise ConfigError(
+                    "n_max",
+                    f"{self.n_max} is more than the {most} training images per class "
+                    f"that {self.dataset} has left after a validation split of "
+                    f"{self.val_per_class}; use at most {most} (or null)",
+                )
         self._check_thresholds()
 
     def _check_thresholds(self) -> None:
@@ -170,44 +187,50 @@ class DataConfig:
         if self.few_threshold is not None:
             _range("few_threshold", self.few_threshold, 0)
         if self.resolved_many < self.resolved_few:
-            raise ConfigError("few_threshold", f"few_threshold {self.resolved_few} is larger than "
-                              f"many_threshold {self.resolved_many}")
+            raise ConfigError(
+                "few_threshold", f"few_threshold {self.resolved_few} is larger than many_threshold {self.resolved_many}"
+            )
 
     def _check_file_dataset(self) -> None:
         # The lists fix every count: what shapes a long tail out of a balanced pool does not apply.
         for key in ("imbalance_factor", "n_max"):
             if getattr(self, key) is not None:
-                raise ConfigError(key, f"does not apply to {self.dataset}: its split lists fix the counts "
-                                  "(remove the key)")
+                raise ConfigError(
+                    key, f"does not apply to {self.dataset}: its split lists fix the counts (remove the key)"
+                )
         _range("image_size", self.image_size, 8, what="the crop side in pixels (224 as Kang et al.)")
         _range("val_per_class", self.val_per_class, 0)
         if self.dataset == "split-files":
             if not self.train_list or not self.test_list:
-                raise ConfigError("train_list", "split-files needs data.train_list and data.test_list "
-                                  "(files of 'relative/path label' lines under --data-dir)")
+                raise ConfigError(
+                    "train_list",
+                    "split-files needs data.train_list and data.test_list "
+                    "(files of 'relative/path label' lines under --data-dir)",
+                )
         else:
             for key in ("train_list", "val_list", "test_list", "class_names"):
                 if getattr(self, key) is not None:
-                    raise ConfigError(key, f"only for dataset split-files ({self.dataset} reads its "
-                                      "own lists from --data-dir)")
+                    raise ConfigError(
+                        key, f"only for dataset split-files ({self.dataset} reads its own lists from --data-dir)"
+                    )
         self._check_thresholds()
 
     @property
     def resolved_imbalance_factor(self) -> float:
-        from study.data.lt import DATASETS
 
-        return float(self.imbalance_factor if self.imbalance_factor is not None
-                     else DATASETS[self.dataset].default_imbalance_factor)
+        return float(
+            self.imbalance_factor
+            if self.imbalance_factor is not None
+            else DATASETS[self.dataset].default_imbalance_factor
+        )
 
     @property
     def resolved_many(self) -> int:
-        from study.data.lt import DATASETS
 
         return self.many_threshold if self.many_threshold is not None else DATASETS[self.dataset].many_threshold
 
     @property
     def resolved_few(self) -> int:
-        from study.data.lt import DATASETS
 
         return self.few_threshold if self.few_threshold is not None else DATASETS[self.dataset].few_threshold
 
@@ -313,7 +336,7 @@ class TrainConfig:
     memory_format: str = "auto"
     """Tensor layout of the model and its training batches: ``contiguous`` (NCHW), ``channels_last``
     (NHWC: faster convolutions on many CPUs and on GPU tensor cores) or ``auto`` (what was measured
-    fastest on the trial's device: see ``study.training.stages.AUTO_MEMORY_FORMAT``). Changes float rounding
+    fastest on the trial's device: see ``study.training.trainers.AUTO_MEMORY_FORMAT``). Changes float rounding
     only; the resolved value is recorded with every trial."""
 
     compile: str = "off"
@@ -325,7 +348,7 @@ class TrainConfig:
     ~1e-3 relative rounding); off by default so that results match fp32 references."""
 
     sampler: str = "instance"
-    """How an epoch's batches are drawn (Kang et al.'s samplers, ``study.data.lt.epoch_order``):
+    """How an epoch's batches are drawn (Kang et al.'s samplers, ``study.data.samplers.epoch_order``):
     ``instance`` (every image once per epoch), ``class-balanced`` (the class-aware sampler: classes
     in reshuffled cycles, 4 images per visit), ``square-root`` (class probability proportional to
     sqrt(n_c)) or ``progressive`` (from instance- to class-balanced over the epochs:
@@ -353,13 +376,16 @@ class TrainConfig:
         _choice("cb_form", self.cb_form, ("weighted-ce", "bce"))
         _choice("maxnorm_mode", self.maxnorm_mode, ("relative", "absolute"))
         if self.maxnorm_mode == "relative":
-            _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, 1.0,
-                   what="relative: r = min + t*(max - min) of the initial row norms")
+            _range(
+                "maxnorm_threshold",
+                self.maxnorm_threshold,
+                0.0,
+                1.0,
+                what="relative: r = min + t*(max - min) of the initial row norms",
+            )
         else:
-            _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, lo_open=True,
-                   what="absolute radius")
+            _range("maxnorm_threshold", self.maxnorm_threshold, 0.0, lo_open=True, what="absolute radius")
         _choice("pgd_every", self.pgd_every, ("step", "epoch"))
-        from study.data.lt import SAMPLERS
 
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("memory_format", self.memory_format, ("auto", "contiguous", "channels_last"))
@@ -401,18 +427,22 @@ class Stage1Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from study.config.backbones import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
 
         if not known_model(self.backbone):
             raise ConfigError("backbone", unknown("backbone", self.backbone, MODEL_NAMES))
         _choice("classifier", self.classifier, ("linear", "etf"))
         if self.init_from is not None:
             if self.backbone not in TORCHVISION_BACKBONES:
-                raise ConfigError("init_from", f"only for torchvision backbones ({', '.join(TORCHVISION_BACKBONES)}), "
-                                  f"not {self.backbone}")
+                raise ConfigError(
+                    "init_from",
+                    f"only for torchvision backbones ({', '.join(TORCHVISION_BACKBONES)}), not {self.backbone}",
+                )
             if not os.path.isfile(os.path.expanduser(self.init_from)):
-                raise ConfigError("init_from", f"{self.init_from} is not a file; give a local torchvision-style "
-                                  "weights file (nothing is downloaded)")
+                raise ConfigError(
+                    "init_from",
+                    f"{self.init_from} is not a file; give a local torchvision-style "
+                    "weights file (nothing is downloaded)",
+                )
         _range("feature_reg", self.feature_reg, 0.0)
         _choice("wd_form", self.wd_form, ("optimizer", "loss"))
 
@@ -437,7 +467,6 @@ class Stage2Config(TrainConfig):
     classifier_init: str = "continue"
     """``continue`` from the stage-1 classifier (WB) or ``reinit`` it (cRT)."""
 
-
     posthoc_bias: str = "drop"
     """For L2- and tau-normalisation: ``drop`` the bias (Kang et al.) or ``keep`` it (WB demo)."""
 
@@ -453,7 +482,6 @@ class Stage2Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from study.config.methods import METHODS
 
         if self.method not in METHODS:
             raise ConfigError("method", unknown("stage-2 method", self.method, METHODS))
@@ -489,9 +517,7 @@ PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
         "stage2.posthoc_bias": "keep",
     },
     # Only the selection split changes: the honest recipe, selected on the test set.
-    "test-selection": {
-        "data.val_per_class": 0,
-    },
+    "test-selection": {"data.val_per_class": 0},
 }
 
 
@@ -499,14 +525,21 @@ def check_protocol(protocol: str, data: DataConfig) -> None:
     """The protocol and the validation split must agree."""
     _choice("protocol", protocol, PROTOCOLS)
     if protocol == "honest" and data.val_per_class == 0:
-        raise ConfigError("data.val_per_class", "the honest protocol needs a validation split "
-                          "(val_per_class > 0); use protocol wb-parity or test-selection to select on the test set")
+        raise ConfigError(
+            "data.val_per_class",
+            "the honest protocol needs a validation split "
+            "(val_per_class > 0); use protocol wb-parity or test-selection to select on the test set",
+        )
     if protocol in ("wb-parity", "test-selection") and data.val_per_class != 0:
-        raise ConfigError("data.val_per_class", f"the {protocol} protocol selects on the test set and "
-                          "has no validation split; set val_per_class: 0 or use protocol honest")
+        raise ConfigError(
+            "data.val_per_class",
+            f"the {protocol} protocol selects on the test set and "
+            "has no validation split; set val_per_class: 0 or use protocol honest",
+        )
 
 
 # --- building dataclasses from plain data, with typed, named errors ---------------------------------
+
 
 def field_types(cls: type) -> dict[str, Any]:
     """Field name -> resolved type annotation of a config dataclass."""
@@ -573,6 +606,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "PROTOCOLS", "PROTOCOL_PRESETS", "DataConfig", "EvalConfig", "TrainConfig", "Stage1Config",
-    "Stage2Config", "check_protocol", "build", "coerce", "field_types", "to_dict",
+    "PROTOCOLS",
+    "PROTOCOL_PRESETS",
+    "DataConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "check_protocol",
+    "build",
+    "coerce",
+    "field_types",
+    "to_dict",
 ]

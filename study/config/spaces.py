@@ -45,15 +45,38 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from study.config.schema import (PROTOCOL_PRESETS, PROTOCOLS, DataConfig, EvalConfig, Stage1Config, Stage2Config,
-                     build, check_protocol, coerce, field_types, to_dict)
-from study.errors import ConfigError, UserError, nearest, unknown
+from study.config.backbones import MODEL_NAMES as MODELS
+from study.config.backbones import feature_dim
+from study.config.datasets import DATASETS
 from study.config.methods import METHODS
+from study.config.schema import (
+    PROTOCOL_PRESETS,
+    PROTOCOLS,
+    DataConfig,
+    EvalConfig,
+    Stage1Config,
+    Stage2Config,
+    build,
+    check_protocol,
+    coerce,
+    field_types,
+    to_dict,
+)
+from study.errors import ConfigError, UserError, nearest, unknown
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
-TOP_KEYS = {"description": "free text", "dataset": "", "protocol": "", "seeds": "", "data": "",
-            "eval": "", "search": "", "stage1": "", "stage2": ""}
+TOP_KEYS = {
+    "description": "free text",
+    "dataset": "",
+    "protocol": "",
+    "seeds": "",
+    "data": "",
+    "eval": "",
+    "search": "",
+    "stage1": "",
+    "stage2": "",
+}
 STAGE1_KEYS = {"budget", "baseline", "scheduler", "variants", "feeds_stage2"}
 VARIANT_KEYS = {"budget", "scheduler"}
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+]*(-[a-z0-9_.+]+)*$")
@@ -200,10 +223,13 @@ class StudySpace:
     def experiments(self) -> list[Experiment]:
         """The study's Tune experiments, in the order they run: stage 1 (every variant), then one
         stage-2 experiment per fed variant."""
-        s2 = tuple(MethodPlan(m, self.stage2[m], self.stage2_params[m], self.stage2_budget[m],
-                              self.stage2_scheduler[m]) for m in self.stage2)
+        s2 = tuple(
+            MethodPlan(m, self.stage2[m], self.stage2_params[m], self.stage2_budget[m], self.stage2_scheduler[m])
+            for m in self.stage2
+        )
         return [Experiment("stage1", "stage1", tuple(self.variants.values()))] + [
-            Experiment(self.stage2_experiment_name(v), "stage2", s2, variant=v) for v in self.feeds_stage2]
+            Experiment(self.stage2_experiment_name(v), "stage2", s2, variant=v) for v in self.feeds_stage2
+        ]
 
     def backbone_of(self, variant: str) -> str:
         return self.variants[variant].config.backbone
@@ -215,18 +241,41 @@ class StudySpace:
             return {k: v.to_yaml() for k, v in p.items()}
 
         def sched(s: Scheduler | None) -> dict | None:
-            return None if s is None else {s.kind: {"grace_period": s.grace_period,
-                                                    "reduction_factor": s.reduction_factor}}
+            return (
+                None
+                if s is None
+                else {s.kind: {"grace_period": s.grace_period, "reduction_factor": s.reduction_factor}}
+            )
 
         return {
-            "space": self.name, "protocol": self.protocol, "seeds": list(self.seeds),
-            "data": to_dict(self.data), "eval": to_dict(self.eval), "search": to_dict(self.search),
-            "stage1": {"variants": {v: {"config": to_dict(p.config), "search": params(p.params), "budget": p.budget,
-                                        "scheduler": sched(p.scheduler)} for v, p in self.variants.items()},
-                       "feeds_stage2": list(self.feeds_stage2), "legacy_form": self.legacy_stage1},
-            "stage2": {m: {"config": to_dict(self.stage2[m]), "search": params(self.stage2_params[m]),
-                           "budget": self.stage2_budget[m], "scheduler": sched(self.stage2_scheduler[m])}
-                       for m in self.stage2},
+            "space": self.name,
+            "protocol": self.protocol,
+            "seeds": list(self.seeds),
+            "data": to_dict(self.data),
+            "eval": to_dict(self.eval),
+            "search": to_dict(self.search),
+            "stage1": {
+                "variants": {
+                    v: {
+                        "config": to_dict(p.config),
+                        "search": params(p.params),
+                        "budget": p.budget,
+                        "scheduler": sched(p.scheduler),
+                    }
+                    for v, p in self.variants.items()
+                },
+                "feeds_stage2": list(self.feeds_stage2),
+                "legacy_form": self.legacy_stage1,
+            },
+            "stage2": {
+                m: {
+                    "config": to_dict(self.stage2[m]),
+                    "search": params(self.stage2_params[m]),
+                    "budget": self.stage2_budget[m],
+                    "scheduler": sched(self.stage2_scheduler[m]),
+                }
+                for m in self.stage2
+            },
             "train_method": self.train_method,
         }
 
@@ -235,6 +284,7 @@ class StudySpace:
 
 
 # --- locating and reading files -------------------------------------------------------------------------
+
 
 def available_spaces() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
@@ -253,8 +303,9 @@ def resolve_space_path(space: str) -> Path:
     names = available_spaces()
     guess = nearest(space, names)
     hint = f" (did you mean '{guess}'?)" if guess else ""
-    raise UserError(f"unknown search space '{space}'{hint}; available: {', '.join(names)} "
-                    f"(or pass a path to a .yaml file)")
+    raise UserError(
+        f"unknown search space '{space}'{hint}; available: {', '.join(names)} (or pass a path to a .yaml file)"
+    )
 
 
 def _unique_key_loader():
@@ -292,8 +343,10 @@ def read_yaml(path: Path) -> dict:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
-                        "pass a YAML search-space file such as study/search_spaces/digits-lt.yaml") from None
+        raise UserError(
+            f"{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
+            "pass a YAML search-space file such as study/search_spaces/digits-lt.yaml"
+        ) from None
     try:
         # safe loader: no arbitrary Python objects from a space file
         raw = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506
@@ -307,12 +360,15 @@ def read_yaml(path: Path) -> dict:
     if raw is None:
         raise UserError(f"{path}: the file is empty; start from one of study/search_spaces/*.yaml")
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of keys (dataset, protocol, seeds, stage1, stage2, ...), "
-                        f"got a {type(raw).__name__}")
+        raise UserError(
+            f"{path}: expected a mapping of keys (dataset, protocol, seeds, stage1, stage2, ...), "
+            f"got a {type(raw).__name__}"
+        )
     return raw
 
 
 # --- --set KEY=VALUE --------------------------------------------------------------------------------------
+
 
 def _check_set_path(parts: list[str]) -> None:
     """Raise ConfigError if a dotted --set key cannot exist in a space file."""
@@ -337,8 +393,9 @@ def _check_set_path(parts: list[str]) -> None:
             if len(parts) >= 3:
                 _known(parts[2], METHODS, "stage2.methods", kind="stage-2 method")
             if len(parts) >= 4:
-                _known(parts[3], set(field_types(Stage2Config)) - {"method"} | METHOD_KEYS,
-                       f"stage2.methods.{parts[2]}")
+                _known(
+                    parts[3], set(field_types(Stage2Config)) - {"method"} | METHOD_KEYS, f"stage2.methods.{parts[2]}"
+                )
         else:
             _known(sub, set(field_types(Stage2Config)) - {"method"} | STAGE2_KEYS, "stage2")
     elif len(parts) > 1:
@@ -382,15 +439,19 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
 
 # --- validation -------------------------------------------------------------------------------------------
 
+
 def _parse_dist(key: str, spec: dict, tp: Any) -> Dist:
     kinds = [k for k in spec if k in DIST_KINDS]
     extra = [k for k in spec if k not in DIST_KINDS and k != "default"]
     if len(kinds) != 1 or extra:
         bad = extra[0] if extra else None
         if bad is not None:
-            raise ConfigError(key, f"unknown distribution '{bad}'" + (
-                f" (did you mean '{nearest(bad, DIST_KINDS)}'?)" if nearest(bad, DIST_KINDS) else "")
-                + f"; use one of: {', '.join(DIST_KINDS)} (e.g. {{loguniform: [1.0e-4, 1.0e-2]}})")
+            raise ConfigError(
+                key,
+                f"unknown distribution '{bad}'"
+                + (f" (did you mean '{nearest(bad, DIST_KINDS)}'?)" if nearest(bad, DIST_KINDS) else "")
+                + f"; use one of: {', '.join(DIST_KINDS)} (e.g. {{loguniform: [1.0e-4, 1.0e-2]}})",
+            )
         raise ConfigError(key, f"a distribution needs exactly one of: {', '.join(DIST_KINDS)}")
     kind = kinds[0]
     arg = spec[kind]
@@ -435,9 +496,15 @@ def typing_base(tp: Any) -> Any:
     return args[0] if args else tp
 
 
-def _split_values(section: dict, cls: type, special: set[str], where: str, allow_search: bool = True,
-                  forbid: set[str] = frozenset(), search_home: str = "stage2.methods.<method>"
-                  ) -> tuple[dict, dict[str, Dist], dict]:
+def _split_values(
+    section: dict,
+    cls: type,
+    special: set[str],
+    where: str,
+    allow_search: bool = True,
+    forbid: set[str] = frozenset(),
+    search_home: str = "stage2.methods.<method>",
+) -> tuple[dict, dict[str, Dist], dict]:
     """Split a stage mapping into fixed values, distributions and special keys (budget, ...)."""
     types = field_types(cls)
     fixed, params, extra = {}, {}, {}
@@ -450,8 +517,9 @@ def _split_values(section: dict, cls: type, special: set[str], where: str, allow
             raise ConfigError(f"{where}.{key}", unknown("key", key, valid))
         if isinstance(value, dict):
             if not allow_search:
-                raise ConfigError(f"{where}.{key}", f"search distributions go under {search_home}, "
-                                  "not in the values they all share")
+                raise ConfigError(
+                    f"{where}.{key}", f"search distributions go under {search_home}, not in the values they all share"
+                )
             params[key] = _parse_dist(f"{where}.{key}", value, types[key])
         else:
             fixed[key] = value
@@ -467,8 +535,9 @@ def _budget(value: Any, key: str, searched: bool) -> int:
     if b <= 0:
         raise ConfigError(key, f"{b} must be at least 1 (the number of configurations to try)")
     if not searched and b != 1:
-        raise ConfigError(key, f"{b} configurations requested but nothing is searched here; "
-                          "add a distribution or set budget: 1")
+        raise ConfigError(
+            key, f"{b} configurations requested but nothing is searched here; add a distribution or set budget: 1"
+        )
     return b
 
 
@@ -519,37 +588,62 @@ def _parse_stage1(s1: dict, protocol: str) -> tuple[dict[str, MethodPlan], tuple
             raise ConfigError("stage1.feeds_stage2", "needs stage1.variants (name the variants it refers to)")
         fixed, params, extra = _split_values(s1, Stage1Config, STAGE1_KEYS - {"variants", "feeds_stage2"}, "stage1")
         cfg = _check_searchable(Stage1Config, {**presets, **fixed}, params, "stage1")
-        tuned = MethodPlan("tuned", cfg, params, _budget(extra.get("budget"), "stage1.budget", bool(params)),
-                           _scheduler(extra.get("scheduler"), "stage1.scheduler", cfg.epochs))
+        tuned = MethodPlan(
+            "tuned",
+            cfg,
+            params,
+            _budget(extra.get("budget"), "stage1.budget", bool(params)),
+            _scheduler(extra.get("scheduler"), "stage1.scheduler", cfg.epochs),
+        )
         variants = {"tuned": tuned}
         if coerce("stage1.baseline", extra.get("baseline", True), bool):
             variants = {"naive": MethodPlan("naive", replace(cfg, weight_decay=0.0), {}, 1), **variants}
         return variants, ("tuned",), True
     for key in ("baseline", "budget", "scheduler"):
         if key in s1:
-            raise ConfigError(f"stage1.{key}", "with stage1.variants, give each variant its own "
-                              f"{'budget and scheduler' if key != 'baseline' else 'entry (e.g. ce: {weight_decay: 0})'}")
-    shared, _, extra = _split_values(s1, Stage1Config, {"variants", "feeds_stage2"}, "stage1", allow_search=False,
-                                     search_home="stage1.variants.<variant>")
+            raise ConfigError(
+                f"stage1.{key}",
+                "with stage1.variants, give each variant its own "
+                f"{'budget and scheduler' if key != 'baseline' else 'entry (e.g. ce: {weight_decay: 0})'}",
+            )
+    shared, _, extra = _split_values(
+        s1,
+        Stage1Config,
+        {"variants", "feeds_stage2"},
+        "stage1",
+        allow_search=False,
+        search_home="stage1.variants.<variant>",
+    )
     shared = {**presets, **shared}
     build(Stage1Config, shared, "stage1")  # the shared values alone must be valid, so errors name stage1.<key>
     body = extra["variants"]
     if not isinstance(body, dict) or not body:
-        raise ConfigError("stage1.variants", "expected a mapping of variant name -> settings, e.g. "
-                          "{ce: {weight_decay: 0}, ce-wd: {weight_decay: {loguniform: [1.0e-4, 2.0e-2]}, budget: 8}}")
+        raise ConfigError(
+            "stage1.variants",
+            "expected a mapping of variant name -> settings, e.g. "
+            "{ce: {weight_decay: 0}, ce-wd: {weight_decay: {loguniform: [1.0e-4, 2.0e-2]}, budget: 8}}",
+        )
     variants: dict[str, MethodPlan] = {}
     for v, settings in body.items():
         where = f"stage1.variants.{v}"
         if not isinstance(v, str) or not VARIANT_NAME.match(v):
-            raise ConfigError(where, "a variant name uses lower-case letters, digits, '.', '_', '+' and single "
-                              "'-' (e.g. ce-wd), and starts with a letter or digit")
+            raise ConfigError(
+                where,
+                "a variant name uses lower-case letters, digits, '.', '_', '+' and single "
+                "'-' (e.g. ce-wd), and starts with a letter or digit",
+            )
         settings = settings or {}
         if not isinstance(settings, dict):
             raise ConfigError(where, "expected a mapping of stage-1 fields (or {} for the shared values)")
         fixed, params, vextra = _split_values(settings, Stage1Config, VARIANT_KEYS, where)
         cfg = _check_searchable(Stage1Config, {**shared, **fixed}, params, where)
-        variants[v] = MethodPlan(v, cfg, params, _budget(vextra.get("budget"), f"{where}.budget", bool(params)),
-                                 _scheduler(vextra.get("scheduler"), f"{where}.scheduler", cfg.epochs))
+        variants[v] = MethodPlan(
+            v,
+            cfg,
+            params,
+            _budget(vextra.get("budget"), f"{where}.budget", bool(params)),
+            _scheduler(vextra.get("scheduler"), f"{where}.scheduler", cfg.epochs),
+        )
     feeds_raw = extra.get("feeds_stage2")
     if feeds_raw is None:
         feeds = tuple(variants)
@@ -572,8 +666,6 @@ def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
     anything runs, with the backbones that would do."""
     if cfg.classifier != "etf":
         return
-    from study.data.lt import DATASETS
-    from study.config.backbones import MODEL_NAMES as MODELS, feature_dim
 
     spec = DATASETS[data.dataset]
     need = spec.num_classes - 1
@@ -584,11 +676,16 @@ def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
     have = dim(cfg.backbone)
     if have < need:
         # digits-cnn is sized for 8x8 digits: not a suggestion for real images
-        wide = [f"{m} ({d})" for m in MODELS if (m != "digits-cnn" or data.dataset == "digits-lt")
-                and (d := dim(m)) >= need]
-        raise ConfigError(f"{where}.classifier", f"etf needs a feature dimension of at least {need} for "
-                          f"{data.dataset}'s {spec.num_classes} classes, but {cfg.backbone} gives {have}; use "
-                          + (" or ".join(wide) if wide else "a wider backbone") + " as the backbone")
+        wide = [
+            f"{m} ({d})" for m in MODELS if (m != "digits-cnn" or data.dataset == "digits-lt") and (d := dim(m)) >= need
+        ]
+        raise ConfigError(
+            f"{where}.classifier",
+            f"etf needs a feature dimension of at least {need} for "
+            f"{data.dataset}'s {spec.num_classes} classes, but {cfg.backbone} gives {have}; use "
+            + (" or ".join(wide) if wide else "a wider backbone")
+            + " as the backbone",
+        )
 
 
 def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
@@ -600,8 +697,6 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
     if protocol not in PROTOCOLS:
         raise ConfigError("protocol", unknown("protocol", protocol, PROTOCOLS))
     if "dataset" not in raw:
-        from study.data.lt import DATASETS
-
         raise ConfigError("dataset", f"missing; name a dataset ({', '.join(DATASETS)})")
 
     def section(key: str) -> dict:
@@ -646,8 +741,7 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
 
     # stage 2
     s2 = section("stage2")
-    common, _, s2_extra = _split_values(s2, Stage2Config, STAGE2_KEYS, "stage2", allow_search=False,
-                                        forbid={"method"})
+    common, _, s2_extra = _split_values(s2, Stage2Config, STAGE2_KEYS, "stage2", allow_search=False, forbid={"method"})
     # the shared values alone must be valid, so their errors name stage2.<key>
     build(Stage2Config, {**_presets(protocol, "stage2"), **common, "method": "none"}, "stage2")
     methods_raw = s2_extra.get("methods") or {"wb": {}}
@@ -666,26 +760,46 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         cfg = _check_searchable(Stage2Config, values, params, where)
         if METHODS[m].kind != "trained" and params and set(params) - {"tau"}:
             bad = sorted(set(params) - {"tau"})[0]
-            raise ConfigError(f"{where}.{bad}", f"'{m}' does not train, so only tau can be searched "
-                              "(or leave tau unset to pick it on the selection split)")
+            raise ConfigError(
+                f"{where}.{bad}",
+                f"'{m}' does not train, so only tau can be searched "
+                "(or leave tau unset to pick it on the selection split)",
+            )
         if METHODS[m].head == "lws" and cfg.maxnorm:
             raise ConfigError(f"{where}.maxnorm", "LWS learns per-class scales; MaxNorm does not apply")
         stage2[m], params2[m] = cfg, params
         budget2[m] = _budget(extra.get("budget"), f"{where}.budget", bool(params))
         sched2[m] = _scheduler(extra.get("scheduler"), f"{where}.scheduler", cfg.epochs)
-    train_method = coerce("stage2.train_method", s2_extra.get("train_method", "wb" if "wb" in stage2 else next(iter(stage2))), str)
+    train_method = coerce(
+        "stage2.train_method", s2_extra.get("train_method", "wb" if "wb" in stage2 else next(iter(stage2))), str
+    )
     if train_method not in stage2:
-        raise ConfigError("stage2.train_method", f"'{train_method}' is not among this space's methods: "
-                          f"{', '.join(stage2)}")
+        raise ConfigError(
+            "stage2.train_method", f"'{train_method}' is not among this space's methods: {', '.join(stage2)}"
+        )
     return StudySpace(
-        name=name, source=source, protocol=protocol, seeds=seeds, data=data, eval=eval_cfg, search=search,
-        variants=variants, feeds_stage2=feeds, legacy_stage1=legacy, stage2=stage2, stage2_params=params2, stage2_budget=budget2,
-        stage2_scheduler=sched2, train_method=train_method,
-        description=str(raw.get("description", "")).strip())
+        name=name,
+        source=source,
+        protocol=protocol,
+        seeds=seeds,
+        data=data,
+        eval=eval_cfg,
+        search=search,
+        variants=variants,
+        feeds_stage2=feeds,
+        legacy_stage1=legacy,
+        stage2=stage2,
+        stage2_params=params2,
+        stage2_budget=budget2,
+        stage2_scheduler=sched2,
+        train_method=train_method,
+        description=str(raw.get("description", "")).strip(),
+    )
 
 
-def load_space(space: str, sets: list[str] | None = None, seeds: int | None = None,
-               num_samples: int | None = None) -> StudySpace:
+def load_space(
+    space: str, sets: list[str] | None = None, seeds: int | None = None, num_samples: int | None = None
+) -> StudySpace:
     """Read, override and validate a space. Errors name the file and the key."""
     path = resolve_space_path(space)
     raw = read_yaml(path)
@@ -701,8 +815,11 @@ def load_space(space: str, sets: list[str] | None = None, seeds: int | None = No
     if num_samples is not None:
         if num_samples < 1:
             raise UserError(f"--num-samples {num_samples}: use at least 1")
-        sp = replace(sp, variants={v: replace(p, budget=num_samples if p.params else 1) for v, p in sp.variants.items()},
-                     stage2_budget={m: (num_samples if sp.stage2_params[m] else 1) for m in sp.stage2})
+        sp = replace(
+            sp,
+            variants={v: replace(p, budget=num_samples if p.params else 1) for v, p in sp.variants.items()},
+            stage2_budget={m: (num_samples if sp.stage2_params[m] else 1) for m in sp.stage2},
+        )
     return sp
 
 

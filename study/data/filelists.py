@@ -42,94 +42,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from study.errors import UserError, unknown
+from study.config.datasets import FILE_DATASETS, KANG_REPO, OLTR_REPO, SPLITS, FileListSpec, get_file_spec  # noqa: F401
+from study.errors import UserError
 
-SPLITS = ("train", "val", "test")
-KANG_REPO = "https://github.com/facebookresearch/classifier-balancing"
-OLTR_REPO = "https://github.com/zhmiao/OpenLongTailRecognition-OLTR"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Kang et al.'s RGB_statistics['iNaturalist18'] (data/dataloader.py of classifier-balancing)
-INAT_MEAN = (0.466, 0.471, 0.380)
-INAT_STD = (0.195, 0.194, 0.192)
 _FORMAT = "each line must be 'relative/path label' with an integer label (the label is the last field)"
-
-
-@dataclass(frozen=True)
-class FileListSpec:
-    """What is fixed about a dataset given as split files."""
-
-    name: str
-    """Registry name, as ``study data NAME`` takes it."""
-    title: str
-    """The dataset's name in prose (``ImageNet-LT``)."""
-    prefix: str | None
-    """List files are ``<prefix>_train.txt`` etc.; None for ``split-files`` (paths given explicitly)."""
-    num_classes: int | None
-    """C, fixed by the benchmark; None: the number of class names, else the largest label + 1."""
-    list_files: tuple[str, ...]
-    """The lists the dataset has (``train``, ``val``, ``test``; iNaturalist 2018 has no test list)."""
-    test_list: str
-    """Which list is the test set: ``test``, or ``val`` for iNaturalist 2018 (as Kang et al. report)."""
-    val_list: str | None
-    """Which list is the validation split, or None when it is carved from the training list."""
-    official_lines: Mapping[str, int]
-    """Line counts of the published list files (per list file); empty for ``split-files``."""
-    mean: tuple[float, float, float]
-    """Per-channel RGB mean used for normalisation."""
-    std: tuple[float, float, float]
-    """Per-channel RGB standard deviation used for normalisation."""
-    color_jitter: bool
-    """Whether Kang et al.'s training transform adds ColorJitter(0.4, 0.4, 0.4, 0) (not for iNat)."""
-    many_threshold: int = 100
-    """A class is Many-shot with more than this many training images."""
-    few_threshold: int = 20
-    """A class is Few-shot with fewer than this many training images (boundaries are Medium)."""
-    note: str = ""
-    """Shown by ``study data``."""
-
-
-FILE_DATASETS: dict[str, FileListSpec] = {
-    "imagenet-lt": FileListSpec(
-        name="imagenet-lt", title="ImageNet-LT", prefix="ImageNet_LT", num_classes=1000,
-        list_files=SPLITS, test_list="test", val_list="val",
-        official_lines={"train": 115846, "val": 20000, "test": 50000},
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, color_jitter=True,
-        note="Liu et al.'s ImageNet-LT lists as used by Kang et al. (val list 20 per class, test list 50)"),
-    "places-lt": FileListSpec(
-        name="places-lt", title="Places-LT", prefix="Places_LT", num_classes=365,
-        list_files=SPLITS, test_list="test", val_list="val",
-        official_lines={"train": 62500, "val": 7300, "test": 36500},
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, color_jitter=True,
-        note="Liu et al.'s Places-LT lists as used by Kang et al. (val list 20 per class, test list 100)"),
-    "inat2018": FileListSpec(
-        name="inat2018", title="iNaturalist 2018", prefix="iNaturalist18", num_classes=8142,
-        list_files=("train", "val"), test_list="val", val_list=None,
-        official_lines={"train": 437513, "val": 24426},
-        mean=INAT_MEAN, std=INAT_STD, color_jitter=False,
-        note="the val list is the test set (Kang et al. report on it); a validation split is carved from the "
-             "training list: per class the last min(val_per_class, n_c - 1) images"),
-    "split-files": FileListSpec(
-        name="split-files", title="split files", prefix=None, num_classes=None,
-        list_files=SPLITS, test_list="test", val_list="val", official_lines={},
-        # the user's own data: Kang et al.'s default statistics and transform (ImageNet's)
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, color_jitter=True,
-        note="your own lists; without a val list a validation split is carved from the training list as for "
-             "inat2018"),
-}
-
-
-def get_file_spec(name: str) -> FileListSpec:
-    """The registered :class:`FileListSpec` called ``name`` (UserError naming the valid ones)."""
-    if name not in FILE_DATASETS:
-        raise UserError(unknown("dataset", name, FILE_DATASETS))
-    return FILE_DATASETS[name]
 
 
 @dataclass(frozen=True)
@@ -187,11 +109,15 @@ class FileLists:
         """(paths, labels) of ``train``, ``val``, ``test`` or ``selection``."""
         if name == "selection":
             name = self.selection_split
-        return {"train": (self.train_paths, self.train_y), "val": (self.val_paths, self.val_y),
-                "test": (self.test_paths, self.test_y)}[name]
+        return {
+            "train": (self.train_paths, self.train_y),
+            "val": (self.val_paths, self.val_y),
+            "test": (self.test_paths, self.test_y),
+        }[name]
 
 
 # --- reading one list --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _List:
@@ -215,7 +141,7 @@ class _List:
 
 
 def _short(s: str, n: int = 80) -> str:
-    return s if len(s) <= n else s[:n - 3] + "..."
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _read_list(file: Path, root: Path, title: str) -> _List:
@@ -223,12 +149,13 @@ def _read_list(file: Path, root: Path, title: str) -> _List:
     try:
         blob = file.read_bytes()
     except OSError as e:
-        raise UserError(f"{title} list {file} cannot be read ({e.strerror or e}); check the path and its "
-                        f"permissions") from None
+        raise UserError(
+            f"{title} list {file} cannot be read ({e.strerror or e}); check the path and its permissions"
+        ) from None
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = blob[:e.start].count(b"\n") + 1
+        line = blob[: e.start].count(b"\n") + 1
         raise UserError(f"{file}: line {line} is not UTF-8 text; {_FORMAT}") from None
     paths: list[str] = []
     labels: list[str] = []
@@ -251,8 +178,10 @@ def _read_list(file: Path, root: Path, title: str) -> _List:
             body = lab.removeprefix("-")
             if not (body.isascii() and body.isdigit()):
                 lst = _List(file, paths, np.zeros(0, np.int64), text)
-                raise UserError(f"{file}: line {lst.line_no(i)}: label '{_short(lab, 20)}' is not an integer "
-                                f"(in '{_short(paths[i] + ' ' + lab)}'); {_FORMAT}")
+                raise UserError(
+                    f"{file}: line {lst.line_no(i)}: label '{_short(lab, 20)}' is not an integer "
+                    f"(in '{_short(paths[i] + ' ' + lab)}'); {_FORMAT}"
+                )
     y = np.fromiter(map(int, labels), dtype=np.int64, count=len(labels))
     lst = _List(file, paths, y, text)
     # Paths with whitespace: only a line with an extra field produces one in Kang-style lists. Accept it only
@@ -262,8 +191,10 @@ def _read_list(file: Path, root: Path, title: str) -> _List:
         for i, p in enumerate(paths):
             if (" " in p or "\t" in p) and not os.path.isfile(os.path.join(root, p)):
                 fields = len(p.split()) + 1
-                raise UserError(f"{file}: line {lst.line_no(i)} '{_short(p + ' ' + labels[i])}' has {fields} "
-                                f"fields; {_FORMAT} (a path may contain spaces only when that file exists)")
+                raise UserError(
+                    f"{file}: line {lst.line_no(i)} '{_short(p + ' ' + labels[i])}' has {fields} "
+                    f"fields; {_FORMAT} (a path may contain spaces only when that file exists)"
+                )
     return lst
 
 
@@ -272,8 +203,10 @@ def _read_class_names(file: str | os.PathLike) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"class-names file {path} cannot be read ({e.strerror or e}); give a file with one "
-                        f"class name per line (line i = class i)") from None
+        raise UserError(
+            f"class-names file {path} cannot be read ({e.strerror or e}); give a file with one "
+            f"class name per line (line i = class i)"
+        ) from None
     except UnicodeDecodeError:
         raise UserError(f"class-names file {path} is not UTF-8 text") from None
     names = [s.strip() for s in text.split("\n")]
@@ -283,34 +216,48 @@ def _read_class_names(file: str | os.PathLike) -> list[str]:
         raise UserError(f"class-names file {path} is empty; give one class name per line (line i = class i)")
     for i, s in enumerate(names):
         if not s:
-            raise UserError(f"class-names file {path}: line {i + 1} is blank; line i must name class i-1 "
-                            f"(one name per line, no gaps)")
+            raise UserError(
+                f"class-names file {path}: line {i + 1} is blank; line i must name class i-1 "
+                f"(one name per line, no gaps)"
+            )
     seen: dict[str, int] = {}
     for i, s in enumerate(names):
         if s in seen:
-            raise UserError(f"class-names file {path}: line {i + 1} repeats '{_short(s, 40)}' (line {seen[s] + 1}); "
-                            f"class names must be distinct")
+            raise UserError(
+                f"class-names file {path}: line {i + 1} repeats '{_short(s, 40)}' (line {seen[s] + 1}); "
+                f"class names must be distinct"
+            )
         seen[s] = i
     return names
 
 
 # --- locating the files ------------------------------------------------------------------------------
 
+
 def _where_to_get(spec: FileListSpec) -> str:
     if spec.prefix is None:
         return ""
-    folder = {"ImageNet_LT": "data/ImageNet_LT/", "Places_LT": "data/Places_LT/",
-              "iNaturalist18": "data/iNaturalist18/"}.get(spec.prefix, "data/")
-    origin = (f", originally from OLTR ({OLTR_REPO}, Google Drive link in its README)"
-              if spec.prefix in ("ImageNet_LT", "Places_LT") else "")
-    return (f"; the split files are not shipped with this project: get them from {folder} of Kang et al.'s "
-            f"{KANG_REPO}{origin}")
+    folder = {
+        "ImageNet_LT": "data/ImageNet_LT/",
+        "Places_LT": "data/Places_LT/",
+        "iNaturalist18": "data/iNaturalist18/",
+    }.get(spec.prefix, "data/")
+    origin = (
+        f", originally from OLTR ({OLTR_REPO}, Google Drive link in its README)"
+        if spec.prefix in ("ImageNet_LT", "Places_LT")
+        else ""
+    )
+    return (
+        f"; the split files are not shipped with this project: get them from {folder} of Kang et al.'s "
+        f"{KANG_REPO}{origin}"
+    )
 
 
 def _expected(spec: FileListSpec, root: Path) -> str:
     names = ", ".join(f"{spec.prefix}_{s}.txt" for s in spec.list_files)
-    return (f"expected {names} in {root}/ or {root}/{spec.prefix}/, and the images they name at "
-            f"{root}/<path in the list>")
+    return (
+        f"expected {names} in {root}/ or {root}/{spec.prefix}/, and the images they name at {root}/<path in the list>"
+    )
 
 
 def _find_lists(spec: FileListSpec, root: Path) -> tuple[dict[str, Path], Path]:
@@ -323,13 +270,14 @@ def _find_lists(spec: FileListSpec, root: Path) -> tuple[dict[str, Path], Path]:
             return found, folder
         if have:  # some of them here: name the missing ones rather than the whole layout
             missing = ", ".join(found[s].name for s in spec.list_files if s not in have)
-            raise UserError(f"{spec.title}: {folder}/ has {', '.join(found[s].name for s in have)} but not "
-                            f"{missing}; {_expected(spec, root)}{_where_to_get(spec)}")
+            raise UserError(
+                f"{spec.title}: {folder}/ has {', '.join(found[s].name for s in have)} but not "
+                f"{missing}; {_expected(spec, root)}{_where_to_get(spec)}"
+            )
     raise UserError(f"{spec.title} split files not found: {_expected(spec, root)}{_where_to_get(spec)}")
 
 
-def _explicit_lists(lists: Mapping[str, str | os.PathLike | None] | None,
-                    root: Path) -> tuple[dict[str, Path], Path]:
+def _explicit_lists(lists: Mapping[str, str | os.PathLike | None] | None, root: Path) -> tuple[dict[str, Path], Path]:
     """``split-files``: the given list files. A relative path is looked up under ``root`` (``--data-dir``:
     what a search-space file names stays valid from any working directory), then in the working
     directory (what a path typed on the command line usually means)."""
@@ -339,10 +287,12 @@ def _explicit_lists(lists: Mapping[str, str | os.PathLike | None] | None,
         raise UserError(f"split-files: unknown list '{min(bad)}'; give train, test and optionally val")
     need = [s for s in ("train", "test") if s not in lists]
     if need:
-        raise UserError(f"split-files needs your own list files: give --train-list and --test-list (and "
-                        f"optionally --val-list; without it a validation split is carved from the training "
-                        f"list), each with one 'relative/path label' line per image; missing: "
-                        f"{', '.join('--' + s + '-list' for s in need)}")
+        raise UserError(
+            f"split-files needs your own list files: give --train-list and --test-list (and "
+            f"optionally --val-list; without it a validation split is carved from the training "
+            f"list), each with one 'relative/path label' line per image; missing: "
+            f"{', '.join('--' + s + '-list' for s in need)}"
+        )
     found: dict[str, Path] = {}
     for s in SPLITS:
         if s not in lists:
@@ -351,14 +301,17 @@ def _explicit_lists(lists: Mapping[str, str | os.PathLike | None] | None,
         tried = [given] if given.is_absolute() else [root / given, given.absolute()]
         hit = next((p for p in tried if p.is_file()), None)
         if hit is None:
-            raise UserError(f"split-files: {s} list {' or '.join(str(p) for p in tried)} not found; give the path "
-                            f"(absolute, or relative to --data-dir) of a file with one 'relative/path label' "
-                            f"line per image")
+            raise UserError(
+                f"split-files: {s} list {' or '.join(str(p) for p in tried)} not found; give the path "
+                f"(absolute, or relative to --data-dir) of a file with one 'relative/path label' "
+                f"line per image"
+            )
         found[s] = hit
     return found, found["train"].parent
 
 
 # --- checks ------------------------------------------------------------------------------------------
+
 
 def _missing(root: Path, paths: list[str]) -> list[int]:
     """Indices of the entries that are not an existing regular file under ``root``, in order.
@@ -379,8 +332,11 @@ def _missing(root: Path, paths: list[str]) -> list[int]:
                 names = {e.name for e in it if e.is_file()}
         except OSError:  # no such folder (or unreadable): every image in it is missing
             names = set()
-        missing.extend(i for i in idx if paths[i].rpartition("/")[2] not in names
-                       and not os.path.isfile(os.path.join(base, paths[i])))
+        missing.extend(
+            i
+            for i in idx
+            if paths[i].rpartition("/")[2] not in names and not os.path.isfile(os.path.join(base, paths[i]))
+        )
     missing.sort()
     return missing
 
@@ -394,9 +350,11 @@ def _check_images(root: Path, parsed: dict[str, _List]) -> None:
     lst, i = parsed[split], missing[split][0]
     more = f", and {total - 1} more missing" if total > 1 else ""
     where = ", ".join(f"{len(v)} in {parsed[s].file.name}" for s, v in missing.items() if v)
-    raise UserError(f"{lst.file}: line {lst.line_no(i)} names {lst.paths[i]}, which is not an image file under "
-                    f"{root}{more} ({where}); put the images at {root}/<path in the list>, or pass the "
-                    f"--data-dir that holds them")
+    raise UserError(
+        f"{lst.file}: line {lst.line_no(i)} names {lst.paths[i]}, which is not an image file under "
+        f"{root}{more} ({where}); put the images at {root}/<path in the list>, or pass the "
+        f"--data-dir that holds them"
+    )
 
 
 def _check_disjoint(parsed: dict[str, _List]) -> None:
@@ -404,15 +362,17 @@ def _check_disjoint(parsed: dict[str, _List]) -> None:
     names = list(parsed)
     for a_i, a in enumerate(names):
         seen = {p: i for i, p in enumerate(parsed[a].paths)}
-        for b in names[a_i + 1:]:
+        for b in names[a_i + 1 :]:
             shared = [i for i, p in enumerate(parsed[b].paths) if p in seen]
             if shared:
                 j = shared[0]
                 p = parsed[b].paths[j]
                 more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
-                raise UserError(f"{parsed[b].file}: line {parsed[b].line_no(j)} names {p}, which is also on line "
-                                f"{parsed[a].line_no(seen[p])} of {parsed[a].file}{more}; the {a} and {b} lists "
-                                f"must not share images")
+                raise UserError(
+                    f"{parsed[b].file}: line {parsed[b].line_no(j)} names {p}, which is also on line "
+                    f"{parsed[a].line_no(seen[p])} of {parsed[a].file}{more}; the {a} and {b} lists "
+                    f"must not share images"
+                )
 
 
 def carve_validation(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
@@ -444,9 +404,17 @@ def lists_hash(splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
 
 # --- the loader --------------------------------------------------------------------------------------
 
-def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_class: int = 20,
-                    carve: bool | None = None, lists: Mapping[str, str | os.PathLike | None] | None = None,
-                    class_names: str | os.PathLike | None = None, check_images: bool = True) -> FileLists:
+
+def load_file_lists(
+    name: str,
+    data_dir: str | os.PathLike | None,
+    *,
+    val_per_class: int = 20,
+    carve: bool | None = None,
+    lists: Mapping[str, str | os.PathLike | None] | None = None,
+    class_names: str | os.PathLike | None = None,
+    check_images: bool = True,
+) -> FileLists:
     """Read, check and split a dataset given as Kang-style split files.
 
     ``name``: a key of :data:`FILE_DATASETS`. ``data_dir``: the folder holding the images (and, for
@@ -467,9 +435,11 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
     how many more)."""
     spec = get_file_spec(name)
     if data_dir is None or str(data_dir) == "":
-        where = (_expected(spec, Path("DIR")) if spec.prefix else "DIR/<path in the lists>")
-        raise UserError(f"{spec.name} reads its split files and images from disk: pass --data-dir DIR (or set "
-                        f"STUDY_DATA_DIR); {where}{_where_to_get(spec)}")
+        where = _expected(spec, Path("DIR")) if spec.prefix else "DIR/<path in the lists>"
+        raise UserError(
+            f"{spec.name} reads its split files and images from disk: pass --data-dir DIR (or set "
+            f"STUDY_DATA_DIR); {where}{_where_to_get(spec)}"
+        )
     root = Path(data_dir).expanduser().absolute()
     if not root.is_dir():
         what = _expected(spec, root) if spec.prefix else f"the images at {root}/<path in the lists>"
@@ -480,8 +450,9 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
         files, source = _explicit_lists(lists, root)
     else:
         if lists:
-            raise UserError(f"{spec.name} reads {spec.prefix}_*.txt from --data-dir; explicit list files are "
-                            f"for split-files")
+            raise UserError(
+                f"{spec.name} reads {spec.prefix}_*.txt from --data-dir; explicit list files are for split-files"
+            )
         files, source = _find_lists(spec, root)
 
     parsed = {s: _read_list(p, root, spec.title) for s, p in files.items()}
@@ -503,8 +474,10 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
         if bad.size:
             i = int(bad[0])
             more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
-            raise UserError(f"{lst.file}: line {lst.line_no(i)}: label {int(lst.labels[i])} is outside the valid "
-                            f"range 0..{C - 1} ({how}){more}; labels must be class indices in [0, {C})")
+            raise UserError(
+                f"{lst.file}: line {lst.line_no(i)}: label {int(lst.labels[i])} is outside the valid "
+                f"range 0..{C - 1} ({how}){more}; labels must be class indices in [0, {C})"
+            )
 
     if spec.num_classes is not None and names is None:
         # Labels are checked against the benchmark's C; the classes trained are those the lists use,
@@ -517,11 +490,16 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
     if empty.size:
         c = int(empty[0])
         label = f"class {c}" + (f" ('{_short(names[c], 40)}')" if names else "")
-        hint = (f"these are not the {spec.title} lists (every class has training images there)"
-                if spec.prefix else "every class needs at least one training image")
-        raise UserError(f"{parsed['train'].file}: {label} has no training image ({empty.size} of {C} classes have "
-                        f"none); {hint}; remove the class or add its images"
-                        + ("" if spec.prefix else " (C comes from the class names, else the largest label + 1)"))
+        hint = (
+            f"these are not the {spec.title} lists (every class has training images there)"
+            if spec.prefix
+            else "every class needs at least one training image"
+        )
+        raise UserError(
+            f"{parsed['train'].file}: {label} has no training image ({empty.size} of {C} classes have "
+            f"none); {hint}; remove the class or add its images"
+            + ("" if spec.prefix else " (C comes from the class names, else the largest label + 1)")
+        )
     _check_disjoint(parsed)
     if check_images:
         _check_images(root, parsed)
@@ -536,9 +514,11 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
     elif has_val_list:
         validation = "val-list"
     else:
-        raise UserError(f"{spec.title} has no validation list (its {spec.test_list} list is the test set): carve "
-                        f"a validation split from the training list, or use val_per_class 0 (no validation "
-                        f"split; selection on the test set)")
+        raise UserError(
+            f"{spec.title} has no validation list (its {spec.test_list} list is the test set): carve "
+            f"a validation split from the training list, or use val_per_class 0 (no validation "
+            f"split; selection on the test set)"
+        )
 
     train, test = parsed["train"], parsed[spec.test_list]
     tp = np.array(train.paths, dtype=object)
@@ -555,24 +535,44 @@ def load_file_lists(name: str, data_dir: str | os.PathLike | None, *, val_per_cl
     lines = {s: len(lst.paths) for s, lst in parsed.items()}
     official = bool(spec.official_lines) and all(lines.get(s) == n for s, n in spec.official_lines.items())
     return FileLists(
-        name=spec.name, root=root, num_classes=C, class_names=names,
-        train_paths=tp, train_y=ty, val_paths=vp, val_y=vy, test_paths=sp, test_y=sy,
-        train_counts=np.bincount(ty, minlength=C).tolist(), list_train_counts=list_counts.tolist(),
-        validation=validation, val_per_class=val_per_class if validation == "carved" else 0,
-        list_files={s: str(p) for s, p in files.items()}, list_lines=lines, official=official,
-        source=str(source), lists_hash=lists_hash(splits))
+        name=spec.name,
+        root=root,
+        num_classes=C,
+        class_names=names,
+        train_paths=tp,
+        train_y=ty,
+        val_paths=vp,
+        val_y=vy,
+        test_paths=sp,
+        test_y=sy,
+        train_counts=np.bincount(ty, minlength=C).tolist(),
+        list_train_counts=list_counts.tolist(),
+        validation=validation,
+        val_per_class=val_per_class if validation == "carved" else 0,
+        list_files={s: str(p) for s, p in files.items()},
+        list_lines=lines,
+        official=official,
+        source=str(source),
+        lists_hash=lists_hash(splits),
+    )
 
 
 def _uniform(counts: list[int]) -> int | None:
     return counts[0] if counts and all(n == counts[0] for n in counts) else None
 
 
-def describe_file_dataset(name: str, data_dir: str | os.PathLike | None, *, many_threshold: int | None = None,
-                          few_threshold: int | None = None, **load_kwargs) -> dict:
+def describe_file_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None,
+    *,
+    many_threshold: int | None = None,
+    few_threshold: int | None = None,
+    **load_kwargs,
+) -> dict:
     """Counts, split sizes and groups of a split-file dataset, for ``study data`` (JSON-ready).
 
     ``load_kwargs`` go to :func:`load_file_lists`. The keys shared with the synthetic datasets'
-    ``study.data.lt.describe`` mean the same: ``train_counts`` (after carving), ``total_train``,
+    ``study.data.longtail.describe`` mean the same: ``train_counts`` (after carving), ``total_train``,
     ``num_classes``, ``thresholds``, ``groups``, ``val_per_class`` / ``test_per_class`` (images per
     class when that number is the same for every class, else null; see ``val_counts`` /
     ``test_counts``), ``imbalance_factor`` (largest / smallest training count) and ``n_max``.

@@ -1,6 +1,11 @@
-"""Kang et al.'s class-aware sampler, exactly as their code runs it.
+"""How an epoch's batches are drawn: :func:`epoch_order` (the instance, class-balanced,
+square-root and progressive samplers of Kang et al., a fresh draw per epoch from the trainer's
+generator) and :class:`KangClassAwareSampler` (their class-aware sampler exactly, with cycles that
+persist across epochs).
 
-``study.data.lt.epoch_order(..., "class-balanced", ...)`` reimplements the *scheme* of the decoupling
+**Kang et al.'s class-aware sampler, exactly as their code runs it.**
+
+``study.data.samplers.epoch_order(..., "class-balanced", ...)`` reimplements the *scheme* of the decoupling
 paper's class-aware sampler but starts fresh cycles every epoch and draws N indices. The authors'
 code (facebookresearch/classifier-balancing, ``data/ClassAwareSampler.py``) differs in two ways that
 :class:`KangClassAwareSampler` reproduces:
@@ -54,6 +59,9 @@ from __future__ import annotations
 
 import torch
 
+from study.config.datasets import EPOCH_SAMPLERS
+from study.errors import UserError, unknown
+
 _STATE_VERSION = 1
 
 
@@ -77,7 +85,7 @@ class _Cycle:
                 self.items = [self.items[p] for p in perm]
                 self.i = -1
             got = min(k, n - 1 - self.i)
-            out.extend(self.items[self.i + 1:self.i + 1 + got])
+            out.extend(self.items[self.i + 1 : self.i + 1 + got])
             self.i += got
             k -= got
 
@@ -99,8 +107,10 @@ class KangClassAwareSampler:
         if labels.numel() == 0:
             raise ValueError("KangClassAwareSampler: no labels")
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"KangClassAwareSampler: labels must lie in [0, {num_classes}), "
-                             f"found {int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"KangClassAwareSampler: labels must lie in [0, {num_classes}), "
+                f"found {int(labels.min())}..{int(labels.max())}"
+            )
         if int(num_samples_cls) < 1:
             raise ValueError(f"KangClassAwareSampler: num_samples_cls must be >= 1, got {num_samples_cls}")
         self.gen = gen
@@ -171,11 +181,14 @@ class KangClassAwareSampler:
         sampler over other labels or with another ``num_samples_cls``, or is inconsistent; the
         sampler is unchanged then."""
         if int(state.get("version", -1)) != _STATE_VERSION:
-            raise ValueError(f"KangClassAwareSampler state: version {state.get('version')!r}, "
-                             f"expected {_STATE_VERSION}")
+            raise ValueError(
+                f"KangClassAwareSampler state: version {state.get('version')!r}, expected {_STATE_VERSION}"
+            )
         if int(state["num_samples_cls"]) != self.num_samples_cls:
-            raise ValueError(f"KangClassAwareSampler state: num_samples_cls {int(state['num_samples_cls'])}, "
-                             f"this sampler's is {self.num_samples_cls}")
+            raise ValueError(
+                f"KangClassAwareSampler state: num_samples_cls {int(state['num_samples_cls'])}, "
+                f"this sampler's is {self.num_samples_cls}"
+            )
         if state["classes"].tolist() != self.classes or state["counts"].tolist() != self.counts:
             raise ValueError("KangClassAwareSampler state: taken over other labels (classes or class sizes differ)")
         class_items = state["class_cycle"].tolist()
@@ -200,3 +213,124 @@ class KangClassAwareSampler:
             cycles[c] = _Cycle(items, pos)
         self._class_cycle = _Cycle(class_items, class_pos)
         self._cycles = cycles
+
+
+# --- samplers drawn afresh every epoch ------------------------------------------------------------
+
+
+def _class_index(labels, num_classes: int):
+    """Per-class image counts (length ``num_classes``) and the dataset indices grouped by class
+    (ascending class, each class's indices ascending) with each class's start offset."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    grouped = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return counts, grouped, starts
+
+
+def _class_draws(labels, num_classes: int, probs, gen):
+    """N draws of the multinomial-class + per-class-cycle scheme: each draw picks a class from
+    ``probs`` (one ``torch.multinomial`` call, with replacement, over the non-empty classes only),
+    then the class's next image from its own reshuffled cycle. A class drawn k_c times with n_c
+    images takes the first k_c entries of ceil(k_c / n_c) concatenated random permutations of its
+    images (each permutation the argsort of n_c float64 uniforms), so its images are drawn without
+    replacement as far as possible: within a class, the draw counts of any two images differ by at
+    most 1. Random numbers: the class draw first, then one ``torch.rand`` per drawn class in
+    ascending class order — all from ``gen``."""
+    import torch
+
+    n = int(labels.shape[0])
+    counts, grouped, starts = _class_index(labels, num_classes)
+    present = torch.nonzero(counts > 0).flatten()
+    if n == 0 or present.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    p = probs.to(torch.float64)[present]
+    cls = present[torch.multinomial(p, n, replacement=True, generator=gen)]  # class of each draw
+    drawn = torch.bincount(cls, minlength=num_classes)
+    slots = torch.argsort(cls, stable=True)  # draw positions grouped by class, in draw order
+    fills = []
+    for c in present.tolist():
+        k, nc = int(drawn[c]), int(counts[c])
+        if k == 0:
+            continue
+        cycles = -(-k // nc)
+        perm = torch.rand(cycles, nc, generator=gen, dtype=torch.float64).argsort(dim=1).flatten()[:k]
+        fills.append(grouped[int(starts[c]) + perm])
+    out = torch.empty(n, dtype=torch.int64)
+    out[slots] = torch.cat(fills)
+    return out
+
+
+def epoch_order(labels, num_classes: int, sampler: str, gen, epoch: int = 0, epochs: int = 1):
+    """Indices for one epoch (CPU int64 tensor of length N = ``len(labels)``), the stage-1 samplers
+    of Kang et al. (ICLR 2020), with n_c the number of images of class c in ``labels``, C the number
+    of non-empty classes, and every random number drawn from ``gen`` (a CPU ``torch.Generator``), so
+    the order is a function of the generator state and a resumed run replays it exactly. Empty
+    classes (n_c = 0) are never drawn.
+
+    ``instance``: a random permutation (p_c = n_c / N, each image exactly once).
+
+    ``class-balanced``: the decoupling paper's class-aware sampler — classes visited in reshuffled
+    cycles, 4 consecutive images per visit taken from the class's own reshuffled cycle — until N
+    indices are drawn, so every non-empty class gets N / C images up to ±4. (Kang et al. keep the
+    cycles' positions across epochs; here each epoch starts fresh cycles so that a checkpoint only
+    needs the generator.)
+
+    ``square-root``: p_c ∝ n_c^(1/2). N draws, each a class from p (one ``torch.multinomial`` with
+    replacement) and then that class's next image from its own reshuffled cycle (a per-class
+    permutation, reshuffled when exhausted): images of a class are drawn without replacement as far
+    as possible — any two images of a class are drawn a number of times that differs by at most 1.
+
+    ``progressive``: p_c(t) = (1 − t/T)·n_c/N + (t/T)·1/C with t/T = ``epoch`` / (``epochs`` − 1)
+    (0 when ``epochs`` == 1; ``epoch`` counts from 0), interpolating from instance-balanced at the
+    first epoch to class-balanced at the last. At t/T == 0 the order is exactly ``instance``'s and at
+    t/T == 1 exactly ``class-balanced``'s (the same tensor for the same generator state); strictly
+    between, the class-draw + per-class-cycle scheme of ``square-root`` with p(t).
+
+    ``epoch`` and ``epochs`` only matter to ``progressive`` (0 <= ``epoch`` < ``epochs`` there).
+    """
+    import torch
+
+    if sampler not in EPOCH_SAMPLERS:
+        raise UserError(unknown("sampler", str(sampler), EPOCH_SAMPLERS))
+    labels = torch.as_tensor(labels).cpu()
+    n = int(labels.shape[0])
+    if sampler == "progressive":
+        epoch, epochs = int(epoch), int(epochs)
+        if epochs < 1 or not 0 <= epoch < epochs:
+            raise ValueError(f"progressive sampler: epoch {epoch} outside 0..{epochs - 1} (epochs {epochs})")
+        if epochs == 1 or epoch == 0:
+            sampler = "instance"
+        elif epoch == epochs - 1:
+            sampler = "class-balanced"
+        else:
+            labels = labels.to(torch.int64)
+            counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(torch.float64)
+            present = (counts > 0).to(torch.float64)
+            a = epoch / (epochs - 1)
+            probs = (1 - a) * counts / counts.sum() + a * present / present.sum()
+            return _class_draws(labels, num_classes, probs, gen)
+    if sampler == "square-root":
+        labels = labels.to(torch.int64)
+        counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(torch.float64)
+        return _class_draws(labels, num_classes, counts.sqrt(), gen)
+    if sampler == "instance":
+        return torch.randperm(n, generator=gen)
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    present = [c for c in range(num_classes) if per_class[c].numel()]
+    queues = {c: per_class[c][torch.randperm(per_class[c].numel(), generator=gen)].tolist() for c in present}
+    pos = {c: 0 for c in present}
+    out: list[int] = []
+    class_cycle: list[int] = []
+    while len(out) < n:
+        if not class_cycle:
+            class_cycle = [present[i] for i in torch.randperm(len(present), generator=gen).tolist()]
+        c = class_cycle.pop()
+        for _ in range(4):
+            if pos[c] == len(queues[c]):
+                queues[c] = per_class[c][torch.randperm(per_class[c].numel(), generator=gen)].tolist()
+                pos[c] = 0
+            out.append(queues[c][pos[c]])
+            pos[c] += 1
+    return torch.tensor(out[:n], dtype=torch.int64)

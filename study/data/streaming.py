@@ -1,6 +1,6 @@
 """Streaming input for image-file datasets (ImageNet-LT, Places-LT, iNaturalist 2018).
 
-The CIFAR-style datasets live on the device as uint8 tensors (``study.data.lt.DeviceSplit``); file
+The CIFAR-style datasets live on the device as uint8 tensors (``study.data.device.DeviceSplit``); file
 datasets are far too large for that, so their images are decoded and augmented in DataLoader
 worker processes and only the in-flight batches exist at any time. Three pieces:
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,15 +33,15 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from study.config.datasets import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: F401  (Kang et al.'s statistics)
 from study.errors import UserError
-
-from study.data.filelists import IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD  # noqa: F401  (Kang et al.'s statistics)
 
 EVAL_RESIZE_RATIO = 256 / 224
 """Evaluation resizes the shorter side to ``round(size * 256 / 224)`` before the centre crop."""
 
 
 # --- transforms -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -79,9 +79,16 @@ class KangTransform:
     image: crop (2 uniforms per attempt, then 2 integers), flip (1 uniform), then jitter (a
     permutation of 3, then 3 uniforms)."""
 
-    def __init__(self, size: int, train: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, jitter: float = 0.4,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self,
+        size: int,
+        train: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        jitter: float = 0.4,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ):
         if int(size) < 1:
             raise ValueError(f"transform size {size} must be positive")
         if jitter < 0:
@@ -96,8 +103,10 @@ class KangTransform:
         self.eval_resize = int(round(self.size * EVAL_RESIZE_RATIO))
 
     def __repr__(self) -> str:
-        return (f"KangTransform(size={self.size}, train={self.train}, jitter={self.jitter:g}, "
-                f"mean={tuple(self.mean)}, std={tuple(self.std)})")
+        return (
+            f"KangTransform(size={self.size}, train={self.train}, jitter={self.jitter:g}, "
+            f"mean={tuple(self.mean)}, std={tuple(self.std)})"
+        )
 
     # the random decisions ------------------------------------------------------------------------
 
@@ -166,6 +175,7 @@ class KangTransform:
 
 # --- decoding ---------------------------------------------------------------------------------------
 
+
 class UnreadableImage(UserError):
     """An image file that is missing or cannot be decoded; the message names its full path and why.
 
@@ -208,8 +218,13 @@ class ImageListDataset(torch.utils.data.Dataset):
     Python strings: forked DataLoader workers touching the refcounts of millions of small objects
     would copy their pages, so each worker's memory would grow with the dataset."""
 
-    def __init__(self, root: str | os.PathLike, paths: Sequence[str], labels: Sequence[int],
-                 transform: Callable[[Image.Image, np.random.Generator | None], torch.Tensor]):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable[[Image.Image, np.random.Generator | None], torch.Tensor],
+    ):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.root = os.fspath(root)
@@ -225,7 +240,7 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def relpath(self, index: int) -> str:
         """The path of image ``index`` as the list gives it."""
-        return self._blob[self._offsets[index]:self._offsets[index + 1]].tobytes().decode("utf-8")
+        return self._blob[self._offsets[index] : self._offsets[index + 1]].tobytes().decode("utf-8")
 
     def path(self, index: int) -> str:
         """The full path of image ``index``."""
@@ -243,10 +258,11 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 # --- the split --------------------------------------------------------------------------------------
 
+
 def draw_epoch_seed(gen: torch.Generator) -> int:
     """An epoch's seed from the trainer's CPU ``torch.Generator`` (one ``torch.randint`` draw), so a
     checkpointed generator state reproduces it."""
-    return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
 class _BatchPlan:
@@ -272,7 +288,7 @@ class _BatchPlan:
         def batches():
             for k in range(count):
                 lo = k * b
-                idx = order[lo:lo + b].tolist()
+                idx = order[lo : lo + b].tolist()
                 if seed is None:
                     yield [(i, None) for i in idx]
                 else:
@@ -334,10 +350,18 @@ class StreamSplit:
     invalidates an unfinished one (which raises RuntimeError if resumed). ``close()`` (or using the
     split as a context manager) stops the workers; they also stop when the split is collected."""
 
-    def __init__(self, root: str | os.PathLike, paths: Sequence[str], labels: Sequence[int],
-                 transform: Callable[[Image.Image, np.random.Generator | None], torch.Tensor],
-                 device="cpu", num_workers: int = 0, prefetch: int = 2, pin_memory: bool | None = None,
-                 multiprocessing_context=None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable[[Image.Image, np.random.Generator | None], torch.Tensor],
+        device="cpu",
+        num_workers: int = 0,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+        multiprocessing_context=None,
+    ):
         if num_workers < 0:
             raise ValueError(f"num_workers {num_workers} must be >= 0")
         if prefetch < 1:
@@ -369,12 +393,17 @@ class StreamSplit:
         if self._box.loader is None:
             workers = self.num_workers
             self._box.loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self._plan, num_workers=workers,
-                persistent_workers=workers > 0, prefetch_factor=self.prefetch if workers else None,
-                pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context if workers else None,
+                self.dataset,
+                batch_sampler=self._plan,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                prefetch_factor=self.prefetch if workers else None,
+                pin_memory=self.pin_memory,
+                multiprocessing_context=self.multiprocessing_context if workers else None,
                 # private generator: creating an iterator draws a base seed, which must not move
                 # the global torch RNG (other code's random streams) — and the seed is unused
-                generator=torch.Generator().manual_seed(0))
+                generator=torch.Generator().manual_seed(0),
+            )
         return self._box.loader
 
     def _iterate(self, order, batch_size: int, epoch_seed: int | None, drop_last: bool):
@@ -407,11 +436,12 @@ class StreamSplit:
                 raise clean from e
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
-    def batches(self, order, batch_size: int, epoch_seed: int,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, order, batch_size: int, epoch_seed: int, drop_last: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches: (x, y) for ``order[0:B]``, ``order[B:2B]``, ... on the device, the last
         partial batch kept unless ``drop_last``. ``order`` is a 1-d sequence of dataset indices (the
-        CPU int64 tensor of ``study.data.lt.epoch_order``); ``epoch_seed`` a non-negative int (see
+        CPU int64 tensor of ``study.data.samplers.epoch_order``); ``epoch_seed`` a non-negative int (see
         :func:`draw_epoch_seed`). The order and seed are checked and the workers given the epoch
         when this is called, before the first batch is requested."""
         epoch_seed = int(epoch_seed)

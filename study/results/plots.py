@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from study.results.analysis import Results, as_results, label, long_label, split_word
-from study.data.lt import shot_groups
+from study.config.groups import shot_groups
 from study.fsutil import atomic_write_bytes
 from study.layout import COMPLETED, FAILURE_STATUSES, ExperimentInfo
+from study.results.builders import label, long_label, split_word
+from study.results.loading import Results, as_results
 
 
 def _figure(width: float, height: float) -> Any:
@@ -63,8 +64,16 @@ def _mark_groups(ax: Any, res: Results, text: bool = False) -> None:
         edges = [-0.5] + [x for x, _ in marks] + [len(groups) - 0.5]
         names = [groups[0]] + [g for _, g in marks]
         for (lo, hi), g in zip(zip(edges, edges[1:]), names):
-            ax.text((lo + hi) / 2, 1.01, g, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=8, color="0.35")
+            ax.text(
+                (lo + hi) / 2,
+                1.01,
+                g,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="0.35",
+            )
 
 
 def weight_norm_figure(res: Results) -> Any:
@@ -87,7 +96,7 @@ def weight_norm_figure(res: Results) -> Any:
         _mark_groups(ax, res)
         ax.set_title(_title(res, e, m), fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[::ncols]:
         ax.set_ylabel("weight norm")
@@ -96,8 +105,10 @@ def weight_norm_figure(res: Results) -> Any:
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("class index (by training count)")
     n = int(pc["seed"].nunique())
-    fig.suptitle(f"Per-class classifier weight norms ({res.header.study}; mean over {n} seed"
-                 f"{'s' * (n != 1)}, band = min-max)", fontsize=10)
+    fig.suptitle(
+        f"Per-class classifier weight norms ({res.header.study}; mean over {n} seed{'s' * (n != 1)}, band = min-max)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -117,8 +128,7 @@ def accuracy_figure(res: Results) -> Any:
     for k, (e, m, df) in enumerate(lines):
         acc = df.groupby("class")["test_acc"].mean() * 100
         style = "--" if e.stage == "stage1" else "-"
-        ax.plot(acc.index, acc.to_numpy(), style, marker="o", ms=3, lw=1.3, color=cmap(k % 20),
-                label=_title(res, e, m))
+        ax.plot(acc.index, acc.to_numpy(), style, marker="o", ms=3, lw=1.3, color=cmap(k % 20), label=_title(res, e, m))
     _mark_groups(ax, res, text=True)
     ax.set_xlabel("class index (by training count)")
     ax.set_ylabel("test accuracy (%)")
@@ -127,8 +137,6 @@ def accuracy_figure(res: Results) -> Any:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.suptitle(f"Per-class test accuracy ({res.header.study}; mean over seeds)", fontsize=10)
     return fig
-
-
 
 
 def search_figure(res: Results, exp: ExperimentInfo, method: str) -> Any:
@@ -156,12 +164,20 @@ def search_figure(res: Results, exp: ExperimentInfo, method: str) -> Any:
         if not sel.empty:
             ax.scatter(sel[x], sel["obj"], s=120, marker="*", color="C3", label="selected", zorder=4)
         # trials without an objective sit on the bottom edge, so failures and gaps stay visible
-        for df, style, name in ((bad, {"marker": "x", "c": "C3"}, "diverged/failed"),
-                                (waiting, {"marker": "o", "facecolors": "none", "edgecolors": "0.5"},
-                                 "no result yet")):
+        for df, style, name in (
+            (bad, {"marker": "x", "c": "C3"}, "diverged/failed"),
+            (waiting, {"marker": "o", "facecolors": "none", "edgecolors": "0.5"}, "no result yet"),
+        ):
             if not df.empty:
-                ax.scatter(df[x], np.full(len(df), 0.03), transform=ax.get_xaxis_transform(), s=25, label=name,
-                           zorder=4, **style)
+                ax.scatter(
+                    df[x],
+                    np.full(len(df), 0.03),
+                    transform=ax.get_xaxis_transform(),
+                    s=25,
+                    label=name,
+                    zorder=4,
+                    **style,
+                )
         ax.grid(alpha=0.3)
 
     ax = axes[0]
@@ -195,8 +211,10 @@ def search_figure(res: Results, exp: ExperimentInfo, method: str) -> Any:
             ax.set_xlim(*((lo / 1.3, hi * 1.3) if log else (lo - pad, hi + pad)))
         ax.set_xlabel(p + (" (log scale)" if log else ""))
     n = len(trials)
-    fig.suptitle(f"Search of {exp.name}/{method} ({label(exp, method)}): {n} trial{'s' * (n != 1)}, "
-                 f"{len(ok)} completed", fontsize=10)
+    fig.suptitle(
+        f"Search of {exp.name}/{method} ({label(exp, method)}): {n} trial{'s' * (n != 1)}, {len(ok)} completed",
+        fontsize=10,
+    )
     return fig
 
 
@@ -234,34 +252,45 @@ def norm_evolution_figure(res: Results) -> Any:
     fig = _figure(3.2 * cols, 2.6 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (e, m, a) in zip(axes.flat, panels):
-        im = ax.imshow(a, aspect="auto", interpolation="nearest", cmap="viridis",
-                       extent=(-0.5, a.shape[1] - 0.5, a.shape[0] + 0.5, 0.5))
+        im = ax.imshow(
+            a,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(-0.5, a.shape[1] - 0.5, a.shape[0] + 0.5, 0.5),
+        )
         ax.set_title(_title(res, e, m), fontsize=8)
         ax.set_xlabel("class (by training count)", fontsize=7)
         ax.set_ylabel("epoch", fontsize=7)
         ax.tick_params(labelsize=6)
         fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(f"Per-class classifier weight norm by epoch ({res.header.study}; selected configurations, "
-                 "mean over seeds)", fontsize=10)
+    fig.suptitle(
+        f"Per-class classifier weight norm by epoch ({res.header.study}; selected configurations, mean over seeds)",
+        fontsize=10,
+    )
     return fig
 
 
-def write_plots(root: str | os.PathLike | Results,
-                out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
+def write_plots(
+    root: str | os.PathLike | Results, out: str | os.PathLike | None = None
+) -> tuple[list[Path], list[str]]:
     """Write every plot of a study into ``out`` (default ``STUDY/plots``). Returns the written files
     and a note for each plot skipped for lack of data."""
     res = as_results(root)
     folder = Path(out) if out else res.paths.plots
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
-            ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies"),
-            ("weight_norm_evolution.png", lambda: norm_evolution_figure(res), "no per-epoch weight norms")]
+    jobs = [
+        ("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
+        ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies"),
+        ("weight_norm_evolution.png", lambda: norm_evolution_figure(res), "no per-epoch weight norms"),
+    ]
     for e, m in _methods(res):
         if res.searched(e, m):
-            jobs.append((f"search-{e.name}-{m}.png", lambda e=e, m=m: search_figure(res, e, m),
-                         f"no trials of {e.name}/{m}"))
+            jobs.append(
+                (f"search-{e.name}-{m}.png", lambda e=e, m=m: search_figure(res, e, m), f"no trials of {e.name}/{m}")
+            )
     written, skipped = [], []
     for name, make, why in jobs:
         fig = make()
@@ -296,9 +325,14 @@ class PlotProcess:
         # the child imports this package as the driver did, also from a source checkout
         here = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._proc = subprocess.Popen([sys.executable, "-c", "from study.results.plots import _serve; _serve()"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from study.results.plots import _serve; _serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
 
     def write(self, root: str | os.PathLike) -> None:
         """Start drawing the plots of the complete study at ``root`` (returns at once)."""
@@ -333,7 +367,7 @@ def _serve() -> None:
 
     import matplotlib.figure  # noqa: F401  (imported while the study still runs)
 
-    from study.results.analysis import load_results
+    from study.results.loading import load_results
 
     root = sys.stdin.readline().strip()
     if not root:
@@ -341,7 +375,7 @@ def _serve() -> None:
     try:
         written = write_all_plots(load_results(root, complete=True))  # done.json comes after the plots
         reply = {"written": [str(p) for p in written]}
-    except Exception:
+    except Exception:  # noqa: BLE001
         reply = {"error": traceback.format_exc(limit=-3).strip().replace("\n", " | ")}
     print(json.dumps(reply), flush=True)
 

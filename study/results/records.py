@@ -16,10 +16,31 @@ from pathlib import Path
 from typing import Any
 
 from study.fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl, replace_synced
-from study.layout import (COMPLETED, ENDED_STATUSES, FAILED, FAILURE_STATUSES, INTERRUPTED, PENDING, PER_CLASS_COLUMNS,
-                     RUNNING, STOPPED, TRIALS_COLUMNS, PerClassRow, Selection, StageMarker, FinalReport, StudyHeader, StudyPaths,
-                     TrialInfo, TrialRecord, TrialRow, load_header, parse_trial_dirname, searched_params,
-                     trial_index_in_experiment)
+from study.layout import (
+    COMPLETED,
+    ENDED_STATUSES,
+    FAILED,
+    FAILURE_STATUSES,
+    INTERRUPTED,
+    PENDING,
+    PER_CLASS_COLUMNS,
+    RUNNING,
+    STOPPED,
+    TRIALS_COLUMNS,
+    FinalReport,
+    PerClassRow,
+    Selection,
+    StageMarker,
+    StudyHeader,
+    StudyPaths,
+    TrialInfo,
+    TrialRecord,
+    TrialRow,
+    load_header,
+    parse_trial_dirname,
+    searched_params,
+    trial_index_in_experiment,
+)
 
 
 def fmt_value(v: Any) -> str:
@@ -40,6 +61,7 @@ def fmt_params(params: dict | None) -> str:
 
 # --- Tune's own view (for statuses our files cannot know: pending, early-stopped, errored) --------------
 
+
 def read_tune_state(file: str | os.PathLike) -> dict[str, dict]:
     """trial_id -> {experiment, status, index, logdir, config} from one of Tune's experiment_state
     files. A trial's experiment and its index in it are in the ``_study`` block of its config (one
@@ -51,10 +73,13 @@ def read_tune_state(file: str | os.PathLike) -> dict[str, dict]:
         if isinstance(tj, str):
             tj = json.loads(tj)
         config = tj.get("config") or {}
-        out[tj["trial_id"]] = {"experiment": (config.get("_study") or {}).get("experiment"),
-                               "status": tj.get("status"),
-                               "index": trial_index_in_experiment(config, tj.get("experiment_tag"), tj["trial_id"]),
-                               "logdir": tj.get("relative_logdir"), "config": config}
+        out[tj["trial_id"]] = {
+            "experiment": (config.get("_study") or {}).get("experiment"),
+            "status": tj.get("status"),
+            "index": trial_index_in_experiment(config, tj.get("experiment_tag"), tj["trial_id"]),
+            "logdir": tj.get("relative_logdir"),
+            "config": config,
+        }
     return out
 
 
@@ -89,6 +114,7 @@ def lock_alive(paths: StudyPaths) -> bool:
 
 # --- one trial, as its files say --------------------------------------------------------------------------
 
+
 @dataclass
 class TrialView:
     """A trial as its folder (and Tune's snapshot) describe it."""
@@ -121,8 +147,9 @@ def _status(record: TrialRecord | None, failed: dict | None, tstat: str | None, 
     return (RUNNING if live else INTERRUPTED), None
 
 
-def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = None,
-                      include_unknown: bool | None = None) -> list[TrialView]:
+def experiment_trials(
+    paths: StudyPaths, experiment: str, live: bool | None = None, include_unknown: bool | None = None
+) -> list[TrialView]:
     """Every known trial of an experiment with its status, params, objective and record.
 
     ``live``: a `study run` holds the study (in-flight trials are ``running``, not ``interrupted``).
@@ -157,13 +184,23 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
             if status == FAILED and reason is None:
                 logdir = tune_state[tid].get("logdir")
                 reason = error_reason(paths.tune_experiment / logdir / "error.txt" if logdir else None)
-            t = TrialView(index, tid, tdir, status, method=info.method if info else None,
-                          params=dict(info.params) if info else {}, record=record, reason=reason,
-                          objective=epochs[-1].get("objective") if epochs else None,
-                          epochs_run=epochs[-1].get("epoch") if epochs else 0, events=epochs,
-                          resumed_from_epoch=max((e.get("start_epoch", 0) for e in events
-                                                  if e.get("event") == "start"), default=0),
-                          notes="; ".join(e.get("note", "") for e in events if e.get("event") == "fallback"))
+            t = TrialView(
+                index,
+                tid,
+                tdir,
+                status,
+                method=info.method if info else None,
+                params=dict(info.params) if info else {},
+                record=record,
+                reason=reason,
+                objective=epochs[-1].get("objective") if epochs else None,
+                epochs_run=epochs[-1].get("epoch") if epochs else 0,
+                events=epochs,
+                resumed_from_epoch=max(
+                    (e.get("start_epoch", 0) for e in events if e.get("event") == "start"), default=0
+                ),
+                notes="; ".join(e.get("note", "") for e in events if e.get("event") == "fallback"),
+            )
             if record:
                 t.objective = record.objective
                 t.epochs_run = record.epochs_run or t.epochs_run
@@ -172,8 +209,9 @@ def experiment_trials(paths: StudyPaths, experiment: str, live: bool | None = No
     for tid, ts in tune_state.items():  # suggested by the searcher but never started
         if tid not in out and ts.get("status") in ("PENDING", "PAUSED", "RUNNING"):
             cfg = ts.get("config") or {}
-            out[tid] = TrialView(ts.get("index") or 0, tid, None, PENDING, method=cfg.get("method"),
-                                 params=searched_params(cfg))
+            out[tid] = TrialView(
+                ts.get("index") or 0, tid, None, PENDING, method=cfg.get("method"), params=searched_params(cfg)
+            )
     return sorted(out.values(), key=lambda t: t.trial_index)
 
 
@@ -182,14 +220,19 @@ def best_completed(trials: list[TrialView], method: str) -> TrialView | None:
     ``experiment_trials``. Diverged, failed and early-stopped trials never count."""
     best = None
     for t in trials:
-        if t.method == method and t.status == COMPLETED and t.objective is not None \
-                and (best is None or t.objective > best.objective):
+        if (
+            t.method == method
+            and t.status == COMPLETED
+            and t.objective is not None
+            and (best is None or t.objective > best.objective)
+        ):
             best = t
     return best
 
 
-def select_best(paths: StudyPaths, experiment: str, methods, trial_ids: set[str] | None = None
-                ) -> dict[str, Selection | None]:
+def select_best(
+    paths: StudyPaths, experiment: str, methods, trial_ids: set[str] | None = None
+) -> dict[str, Selection | None]:
     """Per method: the completed trial with the highest objective (ties: the earlier trial), among
     ``trial_ids`` (default: the trials of Tune's last snapshot). Diverged, failed and early-stopped
     trials are never selected."""
@@ -199,17 +242,26 @@ def select_best(paths: StudyPaths, experiment: str, methods, trial_ids: set[str]
     chosen: dict[str, Selection | None] = {}
     for method in methods:
         best = best_completed(trials, method)
-        chosen[method] = None if best is None else Selection(
-            trial_id=best.trial_id, trial_index=best.trial_index, dir=str(best.dir), objective=best.record.objective,
-            params=dict(best.record.params or {}))
+        chosen[method] = (
+            None
+            if best is None
+            else Selection(
+                trial_id=best.trial_id,
+                trial_index=best.trial_index,
+                dir=str(best.dir),
+                objective=best.record.objective,
+                params=dict(best.record.params or {}),
+            )
+        )
     return chosen
 
 
 # --- trials.csv and per_class.csv -------------------------------------------------------------------------
 
+
 def collect(paths: StudyPaths, header: StudyHeader) -> tuple[list[dict], list[dict]]:
     """(trials rows, per-class rows) from the files of a study, as plain mappings in column order."""
-    from study.data.lt import shot_groups
+    from study.config.groups import shot_groups
 
     study = header.study or paths.root.name
     counts = header.data.train_counts
@@ -230,43 +282,76 @@ def collect(paths: StudyPaths, header: StudyHeader) -> tuple[list[dict], list[di
                 sel_rep = (ps.selection if ps else None) or {}
                 test = final.seed(seed) if final else {}
                 bal = (ps.balance if ps else None) or {}
-                rows.append(TrialRow(
-                    study=study, stage=exp.stage, experiment=exp.name, variant=exp.variant_of(t.method),
-                    method=t.method, trial=t.trial_index,
-                    trial_id=t.trial_id, seed=seed, status=t.status, reason=t.reason, selected=is_sel,
-                    objective=t.objective, best_epoch=ps.best_epoch if ps else None, epochs_run=t.epochs_run,
-                    resumed_from_epoch=t.resumed_from_epoch, selection_split=header.data.selection_split,
-                    **{f"sel_{g}": sel_rep.get(g) for g in ("all", "many", "medium", "few")},
-                    **{f"test_{g}": test.get(g) for g in ("all", "many", "medium", "few")},
-                    norm_ratio=bal.get("norm_ratio"), norm_cv=bal.get("norm_cv"),
-                    norm_spearman=bal.get("norm_spearman"), maxnorm_radius=ps.maxnorm_radius if ps else None,
-                    maxnorm_binding=ps.maxnorm_binding if ps else None,
-                    maxnorm_rows_clipped=ps.maxnorm_rows_clipped if ps else None,
-                    tau=ps.tau if ps else None, notes=t.notes or None, params=dict(t.params or {}),
-                    **_geometry_columns(test.get("geometry"))))
+                rows.append(
+                    TrialRow(
+                        study=study,
+                        stage=exp.stage,
+                        experiment=exp.name,
+                        variant=exp.variant_of(t.method),
+                        method=t.method,
+                        trial=t.trial_index,
+                        trial_id=t.trial_id,
+                        seed=seed,
+                        status=t.status,
+                        reason=t.reason,
+                        selected=is_sel,
+                        objective=t.objective,
+                        best_epoch=ps.best_epoch if ps else None,
+                        epochs_run=t.epochs_run,
+                        resumed_from_epoch=t.resumed_from_epoch,
+                        selection_split=header.data.selection_split,
+                        **{f"sel_{g}": sel_rep.get(g) for g in ("all", "many", "medium", "few")},
+                        **{f"test_{g}": test.get(g) for g in ("all", "many", "medium", "few")},
+                        norm_ratio=bal.get("norm_ratio"),
+                        norm_cv=bal.get("norm_cv"),
+                        norm_spearman=bal.get("norm_spearman"),
+                        maxnorm_radius=ps.maxnorm_radius if ps else None,
+                        maxnorm_binding=ps.maxnorm_binding if ps else None,
+                        maxnorm_rows_clipped=ps.maxnorm_rows_clipped if ps else None,
+                        tau=ps.tau if ps else None,
+                        notes=t.notes or None,
+                        params=dict(t.params or {}),
+                        **_geometry_columns(test.get("geometry")),
+                    )
+                )
                 if is_sel and ps and ps.selection is not None:
                     norms = ps.weight_norms or []
                     feature_norms = ((test.get("geometry") or {}).get("train") or {}).get("feature_norms") or []
                     sel_pc = sel_rep.get("per_class") or []
                     test_pc = test.get("per_class") or []
                     for c, n in enumerate(counts):
-                        per_class.append(PerClassRow(
-                            study=study, stage=exp.stage, experiment=exp.name, variant=exp.variant_of(t.method),
-                            method=t.method, seed=seed,
-                            klass=c, train_count=n, group=str(groups[c]),
-                            sel_acc=sel_pc[c] if c < len(sel_pc) else None,
-                            test_acc=test_pc[c] if c < len(test_pc) else None,
-                            weight_norm=norms[c] if c < len(norms) else None,
-                            feature_norm=feature_norms[c] if c < len(feature_norms) else None))
+                        per_class.append(
+                            PerClassRow(
+                                study=study,
+                                stage=exp.stage,
+                                experiment=exp.name,
+                                variant=exp.variant_of(t.method),
+                                method=t.method,
+                                seed=seed,
+                                klass=c,
+                                train_count=n,
+                                group=str(groups[c]),
+                                sel_acc=sel_pc[c] if c < len(sel_pc) else None,
+                                test_acc=test_pc[c] if c < len(test_pc) else None,
+                                weight_norm=norms[c] if c < len(norms) else None,
+                                feature_norm=feature_norms[c] if c < len(feature_norms) else None,
+                            )
+                        )
     return [r.to_dict() for r in rows], [r.to_dict() for r in per_class]
 
 
 def _geometry_columns(geo: dict | None) -> dict:
     """trials.csv's feature-geometry columns from a final report's ``geometry`` block."""
     train, test = (geo or {}).get("train") or {}, (geo or {}).get("test") or {}
-    return {"fdr_train": train.get("fdr"), "fdr_test": test.get("fdr"), "class_cos_train": train.get("class_mean_cos"),
-            "class_cos_test": test.get("class_mean_cos"), "class_cos_centred_test": test.get("class_mean_cos_centred"),
-            "cone_cos_test": test.get("cone_cos"), "feature_norm_spearman": train.get("feature_norm_spearman")}
+    return {
+        "fdr_train": train.get("fdr"),
+        "fdr_test": test.get("fdr"),
+        "class_cos_train": train.get("class_mean_cos"),
+        "class_cos_test": test.get("class_mean_cos"),
+        "class_cos_centred_test": test.get("class_mean_cos_centred"),
+        "cone_cos_test": test.get("cone_cos"),
+        "feature_norm_spearman": train.get("feature_norm_spearman"),
+    }
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -304,6 +389,7 @@ def write_records(paths: StudyPaths) -> tuple[int, int]:
 
 # --- optuna.db ------------------------------------------------------------------------------------------
 
+
 def optuna_study_name(experiment: str, method: str) -> str:
     """The Optuna study of one method of one experiment (``stage1-ce-wd``, ``stage2-ce-wd-wb``), in the
     searcher and in optuna.db."""
@@ -319,17 +405,26 @@ def optuna_trial(t: TrialView, dists: dict):
 
     state = {COMPLETED: TrialState.COMPLETE, STOPPED: TrialState.PRUNED}.get(t.status, TrialState.FAIL)
     params = {k: v for k, v in (t.params or {}).items() if k in dists}
-    inter = {int(e["epoch"]): float(e["objective"]) for e in t.events
-             if e.get("objective") is not None and math.isfinite(e["objective"])}
+    inter = {
+        int(e["epoch"]): float(e["objective"])
+        for e in t.events
+        if e.get("objective") is not None and math.isfinite(e["objective"])
+    }
     attrs = {"tune_trial_id": t.trial_id, "trial_index": t.trial_index, "status": t.status, "reason": t.reason or ""}
-    return create_trial(params=params, distributions={k: dists[k] for k in params},
-                        value=t.objective if state == TrialState.COMPLETE else None, state=state,
-                        intermediate_values=inter, user_attrs=attrs)
+    return create_trial(
+        params=params,
+        distributions={k: dists[k] for k in params},
+        value=t.objective if state == TrialState.COMPLETE else None,
+        state=state,
+        intermediate_values=inter,
+        user_attrs=attrs,
+    )
 
 
 def export_optuna(paths: StudyPaths) -> Path:
     """Rebuild ``optuna.db``: one Optuna study per experiment and method (``stage1-<variant>``,
-    ``stage2-<variant>-<method>``; ``stage2-<method>`` for old-form spaces), its trials with their parameters, objective, per-epoch
+    ``stage2-<variant>-<method>``; ``stage2-<method>`` for old-form spaces), its trials with their parameters,
+    objective, per-epoch
     intermediate values and user attributes ``tune_trial_id``, ``status``, ``reason``. Built in a
     temporary file and renamed, so readers never see a half-written database."""
     import optuna
@@ -353,8 +448,12 @@ def export_optuna(paths: StudyPaths) -> Path:
     for exp in header.experiments:
         trials = experiment_trials(paths, exp.name, live, include_unknown=False)
         for method in exp.methods:
-            study = optuna.create_study(study_name=optuna_study_name(exp.name, method), storage=storage,
-                                        direction="maximize", load_if_exists=True)
+            study = optuna.create_study(
+                study_name=optuna_study_name(exp.name, method),
+                storage=storage,
+                direction="maximize",
+                load_if_exists=True,
+            )
             dists = {k: dist_from_yaml(v).to_optuna() for k, v in header.search_space(exp, method).items()}
             for t in trials:
                 if t.method != method or t.status not in ENDED_STATUSES:
@@ -369,13 +468,19 @@ def export_optuna(paths: StudyPaths) -> Path:
 
 # --- status summary -------------------------------------------------------------------------------------
 
+
 def study_status(root: str | os.PathLike) -> dict:
     """Per stage and method: completed / diverged / failed / running / pending against the budget,
     and the best configuration so far. Reads files only."""
     paths, header = load_header(root)
     live = lock_alive(paths)
-    out = {"study": header.study, "root": str(paths.root), "complete": paths.done.exists(),
-           "running": live, "experiments": []}
+    out = {
+        "study": header.study,
+        "root": str(paths.root),
+        "complete": paths.done.exists(),
+        "running": live,
+        "experiments": [],
+    }
     for exp in header.experiments:
         trials = experiment_trials(paths, exp.name, live)
         methods = {}
@@ -390,9 +495,15 @@ def study_status(root: str | os.PathLike) -> dict:
             best = b and {"trial": b.trial_index, "objective": b.objective, "params": b.params}
             methods[method] = {"budget": info.budget, "counts": counts, "best": best}
         total = {k: sum(m["counts"][k] for m in methods.values()) for k in next(iter(methods.values()))["counts"]}
-        out["experiments"].append({"name": exp.name, "budget": exp.budget, "variant": exp.variant,
-                                   "finished": paths.stage_marker(exp.name).exists(), "counts": total,
-                                   "methods": methods})
+        out["experiments"].append(
+            {
+                "name": exp.name,
+                "budget": exp.budget,
+                "variant": exp.variant,
+                "finished": paths.stage_marker(exp.name).exists(),
+                "counts": total,
+                "methods": methods,
+            }
+        )
     out["final_evaluations"] = paths.final_reports()
     return out
-

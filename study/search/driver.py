@@ -2,7 +2,7 @@
 test set, the records, tables and plots — and resumes an interrupted one when run again.
 
 A study runs one Tune experiment, a single ``Tuner`` stored in ``results/NAME/tune/search``
-(``study.search.tune_adapter``), whose searcher proposes the trials of every stage in order:
+(``study.search.tuner``), whose searcher proposes the trials of every stage in order:
 
 1. ``stage1``: one method per stage-1 variant (e.g. ``naive``, weight decay 0, one configuration,
    and ``tuned``, the stage-1 space proposed by a seeded Optuna TPE sampler); each trial trains
@@ -12,7 +12,7 @@ A study runs one Tune experiment, a single ``Tuner`` stored in ``results/NAME/tu
    each trial's configuration, so a restored trial uses the same ones). Methods with searched
    parameters get their own Optuna study and budget; the others run once;
 3. the final evaluation: each method's selected configuration, once per seed, on the test set
-   (``study.training.stages.evaluate_selected``, as ``study train`` does).
+   (``study.training.final_eval.evaluate_selected``, as ``study train`` does).
 
 Resume contract: a finished experiment has ``stages/<experiment>.json`` (written by the searcher
 when its last trial ended) and never runs again; an unfinished search is restored with
@@ -27,19 +27,39 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from study.search import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
+from study.config.spaces import StudySpace, diff_dicts
 from study.errors import StudyInterrupted, UserError
 from study.faults import pause_point
 from study.fsutil import StudyLock, atomic_write_json, check_writable, json_plain
-from study.layout import (ENDED_STATUSES, DataSummary, ExperimentInfo, FinalReport, MethodInfo, StageMarker, StudyHeader,
-                     StudyPaths, check_name, final_weights, read_yaml_file)
-from study.search.ray_runtime import check_address, check_stop, import_ray, init_ray, stop_signals, trial_resources
+from study.layout import (
+    ENDED_STATUSES,
+    DataSummary,
+    ExperimentInfo,
+    FinalReport,
+    MethodInfo,
+    StageMarker,
+    StudyHeader,
+    StudyPaths,
+    check_name,
+    final_weights,
+    read_yaml_file,
+)
 from study.results.records import experiment_trials
-from study.config.spaces import StudySpace, diff_dicts
+from study.search import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
+from study.search.ray_runtime import (
+    check_address,
+    check_stop,
+    import_ray,
+    init_ray,
+    stop_signals,
+    trial_resources,
+    wait_unless_stopped,
+)
 
 if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
     from study.results.plots import PlotProcess
@@ -47,12 +67,14 @@ if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
 
 # --- final evaluation ---------------------------------------------------------------------------------
 
-def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict,
-                     workers: int = 0) -> dict:
+
+def _final_eval_task(
+    backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict, workers: int = 0
+) -> dict:
     """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``)."""
     from study.config.schema import EvalConfig
     from study.fsutil import safe_torch_load
-    from study.training.stages import evaluate_selected
+    from study.training.final_eval import evaluate_selected
 
     stage1 = safe_torch_load(stage1_file)
     # the variant's own stage-1 model is the backbone of its heads: the same object, one feature pass
@@ -60,8 +82,16 @@ def _final_eval_task(backbone: str, stage1_file: str, finals: dict[str, str], da
     return evaluate_selected(backbone, stage1, states, data, EvalConfig(**eval_cfg), workers=workers)
 
 
-def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections: dict[str, StageMarker],
-                         cpus: float, gpus: float, log: Callable[[str], None], in_driver: bool = False) -> None:
+def run_final_evaluation(
+    space: StudySpace,
+    paths: StudyPaths,
+    data,
+    selections: dict[str, StageMarker],
+    cpus: float,
+    gpus: float,
+    log: Callable[[str], None],
+    in_driver: bool = False,
+) -> None:
     """Evaluate each method's selected configuration once per seed on the test set (skipping those
     already written, so a resumed study never evaluates a configuration twice). One evaluation per
     stage-1 variant and seed: the variant's own model and the stage-2 heads on its backbone, which
@@ -71,9 +101,12 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
     local Ray runs nothing else by now, and a fresh Ray worker would first spend seconds importing
     torch); otherwise one Ray task each, on the cluster's resources."""
     stage_of = {e.name: e for e in space.experiments()}
-    todo = [(exp, method, marker.selection(method)) for exp, marker in selections.items()
-            for method in marker.selected
-            if marker.selection(method) is not None and not paths.final_file(exp, method).exists()]
+    todo = [
+        (exp, method, marker.selection(method))
+        for exp, marker in selections.items()
+        for method in marker.selected
+        if marker.selection(method) is not None and not paths.final_file(exp, method).exists()
+    ]
     if not todo:
         return
     log(f"final evaluation on the test set: {len(todo)} configuration(s) x {len(space.seeds)} seed(s)")
@@ -85,12 +118,15 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
     for variant, items in groups.items():
         s1_dir = selections["stage1"].selection(variant).dir
         for seed in space.seeds:
-            jobs[variant, seed] = (space.backbone_of(variant), str(final_weights(s1_dir, seed)),
-                                   {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items})
-    from study.data.lt import loader_workers
+            jobs[variant, seed] = (
+                space.backbone_of(variant),
+                str(final_weights(s1_dir, seed)),
+                {f"{e}--{m}": str(final_weights(sel.dir, seed)) for e, m, sel in items},
+            )
+    from study.data.longtail import loader_workers
 
     if in_driver:
-        pause_point("final-eval", log)
+        pause_point("final-eval", log, wait_unless_stopped)
         workers = loader_workers(data)
         reports = {key: _final_eval_task(*job, data, asdict(space.eval), workers) for key, job in jobs.items()}
     else:
@@ -100,36 +136,55 @@ def run_final_evaluation(space: StudySpace, paths: StudyPaths, data, selections:
         data_ref = ray.put(data)
         workers = loader_workers(data, cpus)
         futures = {key: remote.remote(*job, data_ref, asdict(space.eval), workers) for key, job in jobs.items()}
-        pause_point("final-eval", log)
+        pause_point("final-eval", log, wait_unless_stopped)
         reports = {key: ray.get(f) for key, f in futures.items()}
     for variant, items in groups.items():
         for exp, method, sel in items:
-            FinalReport(experiment=exp, method=method, trial_id=sel.trial_id, trial_index=sel.trial_index,
-                        params=sel.params, objective=sel.objective, split="test",
-                        per_seed={str(s): reports[variant, s][f"{exp}--{method}"] for s in space.seeds}
-                        ).write(paths.final_file(exp, method))
+            FinalReport(
+                experiment=exp,
+                method=method,
+                trial_id=sel.trial_id,
+                trial_index=sel.trial_index,
+                params=sel.params,
+                objective=sel.objective,
+                split="test",
+                per_seed={str(s): reports[variant, s][f"{exp}--{method}"] for s in space.seeds},
+            ).write(paths.final_file(exp, method))
 
 
 # --- the study ----------------------------------------------------------------------------------------
+
 
 def study_header(space: StudySpace, name: str, data) -> StudyHeader:
     """study.yaml: what the study is (resolved space, experiments, data) and what produced it."""
     from study.provenance import provenance
 
-    exps = tuple(ExperimentInfo(e.name, e.stage, e.budget,
-                                {p.method: MethodInfo(p.budget, tuple(p.params)) for p in e.plans}, e.variant)
-                 for e in space.experiments())
+    exps = tuple(
+        ExperimentInfo(
+            e.name, e.stage, e.budget, {p.method: MethodInfo(p.budget, tuple(p.params)) for p in e.plans}, e.variant
+        )
+        for e in space.experiments()
+    )
     return StudyHeader(
-        study=name, fingerprint=space.fingerprint(), protocol=space.protocol, space=space.to_dict(),
+        study=name,
+        fingerprint=space.fingerprint(),
+        protocol=space.protocol,
+        space=space.to_dict(),
         experiments=exps,
-        data=DataSummary(dataset=space.data.dataset,
-                         imbalance_factor=getattr(data, "imbalance_factor", space.data.resolved_imbalance_factor),
-                         num_classes=data.num_classes, train_counts=list(data.train_counts),
-                         many_threshold=data.many_threshold, few_threshold=data.few_threshold,
-                         selection_split=data.selection_split, subset_hash=data.subset_hash,
-                         official_files=data.official),
+        data=DataSummary(
+            dataset=space.data.dataset,
+            imbalance_factor=getattr(data, "imbalance_factor", space.data.resolved_imbalance_factor),
+            num_classes=data.num_classes,
+            train_counts=list(data.train_counts),
+            many_threshold=data.many_threshold,
+            few_threshold=data.few_threshold,
+            selection_split=data.selection_split,
+            subset_hash=data.subset_hash,
+            official_files=data.official,
+        ),
         backbone=space.stage1.backbone,
-        provenance=provenance(space.seeds, data, {"space_file": space.source}))
+        provenance=provenance(space.seeds, data, {"space_file": space.source}),
+    )
 
 
 def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Callable[[str], None]) -> str:
@@ -141,23 +196,27 @@ def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Ca
             if fresh:
                 _move_aside(paths, log)
                 return "new"
-            raise UserError(f"{paths.root} exists but is not a study (no study.yaml); choose another --name "
-                            "or move that folder away")
+            raise UserError(
+                f"{paths.root} exists but is not a study (no study.yaml); choose another --name "
+                "or move that folder away"
+            )
         return "new"
     if fresh:
         _move_aside(paths, log)
         return "new"
     try:
         old = read_yaml_file(paths.study_yaml)
-    except Exception:
+    except Exception:  # noqa: BLE001
         old = None
     if not isinstance(old, dict) or old.get("fingerprint") != space.fingerprint():
         diffs = diff_dicts((old or {}).get("space", {}), json_plain(space.to_dict()))
         diffs.sort(key=lambda d: "->" not in d)  # changed values first, then added/removed keys
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-        raise UserError(f"{paths.root} was started with a different search space ({shown or 'unreadable study.yaml'});"
-                        " run the original command to resume, or add --fresh to start over (the old folder "
-                        "is kept beside it)")
+        raise UserError(
+            f"{paths.root} was started with a different search space ({shown or 'unreadable study.yaml'});"
+            " run the original command to resume, or add --fresh to start over (the old folder "
+            "is kept beside it)"
+        )
     return "done" if paths.done.exists() else "resume"
 
 
@@ -167,10 +226,20 @@ def _move_aside(paths: StudyPaths, log: Callable[[str], None]) -> None:
     log(f"--fresh: moved the previous study to {aside}")
 
 
-def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.PathLike = "results", *,
-              address: str | None = None, gpus_per_trial: float | None = None, cpus_per_trial: float | None = None,
-              data_dir: str | None = None, fresh: bool = False, verbose: bool = False,
-              log: Callable[[str], None] = print, ray_temp_dir: str | None = None) -> Path:
+def run_study(
+    space: StudySpace,
+    name: str | None = None,
+    results_dir: str | os.PathLike = "results",
+    *,
+    address: str | None = None,
+    gpus_per_trial: float | None = None,
+    cpus_per_trial: float | None = None,
+    data_dir: str | None = None,
+    fresh: bool = False,
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+    ray_temp_dir: str | None = None,
+) -> Path:
     """Run or resume a whole study; returns its folder. Raises StudyInterrupted when stopped early.
 
     Everything a user can get wrong is checked before anything is written: the name, the results
@@ -186,8 +255,10 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             if paths.root.exists() and not paths.root.is_dir():
                 raise UserError(f"{paths.root} is a file, not a study folder; choose another --name or --results-dir")
             if gpus_per_trial is not None and not 0 < gpus_per_trial <= 1:
-                raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: must be in (0, 1] (a fraction lets several "
-                                "trials share one GPU, e.g. 0.25)")
+                raise UserError(
+                    f"--gpus-per-trial {gpus_per_trial:g}: must be in (0, 1] (a fraction lets several "
+                    "trials share one GPU, e.g. 0.25)"
+                )
             if cpus_per_trial is not None and cpus_per_trial <= 0:
                 raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
             if address:
@@ -196,8 +267,10 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             lock.check()  # a live `study run` on this folder: refuse now, before touching anything
             state = prepare_study_dir(space, paths, fresh, log)
             if state == "done":
-                log(f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
-                    f"trials in {paths.trials_csv}")
+                log(
+                    f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
+                    f"trials in {paths.trials_csv}"
+                )
                 return paths.root
             # The dataset loads (files read and checked) and the search's modules are imported (Ray
             # Tune, Optuna, torch) while Ray starts its processes: both take seconds, and Ray's
@@ -212,9 +285,11 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
             lock.acquire(" ".join(sys.argv))
             if state == "new":
                 study_header(space, name, data).write(paths.study_yaml)
-            log(f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
+            log(
+                f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
                 f"{data.selection_split}), seeds {list(space.seeds)} -> {paths.root}"
-                + ("" if state == "new" else " (resuming)"))
+                + ("" if state == "new" else " (resuming)")
+            )
             finishing = _Finishing()
 
             def searched() -> None:
@@ -225,8 +300,18 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
                     # records, tables and plots are written.
                     stopping = _Background(_shutdown_ray)
 
-            _run_stages(space, paths, data, cpus, gpus, verbose, log, in_driver=not address,
-                        on_stage2=finishing.start, on_searched=searched)
+            _run_stages(
+                space,
+                paths,
+                data,
+                cpus,
+                gpus,
+                verbose,
+                log,
+                in_driver=not address,
+                on_stage2=finishing.start,
+                on_searched=searched,
+            )
             check_stop()
             finishing.start()  # a no-op when stage 2 ran in this run
             finishing.imports.join()  # its imports end before the tables import the same modules
@@ -251,14 +336,14 @@ def run_study(space: StudySpace, name: str | None = None, results_dir: str | os.
 def _load_for_search(data_cfg, data_dir):
     import torch  # noqa: F401  (imported here, for their import time, see run_study)
 
-    from study.search import tune_adapter  # noqa: F401
-    from study.data.lt import load_data
+    from study.data.longtail import load_data
+    from study.search import tuner  # noqa: F401
 
     return load_data(data_cfg, data_dir)
 
 
 def _import_finish_modules() -> None:
-    import optuna.importance  # noqa: F401  (fANOVA: scikit-learn)
+    import optuna.importance
     import optuna.storages
     import pandas  # noqa: F401
 
@@ -302,7 +387,7 @@ class _Background:
     def _run(self, fn, args) -> None:
         try:
             self._value = fn(*args)
-        except BaseException as e:  # handed to the caller of result()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
             self._error = e
 
     def join(self) -> None:
@@ -321,13 +406,22 @@ def _shutdown_ray() -> None:
         import ray
 
         ray.shutdown()
-    except Exception:
+    except Exception:  # noqa: BLE001
         pass
 
 
-def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: float, verbose: bool,
-                log: Callable[[str], None], in_driver: bool = False, on_stage2: Callable[[], None] | None = None,
-                on_searched: Callable[[], None] | None = None) -> None:
+def _run_stages(
+    space: StudySpace,
+    paths: StudyPaths,
+    data,
+    cpus: float,
+    gpus: float,
+    verbose: bool,
+    log: Callable[[str], None],
+    in_driver: bool = False,
+    on_stage2: Callable[[], None] | None = None,
+    on_searched: Callable[[], None] | None = None,
+) -> None:
     """The search (every experiment not finished yet, in one Tuner), then the final evaluation on
     the test set. ``on_stage2`` runs at the first result of a stage-2 trial, ``on_searched`` once
     every experiment has its selection, before the final evaluation."""
@@ -336,7 +430,7 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
     experiments = space.experiments()
     with ProgressView(paths, space, log, live=not verbose) as view:
         if not all(paths.stage_marker(e.name).exists() for e in experiments):
-            from study.search.tune_adapter import run_search
+            from study.search.tuner import run_search
 
             run_search(space, paths, data, cpus, gpus, view.log, on_stage2=on_stage2, start_ahead=in_driver)
         check_stop()
@@ -346,28 +440,32 @@ def _run_stages(space: StudySpace, paths: StudyPaths, data, cpus: float, gpus: f
             if marker is None:
                 stage1 = selections.get("stage1")
                 if exp.stage == "stage2" and stage1 is not None and stage1.selection(exp.variant) is None:
-                    raise UserError(f"no stage-1 trial of variant {exp.variant} completed (all diverged or "
-                                    f"failed); see 'study status {paths.root}' and narrow its space")
+                    raise UserError(
+                        f"no stage-1 trial of variant {exp.variant} completed (all diverged or "
+                        f"failed); see 'study status {paths.root}' and narrow its space"
+                    )
                 ended = sum(t.status in ENDED_STATUSES for t in experiment_trials(paths, exp.name, live=False))
-                raise StudyInterrupted(f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
-                                       "run the same command again to resume")
+                raise StudyInterrupted(
+                    f"interrupted in {exp.name} ({ended} of {exp.budget} trials ended); "
+                    "run the same command again to resume"
+                )
             selections[exp.name] = marker
         if on_searched is not None:
             on_searched()
         run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
 
 
-def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print,
-                 plots: PlotProcess | None = None) -> None:
+def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plots: PlotProcess | None = None) -> None:
     """trials.csv, per_class.csv, optuna.db, tables and plots of a complete study (all rebuilt from
     disk, idempotent). The tables are built as those of a finished study: done.json is written
     right after them, and ``study table`` then prints exactly what they hold. The plots are drawn
     in a child process (``plots``, a started ``PlotProcess``, or a new one) beside the rest."""
-    from study.results.analysis import load_results, write_all_tables
+    from study.results.builders import write_all_tables
+    from study.results.loading import load_results
     from study.results.plots import PlotProcess
     from study.results.records import export_optuna, write_records
 
-    pause_point("tables", view_log)
+    pause_point("tables", view_log, wait_unless_stopped)
     own = plots is None
     plots = plots or PlotProcess()
     try:

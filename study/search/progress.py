@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from study.results.records import fmt_params
 
@@ -59,8 +59,15 @@ class ProgressView:
                         c["running"] += 1
                 b = best_completed(trials, plan.method)
                 best = b and (b.objective, b.params)
-                rows.append({"name": f"{exp.name} {plan.method}", "budget": plan.budget, **c, "best": best,
-                             "finished": finished})
+                rows.append(
+                    {
+                        "name": f"{exp.name} {plan.method}",
+                        "budget": plan.budget,
+                        **c,
+                        "best": best,
+                        "finished": finished,
+                    }
+                )
         return rows
 
     def _line(self, r: dict) -> str:
@@ -69,8 +76,9 @@ class ProgressView:
             obj, params = r["best"]
             extra = fmt_params(params)
             best = f" · best {100 * obj:.2f}%" + (f" ({extra})" if extra else "")
-        return (f"{r['name']:<19} {r['completed']}/{r['budget']} done · {r['running']} running · "
-                f"{r['failed']} failed{best}")
+        return (
+            f"{r['name']:<19} {r['completed']}/{r['budget']} done · {r['running']} running · {r['failed']} failed{best}"
+        )
 
     # -- rendering
     def _render(self):
@@ -105,7 +113,7 @@ class ProgressView:
                     self._live.update(self._render())
                 else:
                     self._poll_lines()
-            except Exception:  # a half-written file between polls: try again next second
+            except Exception:  # noqa: BLE001 - a half-written file between polls: try again next second
                 pass
 
     def log(self, message: str) -> None:
@@ -114,7 +122,7 @@ class ProgressView:
         else:
             self._print(message)
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         if self.tty:
             from rich.live import Live
 
@@ -135,5 +143,5 @@ class ProgressView:
                 self._live = None
             else:
                 self._poll_lines()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass

@@ -19,7 +19,7 @@ from typing import Any
 
 os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
 
-from study.errors import UserError  # noqa: E402
+from study.errors import UserError
 
 
 def check_address(address: str) -> None:
@@ -33,8 +33,10 @@ def check_address(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
     except OSError as e:
-        raise UserError(f"--address {address}: cannot reach a Ray head there ({e.strerror or e}); start one "
-                        "with 'ray start --head' or check the address") from None
+        raise UserError(
+            f"--address {address}: cannot reach a Ray head there ({e.strerror or e}); start one "
+            "with 'ray start --head' or check the address"
+        ) from None
 
 
 def import_ray() -> None:
@@ -68,9 +70,12 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
 
     import_ray()
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
-                                      logging_level=logging.INFO if verbose else logging.ERROR,
-                                      configure_logging=True)
+        kwargs: dict[str, Any] = dict(
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            configure_logging=True,
+        )
         if address:
             # Token auth (heads started by recent Ray): RAY_AUTH_MODE=token must be set before Ray is
             # imported; the CLI does that when ~/.ray/auth_token exists. `run_study` has already checked
@@ -78,9 +83,10 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
             try:
                 with stop_signals_deferred():
                     ray.init(address=address, **kwargs)
-            except Exception as e:
-                raise UserError(f"--address {address}: could not join the Ray cluster: "
-                                f"{str(e).splitlines()[0][:200]}") from None
+            except Exception as e:  # noqa: BLE001
+                raise UserError(
+                    f"--address {address}: could not join the Ray cluster: {str(e).splitlines()[0][:200]}"
+                ) from None
         else:
             if temp_dir:
                 kwargs["_temp_dir"] = temp_dir
@@ -88,8 +94,7 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
             # their own (Ray's log shows the prestarted ones staying idle): on a small machine they only
             # compete with the workers that are used, about 0.5 s of a study's start on 2 cores.
             with stop_signals_deferred(), _lean_head(log_monitor=verbose):
-                ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False},
-                         **kwargs)
+                ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False}, **kwargs)
         if not verbose:
             for name in ("ray", "ray.tune", "ray.train", "ray.data"):
                 logging.getLogger(name).setLevel(logging.ERROR)
@@ -141,8 +146,10 @@ def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) 
     gpus = gpus_per_trial if gpus_per_trial is not None else (0.25 if have_gpus > 0 else 0.0)
     cpus = cpus_per_trial if cpus_per_trial is not None else 1.0
     if gpus > 0 and have_gpus == 0:
-        raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU; leave the option out to "
-                        "train on CPUs, or join a cluster with GPUs (--address)")
+        raise UserError(
+            f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU; leave the option out to "
+            "train on CPUs, or join a cluster with GPUs (--address)"
+        )
     if cpus > have_cpus:
         raise UserError(f"--cpus-per-trial {cpus:g}: the Ray cluster has only {have_cpus:g} CPUs")
     return gpus, cpus
@@ -242,6 +249,7 @@ def stop_signals_deferred():
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
     check_stop()
+
 
 @contextlib.contextmanager
 def stop_signals():

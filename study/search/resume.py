@@ -14,14 +14,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from study.fsutil import atomic_write_text, read_jsonl
-from study.layout import (ADOPT_POOL, CLAIM_FILE, EVENTS_FILE, FAILED_FILE, StudyPaths, TrialInfo, TrialRecord,
-                     parse_trial_dirname)
+from study.layout import (
+    ADOPT_POOL,
+    CLAIM_FILE,
+    EVENTS_FILE,
+    FAILED_FILE,
+    StudyPaths,
+    TrialInfo,
+    TrialRecord,
+    parse_trial_dirname,
+)
 from study.results.records import tune_trials
-
 
 SNAPSHOT_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
 SNAPSHOT_STAMP = re.compile(r"-(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2})\.(?:json|pkl)$")
@@ -36,7 +43,7 @@ def _snapshot_readable(exp_dir: Path, stamp: str) -> bool:
             with open(exp_dir / name.format(stamp), "rb") as f:
                 cloudpickle.load(f)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
 
 
@@ -47,8 +54,14 @@ def usable_snapshot(exp_dir: Path, log: Callable[[str], None]) -> bool:
     hard kill can leave one torn (seen: an empty search_gen_state file). Tune's restore then fails
     and it silently starts the experiment over. A torn set is moved to ``.torn-snapshots/`` so that
     Tune restores the previous, complete one instead."""
-    stamps = sorted({m.group(1) for pattern in SNAPSHOT_FILES for p in exp_dir.glob(pattern.format("*"))
-                     if (m := SNAPSHOT_STAMP.search(p.name))})
+    stamps = sorted(
+        {
+            m.group(1)
+            for pattern in SNAPSHOT_FILES
+            for p in exp_dir.glob(pattern.format("*"))
+            if (m := SNAPSHOT_STAMP.search(p.name))
+        }
+    )
     while stamps:
         stamp = stamps.pop()
         if _snapshot_readable(exp_dir, stamp):
@@ -82,8 +95,10 @@ def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], N
         dest = (pool if adoptable else folder / ".orphaned") / tdir.name
         dest.parent.mkdir(exist_ok=True)
         tdir.rename(dest)
-        log(f"{experiment}: trial {tdir.name} is missing from Tune's last snapshot (a hard kill); "
-            + ("its method's next trial continues it" if adoptable else "nothing to continue"))
+        log(
+            f"{experiment}: trial {tdir.name} is missing from Tune's last snapshot (a hard kill); "
+            + ("its method's next trial continues it" if adoptable else "nothing to continue")
+        )
     if pool.is_dir():
         for entry in pool.iterdir():
             claim = entry / CLAIM_FILE
@@ -106,9 +121,13 @@ def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> TrialInfo | Non
             if claim.read_text().strip() == trial_id:
                 return info
             continue
-        progress = (float("inf") if (entry / TrialRecord.FILE).exists() else
-                    max((e.get("epoch", 0) for e in read_jsonl(entry / EVENTS_FILE) if e.get("event") == "epoch"),
-                        default=0))
+        progress = (
+            float("inf")
+            if (entry / TrialRecord.FILE).exists()
+            else max(
+                (e.get("epoch", 0) for e in read_jsonl(entry / EVENTS_FILE) if e.get("event") == "epoch"), default=0
+            )
+        )
         free.append((progress, entry.name, entry, info))
     if not free:
         return None
@@ -133,4 +152,3 @@ def adopt_claimed(stage_dir: Path, trial_id: str, tdir: Path) -> str | None:
         shutil.rmtree(entry, ignore_errors=True)
         return entry.name
     return None
-

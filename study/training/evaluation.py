@@ -12,11 +12,11 @@ Definitions (docs/reference.md §2, the OLTR ``shot_acc`` used by all three refe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from study.data.lt import shot_groups
+from study.config.groups import shot_groups
 
 
 def accuracy_report(preds, labels, train_counts: Sequence[int], many: int, few: int) -> dict:
@@ -125,7 +125,7 @@ def _eval_inputs(split, augmenter, batch_size: int):
             yield x
         return
     for i in range(0, len(split), batch_size):
-        yield augmenter.normalize(split.x[i:i + batch_size])
+        yield augmenter.normalize(split.x[i : i + batch_size])
 
 
 def logits_from_features(head, feats, feats_flipped=None):
@@ -139,15 +139,13 @@ def logits_from_features(head, feats, feats_flipped=None):
     return logits
 
 
-def evaluate_head(backbone, head, split, augmenter, data, batch_size: int, tta_flip: bool,
-                  amp: bool = False) -> dict:
+def evaluate_head(backbone, head, split, augmenter, data, batch_size: int, tta_flip: bool, amp: bool = False) -> dict:
     """Accuracy report of ``head(backbone(x))`` on a DeviceSplit."""
     flip = bool(tta_flip and data.spec.flip)
     f = compute_features(backbone, split, augmenter, batch_size, flip=flip, amp=amp)
     logits = logits_from_features(head, *(f if flip else (f,)))
     preds = logits.argmax(1).cpu().numpy()
-    return accuracy_report(preds, split.y.cpu().numpy(), data.train_counts, data.many_threshold,
-                           data.few_threshold)
+    return accuracy_report(preds, split.y.cpu().numpy(), data.train_counts, data.many_threshold, data.few_threshold)
 
 
 def summarize(report: dict) -> dict:

@@ -39,8 +39,9 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used, so the measures alone never load it
     import torch
 
-_ETF_DIM_ERROR = ("an ETF classifier for {C} classes needs a feature dimension of at least {Cm1}; "
-                  "this backbone gives {d}")
+_ETF_DIM_ERROR = (
+    "an ETF classifier for {C} classes needs a feature dimension of at least {Cm1}; this backbone gives {d}"
+)
 
 
 def _haar_orthogonal(n: int, generator):
@@ -87,7 +88,7 @@ def etf_directions(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
     else:
         # Any C-1 columns of I - 11^T/C are linearly independent and lie in the centred space, so
         # their QR gives an orthonormal basis of it; the sign fix makes it deterministic.
-        b, r = torch.linalg.qr(centring[:, :C - 1])
+        b, r = torch.linalg.qr(centring[:, : C - 1])
         s = torch.sign(torch.diagonal(r))
         b = b * torch.where(s == 0, torch.ones_like(s), s)
         # (I - 11^T/C) B = B as B's columns are centred; the product is kept to mirror the formula.
@@ -111,8 +112,7 @@ def _labels(y, n: int) -> np.ndarray:
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"labels must be a vector of {n} entries (one per feature), "
-                         f"got shape {y.shape}")
+        raise ValueError(f"labels must be a vector of {n} entries (one per feature), got shape {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     y = y.astype(np.int64)
@@ -220,8 +220,7 @@ def norm_count_spearman(norms: Sequence, counts: Sequence) -> float:
 
     if len(norms) != len(counts):
         raise ValueError(f"{len(norms)} values for {len(counts)} class counts")
-    pairs = [(float(v), float(c)) for v, c in zip(norms, counts)
-             if v is not None and not math.isnan(float(v))]
+    pairs = [(float(v), float(c)) for v, c in zip(norms, counts) if v is not None and not math.isnan(float(v))]
     if len(pairs) < 3:
         return math.nan
     v = np.array([p[0] for p in pairs])

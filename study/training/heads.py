@@ -17,8 +17,7 @@ class AffineHead(nn.Module):
     affine maps of the stage-1 classifier, and NCM's -||x - m_c||^2 equals 2(m_c.x - ||m_c||^2/2)
     up to a per-sample constant, so one head type serves every method and the final evaluation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, center: torch.Tensor | None = None,
-                 l2: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, center: torch.Tensor | None = None, l2: bool = False):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone().float())
         self.register_buffer("bias", bias.detach().clone().float())
@@ -34,11 +33,15 @@ class AffineHead(nn.Module):
         return F.linear(f, self.weight, self.bias)
 
     def to_state(self) -> dict:
-        return {"weight": self.weight.cpu(), "bias": self.bias.cpu(),
-                "center": None if self.center is None else self.center.cpu(), "l2": self.l2}
+        return {
+            "weight": self.weight.cpu(),
+            "bias": self.bias.cpu(),
+            "center": None if self.center is None else self.center.cpu(),
+            "l2": self.l2,
+        }
 
     @classmethod
-    def from_state(cls, state: dict) -> "AffineHead":
+    def from_state(cls, state: dict) -> AffineHead:
         return cls(state["weight"], state["bias"], state.get("center"), bool(state.get("l2", False)))
 
 

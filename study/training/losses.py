@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:
     return (w / w.sum() * len(n)).float()
 
 
-def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor,
-                           class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """mean_i w_{y_i} * CE(logits_i, y_i); plain CE without weights.
 
     Note: this is a mean over the batch, *not* PyTorch's ``cross_entropy(weight=...)`` which divides

@@ -58,16 +58,14 @@ Fashion-MNIST and digits).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from study.config.backbones import (MODEL_NAMES, TORCHVISION_BACKBONES, TORCHVISION_RESNETS,  # noqa: F401  (part of
-                          feature_dim, known_model)                                 # this module's API)
+from study.config.backbones import MODEL_NAMES, TORCHVISION_BACKBONES, TORCHVISION_RESNETS, feature_dim, known_model  # noqa: F401  (re-exported: part of this module's API)
 
 
 class LTClassifier(nn.Module):
@@ -87,6 +85,7 @@ class LTClassifier(nn.Module):
 
 
 # --- CIFAR ResNet (option A) ------------------------------------------------------------------------
+
 
 class _ShortcutA(nn.Module):
     """Parameter-free shortcut: spatial subsampling and zero-padding of the new channels."""
@@ -158,6 +157,7 @@ def _cifar_resnet(depth: int) -> Callable[[int, int], LTClassifier]:
 
 # --- the WB code's "ResNet-34" -----------------------------------------------------------------------
 
+
 class WBResNet34(nn.Module):
     """torchvision ResNet-34 with a 3x3/stride-1/no-bias stem, max-pool skipped, 512-d output."""
 
@@ -181,6 +181,7 @@ def _resnet34_wb(num_classes: int, in_channels: int) -> LTClassifier:
 
 # --- digits ------------------------------------------------------------------------------------------
 
+
 class DigitsCNN(nn.Module):
     """conv(32) -> conv(64, /2) -> conv(128, /2) -> global average pool: 128-d, ~93 k parameters."""
 
@@ -203,6 +204,7 @@ def _digits_cnn(num_classes: int, in_channels: int) -> LTClassifier:
 
 
 # --- torchvision ImageNet ResNets (Kang et al.'s backbones; their shapes: study.config.backbones) ---------
+
 
 def _torchvision_resnet(name: str) -> Callable[[int, int], LTClassifier]:
     kind, layers, groups, width = TORCHVISION_RESNETS[name]
@@ -274,8 +276,10 @@ def load_init_weights(model: LTClassifier, path) -> dict:
     where = f"init_from {path}"
     backbone = model.backbone
     if not isinstance(backbone, ResNet):
-        raise UserError(f"{where}: initialising from a weights file needs a torchvision backbone "
-                        f"({', '.join(TORCHVISION_BACKBONES)}), not {type(backbone).__name__}")
+        raise UserError(
+            f"{where}: initialising from a weights file needs a torchvision backbone "
+            f"({', '.join(TORCHVISION_BACKBONES)}), not {type(backbone).__name__}"
+        )
     arch = getattr(backbone, "arch", "ResNet")
     if not path.exists():
         raise UserError(f"{where}: no such file")
@@ -284,36 +288,43 @@ def load_init_weights(model: LTClassifier, path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling, zip, weights_only refusals: all "not a weights file"
-        raise UserError(f"{where}: not a weights file (torch.load with weights_only=True: {_load_failure(exc)}); "
-                        "expected a state dict saved with torch.save(model.state_dict())") from None
+        raise UserError(
+            f"{where}: not a weights file (torch.load with weights_only=True: {_load_failure(exc)}); "
+            "expected a state dict saved with torch.save(model.state_dict())"
+        ) from None
 
     wrapper = None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj, wrapper = obj["state_dict"], "state_dict"
     if not isinstance(obj, Mapping) or not obj:
-        raise UserError(f"{where}: expected a state dict (names -> tensors), found "
-                        + ("an empty one" if isinstance(obj, Mapping) else type(obj).__name__))
+        raise UserError(
+            f"{where}: expected a state dict (names -> tensors), found "
+            + ("an empty one" if isinstance(obj, Mapping) else type(obj).__name__)
+        )
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{where}: {_first(bad, 'entry')} is not a tensor; expected a state dict of tensors")
     prefix = "module." if all(k.startswith("module.") for k in obj) else None
-    sd = {k[len(prefix):] if prefix else k: v for k, v in obj.items()}
+    sd = {k[len(prefix) :] if prefix else k: v for k, v in obj.items()}
 
     expected = backbone.state_dict()
     file_backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    fc = {k[len("fc."):]: v for k, v in sd.items() if k.startswith("fc.")}
+    fc = {k[len("fc.") :]: v for k, v in sd.items() if k.startswith("fc.")}
     what = f"a torchvision-style {arch} state dict ({model.feat_dim}-d feature)"
     missing = [k for k in expected if k not in file_backbone and not k.endswith(".num_batches_tracked")]
     if missing:
         raise UserError(f"{where}: {_first(missing, 'missing key')}; expected {what}")
-    unexpected = ([k for k in file_backbone if k not in expected]
-                  + [f"fc.{k}" for k in fc if k not in ("weight", "bias")])
+    unexpected = [k for k in file_backbone if k not in expected] + [
+        f"fc.{k}" for k in fc if k not in ("weight", "bias")
+    ]
     if unexpected:
         raise UserError(f"{where}: {_first(unexpected, 'unexpected key')}; expected {what}")
     for k, v in file_backbone.items():
         if v.shape != expected[k].shape:
-            raise UserError(f"{where}: '{k}' has shape {tuple(v.shape)}, the {arch} backbone "
-                            f"({backbone.conv1.in_channels} input channels) expects {tuple(expected[k].shape)}")
+            raise UserError(
+                f"{where}: '{k}' has shape {tuple(v.shape)}, the {arch} backbone "
+                f"({backbone.conv1.in_channels} input channels) expects {tuple(expected[k].shape)}"
+            )
     filled = [k for k in expected if k not in file_backbone]
 
     clf = model.classifier
@@ -324,8 +335,7 @@ def load_init_weights(model: LTClassifier, path) -> dict:
         note = f"the file has fc.{next(iter(fc))} only"
     elif {k: tuple(v.shape) for k, v in fc.items()} != want:
         shape = "x".join(str(d) for d in fc["weight"].shape)
-        note = (f"the file's fc is {shape} (classes x features), the classifier "
-                f"{want['weight'][0]}x{want['weight'][1]}")
+        note = f"the file's fc is {shape} (classes x features), the classifier {want['weight'][0]}x{want['weight'][1]}"
     else:
         note = ""
 
@@ -334,11 +344,21 @@ def load_init_weights(model: LTClassifier, path) -> dict:
     if not note:
         clf.load_state_dict(fc, strict=True)
     classifier = "random" if note else "loaded"
-    summary = (f"init_from {path}: {len(file_backbone)} backbone tensors loaded into {arch}"
-               + (f" ({len(filled)} num_batches_tracked absent, kept 0)" if filled else "")
-               + ("; classifier loaded from fc" if not note else f"; classifier kept at its random init: {note}"))
-    return {"path": str(path), "wrapper": wrapper, "prefix": prefix, "backbone_tensors": len(file_backbone),
-            "filled": filled, "classifier": classifier, "note": note, "summary": summary}
+    summary = (
+        f"init_from {path}: {len(file_backbone)} backbone tensors loaded into {arch}"
+        + (f" ({len(filled)} num_batches_tracked absent, kept 0)" if filled else "")
+        + ("; classifier loaded from fc" if not note else f"; classifier kept at its random init: {note}")
+    )
+    return {
+        "path": str(path),
+        "wrapper": wrapper,
+        "prefix": prefix,
+        "backbone_tensors": len(file_backbone),
+        "filled": filled,
+        "classifier": classifier,
+        "note": note,
+        "summary": summary,
+    }
 
 
 MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
@@ -352,13 +372,14 @@ MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
 }
 assert tuple(MODELS) == MODEL_NAMES, "study.config.backbones.MODEL_NAMES lists the registry's names, in order"
 
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | None = None) -> LTClassifier:
     """Build a registered model; with ``seed`` the initialisation is reproducible and leaves the
     global RNG untouched."""
     if name in MODELS:
         make = MODELS[name]
     elif known_model(name):
-        make = _cifar_resnet(int(name[len("resnet"):]))
+        make = _cifar_resnet(int(name[len("resnet") :]))
     else:
         from study.errors import UserError, unknown
 

@@ -21,15 +21,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study.config.methods import Method
 from study.training.evaluation import accuracy_report, balance_stats, summarize
 from study.training.heads import AffineHead
-from study.config.methods import Method
 from study.training.regularizers import row_norms, tau_normalize
 
 
-def candidate_heads(method: Method, cfg, W: torch.Tensor, b: torch.Tensor, priors,
-                    train_feats: torch.Tensor | None = None, train_y: torch.Tensor | None = None,
-                    num_classes: int = 0) -> list[tuple[float | None, AffineHead]]:
+def candidate_heads(
+    method: Method,
+    cfg,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    priors,
+    train_feats: torch.Tensor | None = None,
+    train_y: torch.Tensor | None = None,
+    num_classes: int = 0,
+) -> list[tuple[float | None, AffineHead]]:
     """(tau, head) for every tau the method tries (tau None for methods without one)."""
     W, b = W.float(), b.float()
     if method.kind == "identity":
@@ -72,8 +79,18 @@ def choose(candidates: list[tuple[float | None, AffineHead]], feats: torch.Tenso
     return best[0], best[1], best[2], curve
 
 
-def fit_posthoc(cfg, method: Method, data, seed: int, W: torch.Tensor, b: torch.Tensor, select_feats: torch.Tensor,
-                select_y, train_feats: torch.Tensor | None = None, train_y: torch.Tensor | None = None) -> dict:
+def fit_posthoc(
+    cfg,
+    method: Method,
+    data,
+    seed: int,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    select_feats: torch.Tensor,
+    select_y,
+    train_feats: torch.Tensor | None = None,
+    train_y: torch.Tensor | None = None,
+) -> dict:
     """A post-hoc method's result for one seed, in the shape of a trained stage-2 result (one
     'epoch', the chosen head as ``state["head"]``)."""
 
@@ -84,8 +101,27 @@ def fit_posthoc(cfg, method: Method, data, seed: int, W: torch.Tensor, b: torch.
     tau, head, report, curve = choose(cands, select_feats, select_y, report_of)
     state = {"head": head.to_state()}
     norms = [float(v) for v in row_norms(state["head"]["weight"]).flatten()]
-    history = [{"epoch": 1, "train_loss": math.nan, "lr": 0.0, "tau": tau,
-                **{f"sel_{k}": v for k, v in summarize(report).items()}}]
-    return {"stage": "stage2", "method": method.name, "seed": int(seed), "best_epoch": 1, "epochs_run": 1,
-            "selection": report, "weight_norms": norms, "balance": balance_stats(norms, data.train_counts),
-            "maxnorm_radius": None, "tau": tau, "tau_curve": curve, "history": history, "state": state}
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": math.nan,
+            "lr": 0.0,
+            "tau": tau,
+            **{f"sel_{k}": v for k, v in summarize(report).items()},
+        }
+    ]
+    return {
+        "stage": "stage2",
+        "method": method.name,
+        "seed": int(seed),
+        "best_epoch": 1,
+        "epochs_run": 1,
+        "selection": report,
+        "weight_norms": norms,
+        "balance": balance_stats(norms, data.train_counts),
+        "maxnorm_radius": None,
+        "tau": tau,
+        "tau_curve": curve,
+        "history": history,
+        "state": state,
+    }

@@ -70,8 +70,11 @@ class MaxNorm:
         """``maxnorm_calls``, ``maxnorm_binding`` (the fraction of calls that clipped at least one row)
         and ``maxnorm_rows_clipped`` (the mean number of rows clipped per call)."""
         n = max(self.calls, 1)
-        return {"maxnorm_calls": self.calls, "maxnorm_binding": int(self._binding) / n if self.calls else None,
-                "maxnorm_rows_clipped": int(self._rows) / n if self.calls else None}
+        return {
+            "maxnorm_calls": self.calls,
+            "maxnorm_binding": int(self._binding) / n if self.calls else None,
+            "maxnorm_rows_clipped": int(self._rows) / n if self.calls else None,
+        }
 
     def state_dict(self) -> dict:
         return {"radius": self.radius, "calls": self.calls, "binding": int(self._binding), "rows": int(self._rows)}
@@ -100,4 +103,3 @@ def weight_decay_penalty(params, weight_decay: float) -> torch.Tensor:
     """Weight decay as a loss term: weight_decay * sum ||theta||^2 / 2 over ``params`` (the ICLR'24
     code's form; for SGD its gradient weight_decay * theta equals coupled weight decay's)."""
     return 0.5 * weight_decay * sum(p.pow(2).sum() for p in params)
-

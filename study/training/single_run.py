@@ -8,14 +8,15 @@ selection split; the test set is evaluated once per seed at the end.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from study.config.spaces import StudySpace
 from study.errors import UserError
 from study.fsutil import atomic_write_json, json_plain, read_json
-from study.config.spaces import StudySpace
 from study.training.trial import COMPLETED, TrialSpec, load_final_state, run_trial
 
 
@@ -53,13 +54,20 @@ def _groups(report: dict | None) -> dict | None:
     return {k: report[k] for k in ("all", "many", "medium", "few", "per_class")}
 
 
-def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method: str | None = None,
-               device: str | None = None, console: Callable[[str], None] = print, variant: str | None = None) -> dict:
+def train_once(
+    space: StudySpace,
+    out: Path,
+    data_dir: str | None = None,
+    method: str | None = None,
+    device: str | None = None,
+    console: Callable[[str], None] = print,
+    variant: str | None = None,
+) -> dict:
     """Run one stage-1 variant (default: the first that feeds stage 2) and one stage-2 method for
     every seed; write and return ``OUT/metrics.json``."""
-    from study.data.lt import load_data, loader_workers
+    from study.data.longtail import load_data, loader_workers
     from study.provenance import provenance
-    from study.training.stages import evaluate_selected
+    from study.training.final_eval import evaluate_selected
 
     method = method or space.train_method
     if method not in space.stage2:
@@ -78,8 +86,10 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
         except (OSError, ValueError):
             previous = None
         if previous != json_plain(identity):
-            raise UserError(f"{out} holds a run with a different configuration; pass another --out "
-                            f"or delete that folder to start over")
+            raise UserError(
+                f"{out} holds a run with a different configuration; pass another --out "
+                f"or delete that folder to start over"
+            )
     data = load_data(space.data, data_dir)  # before writing anything: a missing dataset writes nothing
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, identity)
@@ -88,17 +98,36 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
     backbone = cfg1.backbone
     seeds = space.seeds
     workers = loader_workers(data)  # a file dataset's images are decoded in worker processes
-    console(f"stage 1 ({variant}): {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
-            f"selection on {data.selection_split}), seeds {list(seeds)}")
-    rec1 = run_trial(TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone,
-                               experiment="stage1", workers=workers), data, device, log=console)
+    console(
+        f"stage 1 ({variant}): {backbone} on {space.data.dataset} ({len(data.train_y)} training images, "
+        f"selection on {data.selection_split}), seeds {list(seeds)}"
+    )
+    rec1 = run_trial(
+        TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone, experiment="stage1", workers=workers),
+        data,
+        device,
+        log=console,
+    )
     if rec1.status != COMPLETED:
         raise UserError(f"stage 1 {rec1.status}: {rec1.reason}; lower the learning rate or weight decay")
     cfg2 = space.stage2[method]
     console(f"stage 2: method {method}")
-    rec2 = run_trial(TrialSpec("stage2", cfg2, seeds, space.eval, out / f"stage2-{method}", backbone,
-                               stage1_dir=out / "stage1", experiment=f"stage2-{method}", workers=workers),
-                     data, device, log=console)
+    rec2 = run_trial(
+        TrialSpec(
+            "stage2",
+            cfg2,
+            seeds,
+            space.eval,
+            out / f"stage2-{method}",
+            backbone,
+            stage1_dir=out / "stage1",
+            experiment=f"stage2-{method}",
+            workers=workers,
+        ),
+        data,
+        device,
+        log=console,
+    )
     if rec2.status != COMPLETED:
         raise UserError(f"stage 2 {rec2.status}: {rec2.reason}; lower the learning rate or weight decay")
 
@@ -106,23 +135,44 @@ def train_once(space: StudySpace, out: Path, data_dir: str | None = None, method
     runs = []
     for seed in seeds:
         s1_state = load_final_state(out / "stage1", seed)
-        tests = evaluate_selected(backbone, s1_state, {"stage1": s1_state,
-                                                       "stage2": load_final_state(out / f"stage2-{method}", seed)},
-                                  data, space.eval, device, workers=workers)
+        tests = evaluate_selected(
+            backbone,
+            s1_state,
+            {"stage1": s1_state, "stage2": load_final_state(out / f"stage2-{method}", seed)},
+            data,
+            space.eval,
+            device,
+            workers=workers,
+        )
         test1, test2 = tests["stage1"], tests["stage2"]
         p1, p2 = rec1.per_seed[str(seed)], rec2.per_seed[str(seed)]
-        runs.append({
-            "seed": seed,
-            "stage1": {"val": _groups(p1["selection"]) if has_val else None, "test": _groups(test1),
-                       "best_epoch": p1["best_epoch"], "weight_norms": p1["weight_norms"],
-                       "balance": p1["balance"], "maxnorm_radius": p1["maxnorm_radius"],
-                       "geometry": test1.get("geometry")},
-            "stage2": {"method": method, "val": _groups(p2["selection"]) if has_val else None,
-                       "test": _groups(test2), "best_epoch": p2["best_epoch"], "weight_norms": p2["weight_norms"],
-                       "balance": p2["balance"], "maxnorm_radius": p2["maxnorm_radius"],
-                       "maxnorm_binding": p2.get("maxnorm_binding"), "maxnorm_rows_clipped": p2.get("maxnorm_rows_clipped"),
-                       "tau": p2["tau"], "geometry": test2.get("geometry")},
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "stage1": {
+                    "val": _groups(p1["selection"]) if has_val else None,
+                    "test": _groups(test1),
+                    "best_epoch": p1["best_epoch"],
+                    "weight_norms": p1["weight_norms"],
+                    "balance": p1["balance"],
+                    "maxnorm_radius": p1["maxnorm_radius"],
+                    "geometry": test1.get("geometry"),
+                },
+                "stage2": {
+                    "method": method,
+                    "val": _groups(p2["selection"]) if has_val else None,
+                    "test": _groups(test2),
+                    "best_epoch": p2["best_epoch"],
+                    "weight_norms": p2["weight_norms"],
+                    "balance": p2["balance"],
+                    "maxnorm_radius": p2["maxnorm_radius"],
+                    "maxnorm_binding": p2.get("maxnorm_binding"),
+                    "maxnorm_rows_clipped": p2.get("maxnorm_rows_clipped"),
+                    "tau": p2["tau"],
+                    "geometry": test2.get("geometry"),
+                },
+            }
+        )
     mean, std = {}, {}
     for stage in ("stage1", "stage2"):
         mean[stage], std[stage] = aggregate([r[stage] for r in runs])

@@ -21,14 +21,22 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from study.faults import maybe_raise
-from study.fsutil import append_jsonl, atomic_write_json, load_latest_checkpoint, read_jsonl, safe_torch_load, save_checkpoint
+from study.fsutil import (
+    append_jsonl,
+    atomic_write_json,
+    load_latest_checkpoint,
+    read_jsonl,
+    safe_torch_load,
+    save_checkpoint,
+)
 from study.layout import COMPLETED, DIVERGED, NORMS_FILE, RUNNING, SeedSummary, TrialRecord, final_weights
 
 
@@ -55,18 +63,27 @@ class TrialSpec:
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
-    from study.training.stages import Stage1Trainer, Stage2Trainer
+    from study.training.trainers import Stage1Trainer, Stage2Trainer
 
     if spec.stage == "stage1":
         return Stage1Trainer(spec.config, data, seed, device, spec.eval_cfg, spec.workers)
-    return Stage2Trainer(spec.config, data, seed, load_final_state(spec.stage1_dir, seed), spec.backbone, device,
-                         spec.eval_cfg, spec.workers, _feature_cache(spec, data))
+    return Stage2Trainer(
+        spec.config,
+        data,
+        seed,
+        load_final_state(spec.stage1_dir, seed),
+        spec.backbone,
+        device,
+        spec.eval_cfg,
+        spec.workers,
+        _feature_cache(spec, data),
+    )
 
 
 def _feature_cache(spec: TrialSpec, data):
     """Stage 2 on a file dataset: the stage-1 trial folder that holds (or will hold) its cached
     features; None otherwise (in-memory features are recomputed, in well under a second)."""
-    from study.data.lt import FileLTData
+    from study.data.longtail import FileLTData
 
     return spec.stage1_dir if spec.stage == "stage2" and isinstance(data, FileLTData) else None
 
@@ -87,9 +104,17 @@ def trial_metrics(records: dict[int, dict], epoch: int, start_epoch: int) -> dic
         vals = [c.get(key) for c in cur if c.get(key) is not None and not _isnan(c.get(key))]
         return float(np.mean(vals)) if vals else float("nan")
 
-    return {"epoch": epoch, "objective": float(np.mean(best)), "sel_all": m("sel_all"),
-            "sel_many": m("sel_many"), "sel_medium": m("sel_medium"), "sel_few": m("sel_few"),
-            "train_loss": m("train_loss"), "start_epoch": start_epoch, "trial_status": RUNNING}
+    return {
+        "epoch": epoch,
+        "objective": float(np.mean(best)),
+        "sel_all": m("sel_all"),
+        "sel_many": m("sel_many"),
+        "sel_medium": m("sel_medium"),
+        "sel_few": m("sel_few"),
+        "train_loss": m("train_loss"),
+        "start_epoch": start_epoch,
+        "trial_status": RUNNING,
+    }
 
 
 def _isnan(v) -> bool:
@@ -100,15 +125,20 @@ def _seed_summary(res: dict) -> dict:
     return SeedSummary(**{k: res.get(k) for k in SeedSummary.KEYS}).to_dict()
 
 
-def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
+def run_trial(
+    spec: TrialSpec,
+    data,
+    device=None,
+    report: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Run (or resume, or return the finished record of) one trial. Returns its record.
 
     ``report(metrics)`` is called after every epoch (the Tune adapter forwards it to
     ``tune.report``) and once more with the final status. Exceptions other than divergence
     propagate, so the caller (Tune) can retry from the last checkpoint.
     """
-    from study.training.stages import Diverged, pick_device
+    from study.training.trainers import Diverged, pick_device
 
     report = report or (lambda m: None)
     log = log or (lambda s: None)
@@ -128,14 +158,35 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
     method = getattr(spec.config, "method", "") or spec.method
     if not _trains(spec):
         # Closed-form methods: nothing to checkpoint or report per epoch.
-        from study.training.stages import posthoc_result
+        from study.training.trainers import posthoc_result
 
-        append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": 0, "attempt": 1,
-                              "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
+        append_jsonl(
+            events,
+            {
+                "t": time.time(),
+                "event": "start",
+                "start_epoch": 0,
+                "attempt": 1,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "device": str(device),
+            },
+        )
         maybe_raise(spec.experiment, spec.trial_index, method, 1, tdir)
-        results = {s: posthoc_result(spec.config, data, s, load_final_state(spec.stage1_dir, s), spec.backbone,
-                                     device, spec.eval_cfg, spec.workers, _feature_cache(spec, data))
-                   for s in seeds}
+        results = {
+            s: posthoc_result(
+                spec.config,
+                data,
+                s,
+                load_final_state(spec.stage1_dir, s),
+                spec.backbone,
+                device,
+                spec.eval_cfg,
+                spec.workers,
+                _feature_cache(spec, data),
+            )
+            for s in seeds
+        }
         per_seed = {s: {"rec": res["history"][-1], "best_all": res["selection"]["all"]} for s, res in results.items()}
         append_jsonl(events, {"t": time.time(), "event": "epoch", **trial_metrics(per_seed, 1, 0)})
         return _complete(spec, data, tdir, results, report)
@@ -155,8 +206,18 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
         log(f"{spec.experiment} trial {spec.trial_index}: {msg}")
         append_jsonl(events, {"t": time.time(), "event": "fallback", "note": msg})
     attempt = sum(1 for e in read_jsonl(events) if e.get("event") == "start") + 1
-    append_jsonl(events, {"t": time.time(), "event": "start", "start_epoch": start_epoch, "attempt": attempt,
-                          "pid": os.getpid(), "host": socket.gethostname(), "device": str(device)})
+    append_jsonl(
+        events,
+        {
+            "t": time.time(),
+            "event": "start",
+            "start_epoch": start_epoch,
+            "attempt": attempt,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(device),
+        },
+    )
     if start_epoch:
         log(f"{spec.experiment} trial {spec.trial_index}: resumed from epoch {start_epoch}")
 
@@ -170,15 +231,28 @@ def run_trial(spec: TrialSpec, data, device=None, report: Callable[[dict], None]
                 rec = trainers[s].run_epoch()
                 per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}
             metrics = trial_metrics(per_seed, epoch + 1, start_epoch)
-            save_checkpoint(tdir / "ckpt", epoch + 1,
-                            {"epoch": epoch + 1, "seeds": {str(s): t.state_dict() for s, t in trainers.items()}})
+            save_checkpoint(
+                tdir / "ckpt",
+                epoch + 1,
+                {"epoch": epoch + 1, "seeds": {str(s): t.state_dict() for s, t in trainers.items()}},
+            )
             append_jsonl(events, {"t": time.time(), "event": "epoch", **metrics})
             if epoch + 1 < epochs:
                 report(metrics)
     except Diverged as e:
-        record = TrialRecord(status=DIVERGED, reason=str(e), stage=spec.stage, experiment=spec.experiment,
-                             trial_index=spec.trial_index, params=spec.params, seeds=seeds, objective=None,
-                             epochs_run=trainers[seeds[0]].epoch, config=_config_dict(spec.config), per_seed={})
+        record = TrialRecord(
+            status=DIVERGED,
+            reason=str(e),
+            stage=spec.stage,
+            experiment=spec.experiment,
+            trial_index=spec.trial_index,
+            params=spec.params,
+            seeds=seeds,
+            objective=None,
+            epochs_run=trainers[seeds[0]].epoch,
+            config=_config_dict(spec.config),
+            per_seed={},
+        )
         record.write(record_path)
         append_jsonl(events, {"t": time.time(), "event": DIVERGED, "reason": str(e)})
         shutil.rmtree(tdir / "ckpt", ignore_errors=True)
@@ -199,11 +273,20 @@ def _complete(spec: TrialSpec, data, tdir: Path, results: dict[int, dict], repor
     if any(res.get("norm_history") for res in results.values()):
         atomic_write_json(tdir / NORMS_FILE, {str(s): res.get("norm_history") or [] for s, res in results.items()})
     objective = float(np.mean([res["selection"]["all"] for res in results.values()]))
-    record = TrialRecord(status=COMPLETED, reason=None, stage=spec.stage, experiment=spec.experiment,
-                         trial_index=spec.trial_index, params=spec.params, seeds=list(results),
-                         objective=objective, epochs_run=max(res["epochs_run"] for res in results.values()),
-                         config=_config_dict(spec.config), selection_split=data.selection_split,
-                         per_seed={str(s): _seed_summary(res) for s, res in results.items()})
+    record = TrialRecord(
+        status=COMPLETED,
+        reason=None,
+        stage=spec.stage,
+        experiment=spec.experiment,
+        trial_index=spec.trial_index,
+        params=spec.params,
+        seeds=list(results),
+        objective=objective,
+        epochs_run=max(res["epochs_run"] for res in results.values()),
+        config=_config_dict(spec.config),
+        selection_split=data.selection_split,
+        per_seed={str(s): _seed_summary(res) for s, res in results.items()},
+    )
     record.write(tdir / TrialRecord.FILE)
     append_jsonl(tdir / "events.jsonl", {"t": time.time(), "event": COMPLETED, "objective": objective})
     shutil.rmtree(tdir / "ckpt", ignore_errors=True)
@@ -238,6 +321,7 @@ def load_final_state(trial_dir: Path, seed: int) -> dict:
 
 def resumed_from(trial_dir: Path) -> int:
     """The largest epoch this trial was ever resumed from (0: never resumed)."""
-    starts = [e.get("start_epoch", 0) for e in read_jsonl(Path(trial_dir) / "events.jsonl")
-              if e.get("event") == "start"]
+    starts = [
+        e.get("start_epoch", 0) for e in read_jsonl(Path(trial_dir) / "events.jsonl") if e.get("event") == "start"
+    ]
     return max(starts, default=0)

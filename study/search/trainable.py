@@ -1,0 +1,107 @@
+"""The trainable Ray Tune runs in its workers: one configuration of one method, every seed
+(``study.training.trial``), in the study's trial folder. Tune is given no checkpoints: a trial resumes
+from its own, so restoring a trial just calls its function again."""
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ray import tune
+
+from study.fsutil import append_jsonl
+from study.layout import (
+    EVENTS_FILE,
+    ExperimentOpened,
+    StudyPaths,
+    TrialInfo,
+    searched_params,
+    trial_dirname,
+    trial_index_in_experiment,
+)
+from study.search import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
+from study.search.resume import adopt_claimed
+from study.training.trial import TrialSpec, run_trial
+
+
+def tune_trial_dirname(trial) -> str:
+    """Tune's trial folder name, the same as ours (:func:`study.layout.trial_dirname`): the index is
+    the trial's in its own experiment (:class:`StudySearcher` puts it in the config). Module level,
+    so Tune can pickle it into tuner.pkl."""
+    return trial_dirname(_index_of(trial), trial.trial_id)
+
+
+def _index_of(trial) -> int:
+    return trial_index_in_experiment(trial.config, trial.experiment_tag, trial.trial_id)
+
+
+# --- the trainable (runs in Ray workers) --------------------------------------------------------------
+
+
+def study_trainable(config: dict, data=None) -> None:
+    """Tune function trainable: one configuration of one method, every seed (``study.training.trial``).
+
+    ``config`` holds the searched parameters (flat, as Optuna names them), ``method``, and the
+    ``_study`` block: the study's constants (paths, seeds, evaluation) merged with the trial's
+    experiment, stage, index in its experiment, base configuration and stage-1 folder."""
+    import torch
+
+    from study.config.schema import EvalConfig, Stage1Config, Stage2Config, build
+    from study.data.longtail import loader_workers
+
+    ctx = tune.get_context()
+    st = config["_study"]
+    paths = StudyPaths(Path(st["root"]))
+    if st.get("after") and not st.get("stage1_dir"):
+        # Proposed before its experiment opened (StudySearcher._may_start_ahead): wait here, in the
+        # worker the trial keeps, for the stage-1 selection to train on.
+        opened = _wait_opened(paths, st["experiment"])
+        if opened.stage1_dir is None:
+            return  # the variant has no stage-1 selection: nothing to train (the driver says so)
+        st = {**st, "stage1_dir": opened.stage1_dir}
+    trial_id = ctx.get_trial_id()
+    index = int(st["index"])
+    method = config["method"]
+    params = searched_params(config)
+    cls = Stage1Config if st["stage"] == "stage1" else Stage2Config
+    cfg = build(cls, {**st["config"], **params})
+    torch.set_num_threads(max(1, int(st.get("cpus_per_trial") or 1)))
+    tdir = paths.trial_dir(st["experiment"], index, trial_id)
+    tdir.mkdir(parents=True, exist_ok=True)
+    adopted = adopt_claimed(paths.trials / st["experiment"], trial_id, tdir)
+    if adopted:
+        append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": "adopted", "from": adopted})
+    if not (tdir / TrialInfo.FILE).exists():
+        TrialInfo(
+            experiment=st["experiment"],
+            stage=st["stage"],
+            method=method,
+            trial_id=trial_id,
+            trial_index=index,
+            params=params,
+            config=asdict(cfg),
+        ).write(tdir / TrialInfo.FILE)
+    spec = TrialSpec(
+        stage=st["stage"],
+        config=cfg,
+        seeds=tuple(st["seeds"]),
+        eval_cfg=build(EvalConfig, st["eval"]),
+        trial_dir=tdir,
+        backbone=st["backbone"] or getattr(cfg, "backbone", ""),
+        stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
+        experiment=st["experiment"],
+        trial_index=index,
+        params=params,
+        method=method,
+        workers=loader_workers(data, st.get("cpus_per_trial") or 1),
+    )
+    # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none, and an
+    # older snapshot can never name a Tune checkpoint that no longer exists.
+    run_trial(spec, data, report=tune.report)
+
+
+def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.05) -> ExperimentOpened:
+    while True:
+        opened = ExperimentOpened.read(paths.opened_file(experiment))
+        if opened is not None:
+            return opened
+        time.sleep(poll)

@@ -1,0 +1,272 @@
+"""Running (or restoring) the study's one Tune experiment: the Tuner with the study's searcher
+(``study.search.searchers``), the per-method scheduler, the failure callback and the trainable
+(``study.search.trainable``).
+
+One Tuner runs the whole study (every stage and method): its workers start once and serve every
+trial, stage-1 and stage-2 alike (starting a worker — a process importing Ray Tune and torch — costs
+seconds), and short stage-2 trials of every method share the workers and the GPU concurrently.
+:class:`StudySearcher` opens an experiment once the one it depends on has ended (stage 2 after
+stage 1, whose selection it needs), writes each experiment's stage marker when its last trial ends,
+and caps the trials in flight at the cluster's slots; :class:`MethodSearcher` routes each trial of
+one experiment to its method's Optuna study and keeps every method's budget exact;
+:class:`MethodScheduler` gives each method its own ASHA early stopping (if the space asks for it) so
+methods are never compared with each other.
+Tune is given no checkpoints: a trial resumes from its own (``study.training.trial``), so restoring a trial
+just calls its function again. Optuna keeps in-memory storage inside the searcher, pickled with
+Tune's snapshot: a persistent (SQLite) storage shared with a restored searcher crashes restores
+after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (``study.results.records``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from study.config.spaces import Experiment, StudySpace
+from study.fsutil import atomic_write_json
+from study.layout import FAILED, FAILED_FILE, StudyPaths
+from study.results.records import error_reason, optuna_study_name
+from study.search import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
+from study.search.ray_runtime import trial_slots
+from study.search.resume import set_aside_orphans, usable_snapshot
+from study.search.searchers import _DRIVER, OBJECTIVE, MethodSearcher, StudyOptunaSearch, StudySearcher
+from study.search.trainable import _index_of, study_trainable, tune_trial_dirname
+
+_USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
+
+
+class MethodScheduler(FIFOScheduler):
+    """Per-method early stopping: trials go to their (experiment, method)'s ASHA (if it has one), so
+    a method's trials are only ever compared with each other; other trials run to the end."""
+
+    def __init__(self, schedulers: dict[str, ASHAScheduler]):
+        super().__init__()
+        self.schedulers = schedulers
+        """``<experiment>/<method>`` -> its ASHA."""
+
+    def _sub(self, trial) -> TrialScheduler | None:
+        config = trial.config or {}
+        return self.schedulers.get(self.key((config.get("_study") or {}).get("experiment"), config.get("method")))
+
+    @staticmethod
+    def key(experiment: str | None, method: str | None) -> str:
+        return f"{experiment}/{method}"
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        for s in self.schedulers.values():
+            s.set_search_properties(metric, mode, **spec)
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if (s := self._sub(trial)) is not None:
+            s.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        if (s := self._sub(trial)) is not None and trial.trial_id in getattr(s, "_trial_info", {}):
+            s.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        s = self._sub(trial)
+        if s is None or result.get(OBJECTIVE) is None:
+            return TrialScheduler.CONTINUE
+        if trial.trial_id not in s._trial_info:  # restored trials: ASHA keeps no state across restores
+            s.on_trial_add(tune_controller, trial)
+        return s.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        s = self._sub(trial)
+        if s is not None and trial.trial_id in s._trial_info:
+            if result.get(OBJECTIVE) is None:
+                s.on_trial_remove(tune_controller, trial)
+            else:
+                s.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        s = self._sub(trial)
+        if s is not None and trial.trial_id in s._trial_info:
+            s.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "MethodScheduler(" + ", ".join(self.schedulers) + ")"
+
+
+class FailureRecorder(tune.Callback):
+    """Writes ``failed.json`` into the study's trial folder when Tune gives up on a trial (after
+    ``search.retries`` retries), with the exception's last line as the reason."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        try:
+            experiment = trial.config["_study"]["experiment"]
+            tdir = StudyPaths(Path(self.root)).trial_dir(experiment, _index_of(trial), trial.trial_id)
+            tdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                tdir / FAILED_FILE,
+                {
+                    "status": FAILED,
+                    "reason": error_reason(getattr(trial, "error_file", None)),
+                    "num_failures": getattr(trial, "num_failures", None),
+                },
+            )
+        except Exception:  # noqa: BLE001 - bookkeeping must never break the study
+            pass
+
+
+# --- the study's Tune experiment ----------------------------------------------------------------------
+
+
+def _study_constants(space: StudySpace, paths: StudyPaths, cpus: float) -> dict:
+    """The ``_study`` block every trial shares (its experiment's part comes from StudySearcher)."""
+    return {
+        "_study": {
+            "root": str(paths.root),
+            "seeds": list(space.seeds),
+            "eval": asdict(space.eval),
+            "cpus_per_trial": cpus,
+        }
+    }
+
+
+def _experiment_constants(exp: Experiment, space: StudySpace) -> dict:
+    return {
+        "configs": {p.method: asdict(p.config) for p in exp.plans},
+        "backbone": space.backbone_of(exp.variant) if exp.variant else None,
+    }
+
+
+def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> MethodSearcher:
+    subs: dict[str, StudyOptunaSearch | None] = {}
+    for i, p in enumerate(exp.plans):
+        if not p.params:
+            subs[p.method] = None
+            continue
+        sampler = optuna.samplers.TPESampler(
+            seed=space.search.sampler_seed + i, n_startup_trials=space.search.startup_trials
+        )
+        subs[p.method] = StudyOptunaSearch(
+            {k: d.to_optuna() for k, d in p.params.items()},
+            metric=OBJECTIVE,
+            mode="max",
+            sampler=sampler,
+            study_name=optuna_study_name(exp.name, p.method),
+        )
+    return MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
+
+
+def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, slots: int):
+    experiments = space.experiments()
+    searcher = StudySearcher(
+        paths,
+        experiments,
+        {e.name: _method_searcher(e, space, paths) for e in experiments},
+        {e.name: _experiment_constants(e, space) for e in experiments},
+        max_live=slots,
+    )
+    # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
+    asha = {
+        MethodScheduler.key(e.name, p.method): ASHAScheduler(
+            time_attr="epoch",
+            max_t=p.config.epochs,
+            grace_period=p.scheduler.grace_period,
+            reduction_factor=p.scheduler.reduction_factor,
+        )
+        for e in experiments
+        for p in e.plans
+        if p.scheduler is not None
+    }
+    tune_config = tune.TuneConfig(
+        metric=OBJECTIVE,
+        mode="max",
+        search_alg=searcher,
+        scheduler=MethodScheduler(asha) if asha else None,
+        # the searcher alone ends the search (exact budgets, also after a
+        # restore from snapshot files of different steps), not Tune's count
+        num_samples=-1,
+        reuse_actors=True,
+        trial_dirname_creator=tune_trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=paths.tune_experiment.name,
+        storage_path=str(paths.tune),
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=space.search.retries),
+        callbacks=[FailureRecorder(str(paths.root))],
+    )
+    return tune.Tuner(
+        trainable, param_space=_study_constants(space, paths, cpus), tune_config=tune_config, run_config=run_config
+    )
+
+
+def _wrap_trainable(data, cpus: float, gpus: float):
+    # with_parameters first, then with_resources: with_resources mutates the function it is given.
+    return tune.with_resources(tune.with_parameters(study_trainable, data=data), {"cpu": cpus, "gpu": gpus})
+
+
+def run_search(
+    space: StudySpace,
+    paths: StudyPaths,
+    data,
+    cpus: float,
+    gpus: float,
+    log: Callable[[str], None],
+    on_stage2: Callable[[], None] | None = None,
+    start_ahead: bool = True,
+) -> None:
+    """Run or resume the study's Tune experiment until every experiment has ended (its stage marker
+    written) or the study is stopped; the caller tells the two apart by the markers. ``on_stage2``
+    runs once, in the driver, at the first result of a stage-2 trial. ``start_ahead``: stage-2 trials may start in the
+    workers of the last stage-1 trials before stage 2 opens (not on a shared cluster, whose
+    resources can shrink under waiting trials)."""
+    exp_dir = paths.tune_experiment
+    trainable = _wrap_trainable(data, cpus, gpus)
+    slots = trial_slots(cpus, gpus, space.search.max_concurrent)
+    # Tune keeps one trial pending at a time for a custom searcher: the second worker would start
+    # only once the first runs (~1 s on a CPU). Every slot may be pending at once; the searcher
+    # never proposes more trials than slots (StudySearcher.max_live).
+    if not _USER_MAX_PENDING:
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
+    _DRIVER.update(log=log, on_stage2=on_stage2, slots=slots, ahead=max(0, slots - 1) if start_ahead else 0)
+    unfinished = [e.name for e in space.experiments() if not paths.stage_marker(e.name).exists()]
+    if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
+        log("resuming the search")
+        for name in unfinished:
+            set_aside_orphans(paths, name, log)
+        # Unfinished trials keep their ids and run their function again, which resumes from the
+        # trial's own checkpoint. (RESTART would give them new ids.) Errored trials stay failed.
+        tuner = tune.Tuner.restore(
+            str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
+    else:
+        if exp_dir.exists():
+            # Built but never snapshotted (restoring would silently run one trial: docs/reference.md §7),
+            # or no readable snapshot: start the search afresh (finished experiments stay finished);
+            # trials of the old attempt are set aside, and continued.
+            exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.unusable-{int(time.time())}"))
+        for name in unfinished:
+            set_aside_orphans(paths, name, log)
+        tuner = _make_tuner(space, paths, trainable, cpus, slots)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
+    finally:
+        # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
+        # its handler would swallow a later Ctrl-C (in the final evaluation).
+        signal.signal(signal.SIGINT, sigint)
+        _DRIVER.update(log=print, on_stage2=None, slots=None, ahead=0)
+    # The Tuner sits in reference cycles holding Ray objects (the dataset put by with_parameters):
+    # collected later, after ray.shutdown, their finalizers reach the dead core worker, which aborts
+    # the driver (exit 1, "The core worker has already been shutdown"). Collect them now, Ray up.
+    del results, tuner, trainable
+    import gc
+
+    gc.collect()

@@ -1,0 +1,53 @@
+"""Space files and names that are wrong in ways a YAML parser or a file system would only trip over
+with a traceback: each is one line on stderr, exit code 2, and nothing is created."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.cli import main
+
+
+def _run(tmp_path, capsys, *args) -> str:
+    results = tmp_path / "results"
+    code = main([*args, "--results-dir", str(results)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not results.exists(), "something was created"
+    return err
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_binary_space_file_is_one_line(tmp_path, capsys, command):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(bytes(range(256)) * 4)  # not UTF-8
+    err = _run(tmp_path, capsys, command, str(space))
+    assert str(space) in err and "not a UTF-8 text file" in err
+
+
+def test_a_300_character_name_is_one_line(tmp_path, capsys):
+    err = _run(tmp_path, capsys, "run", "digits-lt", "--name", "n" * 300)
+    assert "300 characters" in err and "at most 100" in err
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("dataset: digits-lt\nseeds: 2\ndataset: cifar10-lt\n", "dataset", (1, 3)),
+        ("dataset: digits-lt\nstage1:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n", "epochs", (3, 5)),
+    ],
+)
+def test_a_duplicated_key_names_the_key_and_both_lines(tmp_path, capsys, text, key, lines):
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    err = _run(tmp_path, capsys, "run", str(space))
+    assert f"key '{key}' is written twice (lines {lines[0]} and {lines[1]})" in err and str(space) in err
+
+
+def test_the_same_key_in_different_mappings_is_fine(tmp_path):
+    from study.config.spaces import read_yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text("dataset: digits-lt\nstage1: {epochs: 3}\nstage2: {epochs: 3}\n")
+    assert read_yaml(space) == {"dataset": "digits-lt", "stage1": {"epochs": 3}, "stage2": {"epochs": 3}}

@@ -1,0 +1,120 @@
+"""A real study end to end (Ray Tune + Optuna, toy scale) and `study status`.
+
+Resume after SIGKILL in stage 1 and stage 2 (and after every other kind of stop) is tested in
+test_faults.py::test_kill_in_every_phase."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import optuna
+import pytest
+import yaml
+
+from study.testing.studyrun import assert_complete, read_rows, study, toy_budgets, toy_space
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_study_end_to_end(toy_study):
+    root = toy_study
+    space = root.parent.parent / "toy.yaml"
+    for name in ("study.yaml", "trials.csv", "per_class.csv", "optuna.db", "done.json"):
+        assert (root / name).is_file(), name
+    header = yaml.safe_load((root / "study.yaml").read_text())
+    assert header["protocol"] == "honest" and header["data"]["selection_split"] == "val"
+    assert header["provenance"]["data"]["subset_hash"] == header["data"]["subset_hash"]
+    assert set(header["provenance"]["packages"]) >= {"torch", "ray", "optuna"}
+
+    # exactly the budgeted trials, two seeds each, all completed (in trials.csv and in Optuna)
+    budgets = toy_budgets()
+    rows = assert_complete(root, budgets)
+    selected = [r for r in rows if r["selected"] == "True"]
+    assert len(selected) == len(budgets) * 2
+    for r in selected:  # the test set is evaluated for the selected configurations only
+        assert 0 <= float(r["test_all"]) <= 1
+    for r in rows:
+        if r["selected"] != "True":
+            assert r["test_all"] == ""
+    # the selected tuned trial is the best by validation objective
+    tuned = [r for r in rows if r["method"] == "tuned"]
+    best = max(tuned, key=lambda r: float(r["objective"]))
+    assert best["selected"] == "True"
+
+    wb = optuna.load_study(study_name="stage2-wb", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert set(wb.best_params) == {"weight_decay", "maxnorm_threshold"}
+
+    # every stage-2 weight norm of the WB method is within its MaxNorm radius
+    for seed in (0, 1):
+        sel = [r for r in rows if r["method"] == "wb" and r["selected"] == "True" and r["seed"] == str(seed)][0]
+        tdir = next((root / "trials" / "stage2").glob(f"trial-*-{sel['trial_id']}"))
+        ps = json.loads((tdir / "record.json").read_text())["per_seed"][str(seed)]
+        assert max(ps["weight_norms"]) <= ps["maxnorm_radius"] * (1 + 1e-5)
+
+    # the tables equal the numbers recomputed from trials.csv (selected rows, mean over seeds, %)
+    import pandas as pd
+
+    df = pd.read_csv(root / "trials.csv")
+    main_csv = pd.read_csv(root / "tables" / "main.csv")
+    sel = df[df["selected"]]
+    assert len(main_csv) == len(budgets)
+    for stage, method in budgets:
+        mine = sel[(sel["stage"] == stage) & (sel["method"] == method)]
+        (row,) = [r for _, r in main_csv.iterrows() if r["stage"] == stage and r["method"] == method]
+        assert row["n_seeds"] == len(mine) == 2
+        for g in ("many", "medium", "few", "all"):
+            assert row[f"{g}_mean"] == pytest.approx(100 * mine[f"test_{g}"].mean(), abs=0.005)
+
+    # running the same command on a finished study only says where the results are
+    again = study("run", str(space), "--results-dir", str(root.parent), "--name", "toy", timeout=60)
+    assert again.returncode == 0 and "is complete" in again.stdout
+
+    st = study("status", str(root), "--format", "json", timeout=60)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["complete"] and not status["running"]
+    assert status["experiments"][1]["methods"]["wb"]["counts"]["completed"] == 2
+    text = study("status", str(root), timeout=60)
+    assert "complete" in text.stdout and "wb" in text.stdout
+
+
+def test_changed_space_refuses_to_resume(tmp_path):
+    space = toy_space(tmp_path, e1=1, b1=1, e2=1, b2=1)
+    res = tmp_path / "res"
+    (res / "s").mkdir(parents=True)
+    (res / "s" / "study.yaml").write_text(yaml.safe_dump({"fingerprint": "0", "space": {"seeds": [0, 1, 2]}}))
+    r = study("run", str(space), "--results-dir", str(res), "--name", "s", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "different search space" in r.stderr and "--fresh" in r.stderr
+    assert "seeds" in r.stderr
+    assert sorted(p.name for p in (res / "s").iterdir()) == ["study.yaml"]
+
+
+def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):
+    """ASHA early-stops poor stage-1 `tuned` trials (compared only with each other, on their epoch
+    counter); the `naive` trial runs to the end; a stopped trial is never selected."""
+    extra = """\
+  scheduler: {asha: {grace_period: 1, reduction_factor: 2}}
+"""
+    text = toy_space(tmp_path, e1=4, b1=6).read_text()
+    search = "search: {sampler_seed: 0, startup_trials: 1, retries: 1}"
+    assert "  budget: 6\n" in text and search in text
+    text = text.replace("  budget: 6\n", "  budget: 6\n" + extra, 1)
+    text = text.replace(search, "search: {sampler_seed: 0, startup_trials: 1, retries: 1, max_concurrent: 1}")
+    space = tmp_path / "asha.yaml"
+    space.write_text(text)
+    r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "a", timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read_rows(tmp_path / "res" / "a" / "trials.csv")
+    tuned = {r["trial_id"]: r for r in rows if r["method"] == "tuned"}
+    assert len(tuned) == 6
+    statuses = collections.Counter(r["status"] for r in tuned.values())
+    assert set(statuses) <= {"completed", "stopped"} and statuses["stopped"] >= 1, statuses
+    for r in tuned.values():
+        if r["status"] == "stopped":
+            assert int(r["epochs_run"]) < 4 and r["selected"] == "False"
+    naive = [r for r in rows if r["method"] == "naive"]
+    assert {r["status"] for r in naive} == {"completed"} and all(int(r["epochs_run"]) == 4 for r in naive)
+    st = optuna.load_study(study_name="stage1-tuned", storage=f"sqlite:///{tmp_path / 'res' / 'a' / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.PRUNED for t in st.trials) == statuses["stopped"]

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from study.layout import FAULT_COUNT_FILE
+
 
 def _specs(kind: str) -> list[list[str]]:
     out = []
@@ -36,7 +38,7 @@ def maybe_raise(stage: str, trial_index: int, method: str, epoch: int, trial_dir
             continue
         if st != stage or int(ep) != epoch or who not in (str(trial_index), method):
             continue
-        counter = Path(trial_dir) / ".fault-count"
+        counter = Path(trial_dir) / FAULT_COUNT_FILE
         n = int(counter.read_text()) if counter.exists() else 0
         if n < int(times):
             counter.write_text(str(n + 1))

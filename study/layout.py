@@ -4,10 +4,10 @@ so a field is added in one place.
 
 Layout of ``results/NAME/``::
 
-    study.yaml                :class:`StudyHeader` — resolved space, experiments, data summary,
-                              provenance, fingerprint
+    study.yaml                :class:`StudyHeader` — format version, resolved space, experiments,
+                              data summary, provenance, fingerprint
     tune/search/              Ray Tune's one experiment for every stage (what Tuner.restore reads)
-    trials/<stage>/trial-NNNN-<id>/   one folder per trial (:func:`trial_dirname`):
+    trials/<experiment>/trial-NNNN-<id>/   one folder per trial (:func:`trial_dirname`):
         trial.json            :class:`TrialInfo` — method, parameters, resolved config
         events.jsonl          start (with the epoch it resumed from), epochs, fallbacks, the end
         ckpt/epoch-NNNN.pt    every seed's trainer state after epoch N (+ .sha256), newest two kept
@@ -15,15 +15,18 @@ Layout of ``results/NAME/``::
         weight_norms.json     per-epoch per-class classifier norms of every seed (trained methods)
         failed.json           the trial raised on every retry (written by the Tune callback)
         final-seed<S>.pt      the selected weights per seed (:func:`final_weights`)
-    trials/<stage>/.adopt/    trials missing from Tune's last snapshot, waiting to be continued
-    stages/<stage>.json       :class:`StageMarker` — the stage finished; its selected trial per method
-    final/<stage>--<method>.json      :class:`FinalReport` — test-set reports of the selection, per seed
+    trials/<experiment>/.adopt/   trials missing from Tune's last snapshot, waiting to be continued
+    stages/<experiment>.json  :class:`StageMarker` — the experiment finished; its selection per method
+    final/<experiment>--<method>.json   :class:`FinalReport` — test-set reports of the selection, per seed
     trials.csv                one :class:`TrialRow` per stage, method, trial and seed
     per_class.csv             one :class:`PerClassRow` per class of every selected configuration and seed
     optuna.db                 SQLite Optuna storage, one study per stage and method (``stage2-wb``)
     tables/, plots/           written when the study finishes
     done.json                 the study finished
     .lock                     held while a ``study run`` works on the folder
+
+An experiment is ``stage1`` (every stage-1 variant) or ``stage2-<variant>`` (every stage-2 method on
+the variant's selected backbones). ``study train`` writes a smaller folder (:class:`TrainPaths`).
 
 Reads files only: no Ray, no torch, no GPU.
 """
@@ -65,6 +68,11 @@ ENDED_STATUSES = (COMPLETED, STOPPED, DIVERGED, FAILED)
 
 # --- names ------------------------------------------------------------------------------------------------
 
+FORMAT_VERSION = 2
+"""The version of this layout, written to study.yaml (``format_version``). 1 (no field): written by
+``study`` 0.1, whose interrupted studies this version does not resume (its search state pickles
+classes that no longer exist); its finished studies are still read. 2: ``study`` 0.2."""
+
 TRIAL_DIR_RE = re.compile(r"^trial-(\d+)-([0-9a-f]+(?:_\d+)?)$")
 MAX_NAME_LENGTH = 100
 """Longest study name: file systems allow 255 bytes per name, and the study's own folders (moved-aside
@@ -79,6 +87,8 @@ NORMS_FILE = "weight_norms.json"
 """A trained trial's per-epoch per-class classifier norms: ``{seed: [[norm per class] per epoch]}``."""
 CHECKPOINTS = "ckpt"
 """A trial's per-epoch checkpoint folder."""
+FAULT_COUNT_FILE = ".fault-count"
+"""A trial's count of injected faults (``study.faults``, for the tests)."""
 ADOPT_POOL = ".adopt"
 """Inside a stage's trial folder: trials missing from Tune's last snapshot, waiting for their
 method's next trial to continue them (``study.search.resume``)."""
@@ -110,16 +120,25 @@ def final_weights(trial_dir: str | os.PathLike, seed: int) -> Path:
     return Path(trial_dir) / f"final-seed{seed}.pt"
 
 
+CONTEXT_KEY = "_study"
+"""The key of a Tune trial config's :class:`TrialContext`."""
+
+
 def trial_index_in_experiment(config: dict | None, experiment_tag: str | None, trial_id: str) -> int:
-    """A Tune trial's index in its own experiment: the ``index`` the study's searcher put in its
-    config's ``_study`` block, else the counter of its experiment tag (:func:`trial_index_of`)."""
-    index = ((config or {}).get("_study") or {}).get("index")
+    """A Tune trial's index in its own experiment: the ``index`` of its :class:`TrialContext`, else
+    the counter of its experiment tag (:func:`trial_index_of`)."""
+    index = ((config or {}).get(CONTEXT_KEY) or {}).get("index")
     return int(index) if index is not None else trial_index_of(experiment_tag, trial_id)
 
 
+def trial_experiment(config: dict | None) -> str | None:
+    """The experiment of a Tune trial, from its config's :class:`TrialContext`."""
+    return ((config or {}).get(CONTEXT_KEY) or {}).get("experiment")
+
+
 def searched_params(config: dict | None) -> dict:
-    """A Tune trial config's searched parameters: all but ``method`` and the ``_study`` block."""
-    return {k: v for k, v in (config or {}).items() if k not in ("_study", "method")}
+    """A Tune trial config's searched parameters: all but ``method`` and the :class:`TrialContext`."""
+    return {k: v for k, v in (config or {}).items() if k not in (CONTEXT_KEY, "method")}
 
 
 def trial_index_of(experiment_tag: str | None, trial_id: str) -> int:
@@ -198,6 +217,25 @@ class StudyPaths:
     def final_reports(self) -> list[str]:
         """``<stage>--<method>`` of every final report written so far."""
         return sorted(p.stem for p in self.final.glob("*.json")) if self.final.is_dir() else []
+
+
+class TrainPaths:
+    """The folder ``study train --out DIR`` writes (all absolute)::
+
+    run.json              what ran: the resolved space, the stage-1 variant and stage-2 method
+    stage1/               the stage-1 trial (a trial folder as in a study: record, events, weights)
+    stage2-<method>/      the stage-2 trial on stage 1's selected weights
+    metrics.json          per seed and mean ± std: selection-split and test accuracies, norms
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.run = self.root / "run.json"
+        self.stage1 = self.root / "stage1"
+        self.metrics = self.root / "metrics.json"
+
+    def stage2(self, method: str) -> Path:
+        return self.root / f"stage2-{method}"
 
 
 # --- typed views of the files -------------------------------------------------------------------------------
@@ -354,6 +392,45 @@ class ExperimentOpened(_View):
 
 
 @dataclass(frozen=True)
+class TrialContext(_View):
+    """What a Tune trial needs besides its searched parameters and method: the ``_study`` block of
+    its config (:data:`CONTEXT_KEY`). The study's searcher builds it when it proposes the trial
+    (``study.search.searchers.StudySearcher``); the trainable reads it (``study.search.trainable``).
+    Tune stores it with the trial, so a restored trial runs with the context it was proposed with."""
+
+    root: str = ""
+    """The study folder (absolute)."""
+    experiment: str = ""
+    """``stage1`` or ``stage2-<variant>``."""
+    stage: str = ""
+    """``stage1`` or ``stage2``."""
+    index: int = 0
+    """The trial's index in its experiment (the order of issue; its folder's number)."""
+    config: dict = field(default_factory=dict)
+    """The method's base configuration (a Stage1Config / Stage2Config as a mapping, searched
+    parameters at their defaults): the trial's parameters are applied on top."""
+    seeds: list = field(default_factory=list)
+    """Every seed the trial trains."""
+    eval: dict = field(default_factory=dict)
+    """The EvalConfig as a mapping."""
+    cpus_per_trial: float = 1.0
+    """The trial's CPUs: torch threads and a file dataset's decoding workers."""
+    backbone: str | None = None
+    """Stage 2: the backbone of the stage-1 variant it runs on (stage 1: its config's)."""
+    stage1_dir: str | None = None
+    """Stage 2: the selected stage-1 trial's folder (None while the experiment has not opened)."""
+    after: str | None = None
+    """The experiment this trial's waits for (``stage1`` for stage 2, else None)."""
+
+    KEY = CONTEXT_KEY
+
+    @classmethod
+    def of(cls, config: dict) -> TrialContext:
+        """The context in a Tune trial's config."""
+        return cls.from_dict(config.get(CONTEXT_KEY)) or cls()
+
+
+@dataclass(frozen=True)
 class FinalReport(_View):
     """``final/<stage>--<method>.json``: the selected configuration evaluated once per seed on the
     test set."""
@@ -447,6 +524,8 @@ class StudyHeader:
     data: DataSummary
     backbone: str = ""
     provenance: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    """The layout version that wrote the folder (:data:`FORMAT_VERSION`; 1 when study.yaml has none)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -481,6 +560,7 @@ class StudyHeader:
 
     def to_dict(self) -> dict:
         return {
+            "format_version": self.format_version,
             "study": self.study,
             "fingerprint": self.fingerprint,
             "protocol": self.protocol,
@@ -502,6 +582,7 @@ class StudyHeader:
             data=DataSummary.from_dict(d.get("data") or {}),
             backbone=str(d.get("backbone") or ""),
             provenance=dict(d.get("provenance") or {}),
+            format_version=int(d.get("format_version") or 1),
         )
 
     def write(self, path: str | os.PathLike) -> None:

@@ -6,8 +6,6 @@ still running. The file layout, names and statuses are :mod:`study.layout`'s.
 
 from __future__ import annotations
 
-import glob
-import json
 import math
 import os
 import sqlite3
@@ -15,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.fsutil import StudyLock, atomic_write_bytes, read_json, read_json_or_none, read_jsonl, replace_synced
+from study import compat
+from study.fsutil import StudyLock, atomic_write_bytes, read_json_or_none, read_jsonl, replace_synced
 from study.layout import (
     COMPLETED,
     ENDED_STATUSES,
+    EVENTS_FILE,
     FAILED,
+    FAILED_FILE,
     FAILURE_STATUSES,
     INTERRUPTED,
     PENDING,
@@ -62,38 +63,33 @@ def fmt_params(params: dict | None) -> str:
 # --- Tune's own view (for statuses our files cannot know: pending, early-stopped, errored) --------------
 
 
+def _by_trial(trials: list[dict]) -> dict[str, dict]:
+    """trial_id -> {experiment, status, index, logdir, config}. A trial's experiment and its index in
+    it are in the ``_study`` block of its config (one Tuner runs every experiment); the experiment
+    tag's counter is the fallback for the index."""
+    return {
+        t["trial_id"]: {
+            "experiment": (t["config"].get("_study") or {}).get("experiment"),
+            "status": t["status"],
+            "index": trial_index_in_experiment(t["config"], t["experiment_tag"], t["trial_id"]),
+            "logdir": t["relative_logdir"],
+            "config": t["config"],
+        }
+        for t in trials
+    }
+
+
 def read_tune_state(file: str | os.PathLike) -> dict[str, dict]:
     """trial_id -> {experiment, status, index, logdir, config} from one of Tune's experiment_state
-    files. A trial's experiment and its index in it are in the ``_study`` block of its config (one
-    Tuner runs every experiment); the experiment tag's counter is the fallback for the index."""
-    state = read_json(file)
-    out = {}
-    for entry in state.get("trial_data", []):
-        tj = entry[0]
-        if isinstance(tj, str):
-            tj = json.loads(tj)
-        config = tj.get("config") or {}
-        out[tj["trial_id"]] = {
-            "experiment": (config.get("_study") or {}).get("experiment"),
-            "status": tj.get("status"),
-            "index": trial_index_in_experiment(config, tj.get("experiment_tag"), tj["trial_id"]),
-            "logdir": tj.get("relative_logdir"),
-            "config": config,
-        }
-    return out
+    files (``study.compat``, entry ``tune-snapshot``)."""
+    return _by_trial(compat.read_snapshot_trials(file))
 
 
 def tune_trials(paths: StudyPaths, experiment: str | None = None) -> dict[str, dict]:
-    """trial_id -> {experiment, status, index, logdir, config} from the newest readable
-    experiment_state-*.json (empty if none), of one experiment or (None) of all."""
-    files = sorted(glob.glob(str(paths.tune_experiment / "experiment_state-*.json")))
-    for f in reversed(files):
-        try:
-            trials = read_tune_state(f)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        return {tid: t for tid, t in trials.items() if experiment is None or t["experiment"] == experiment}
-    return {}
+    """trial_id -> {experiment, status, index, logdir, config} from the newest readable Tune snapshot
+    (empty if none), of one experiment or (None) of all."""
+    trials = _by_trial(compat.newest_snapshot_trials(paths.tune_experiment) or [])
+    return {tid: t for tid, t in trials.items() if experiment is None or t["experiment"] == experiment}
 
 
 def error_reason(error_file: str | os.PathLike | None) -> str:
@@ -177,10 +173,10 @@ def experiment_trials(
                 continue
             info = TrialInfo.read(tdir / TrialInfo.FILE)
             record = TrialRecord.read(tdir / TrialRecord.FILE)
-            events = read_jsonl(tdir / "events.jsonl")
+            events = read_jsonl(tdir / EVENTS_FILE)
             epochs = [e for e in events if e.get("event") == "epoch"]
             tstat = (tune_state.get(tid) or {}).get("status")
-            status, reason = _status(record, read_json_or_none(tdir / "failed.json"), tstat, live)
+            status, reason = _status(record, read_json_or_none(tdir / FAILED_FILE), tstat, live)
             if status == FAILED and reason is None:
                 logdir = tune_state[tid].get("logdir")
                 reason = error_reason(paths.tune_experiment / logdir / "error.txt" if logdir else None)

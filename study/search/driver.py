@@ -38,6 +38,7 @@ from study.faults import pause_point
 from study.fsutil import StudyLock, atomic_write_json, check_writable, json_plain
 from study.layout import (
     ENDED_STATUSES,
+    FORMAT_VERSION,
     DataSummary,
     ExperimentInfo,
     FinalReport,
@@ -50,7 +51,6 @@ from study.layout import (
     read_yaml_file,
 )
 from study.results.records import experiment_trials
-from study.search import ray_runtime  # noqa: F401  (first: sets Ray's failure-signal switch before Ray is imported)
 from study.search.ray_runtime import (
     check_address,
     check_stop,
@@ -188,8 +188,8 @@ def study_header(space: StudySpace, name: str, data) -> StudyHeader:
 
 
 def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Callable[[str], None]) -> str:
-    """'new', 'resume' or 'done'. Refuses a changed space unless ``fresh``, which moves the old folder
-    aside (never deleting it)."""
+    """'new', 'resume' or 'done'. Refuses a changed space, and an unfinished study written by an older
+    layout version, unless ``fresh``, which moves the old folder aside (never deleting it)."""
     if not paths.study_yaml.exists():
         leftovers = [p for p in paths.root.iterdir() if p.name != ".lock"] if paths.root.is_dir() else []
         if leftovers:
@@ -208,6 +208,15 @@ def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Ca
         old = read_yaml_file(paths.study_yaml)
     except Exception:  # noqa: BLE001
         old = None
+    version = int(old.get("format_version") or 1) if isinstance(old, dict) else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        if paths.done.exists():
+            return "done"  # a finished study: nothing to run; its tables and files stay readable
+        raise UserError(
+            f"{paths.root} was started by an older study (results format {version}, this is "
+            f"{FORMAT_VERSION}), whose interrupted searches this version cannot resume; finish it with "
+            f"the version that started it, or add --fresh to start over (the old folder is kept beside it)"
+        )
     if not isinstance(old, dict) or old.get("fingerprint") != space.fingerprint():
         diffs = diff_dicts((old or {}).get("space", {}), json_plain(space.to_dict()))
         diffs.sort(key=lambda d: "->" not in d)  # changed values first, then added/removed keys

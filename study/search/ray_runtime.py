@@ -1,12 +1,6 @@
 """Ray for ``study run``: starting or joining a cluster, the resources of a trial, and stopping the
-driver cleanly on Ctrl-C or SIGTERM.
-
-Imported before Ray anywhere in the driver: Ray's C++ failure-signal handler (absl) catches
-SIGTERM in the driver, prints a stack and aborts a few seconds later, even after our handler has
-started a clean stop. Ray reads the switch below once, when ``ray._private.ray_constants`` is
-imported, so it is set at this module's import (init_ray also sets the parsed constant, for a Ray
-imported earlier in the process).
-"""
+driver cleanly on Ctrl-C or SIGTERM (with Ray's failure-signal handler kept out of the process:
+``study.compat``)."""
 
 from __future__ import annotations
 
@@ -17,8 +11,7 @@ import socket
 import threading
 from typing import Any
 
-os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
-
+from study import compat
 from study.errors import UserError
 
 
@@ -56,10 +49,9 @@ def import_ray() -> None:
     # report: about 0.6 s of an 8-trial study on 2 cores. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
     # brings them back (e.g. for TensorBoard).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # See the module top (the variable is set there): without Ray's failure-signal handler, SIGTERM
-    # is a Ctrl-C (exit 130, resumable). The parsed constant covers a Ray imported before this module.
-    if hasattr(ray._private.ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
-        ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    # without Ray's failure-signal handler, SIGTERM is a Ctrl-C (exit 130, resumable)
+    compat.disable_ray_failure_signal_handler()
+    del ray
 
 
 def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) -> None:
@@ -90,11 +82,8 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
         else:
             if temp_dir:
                 kwargs["_temp_dir"] = temp_dir
-            # Ray starts one worker per CPU for a new driver, but Tune's trial actors start workers of
-            # their own (Ray's log shows the prestarted ones staying idle): on a small machine they only
-            # compete with the workers that are used, about 0.5 s of a study's start on 2 cores.
-            with stop_signals_deferred(), _lean_head(log_monitor=verbose):
-                ray.init(num_cpus=os.cpu_count() or 1, _system_config={"prestart_worker_first_driver": False}, **kwargs)
+            with stop_signals_deferred():
+                ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
         if not verbose:
             for name in ("ray", "ray.tune", "ray.train", "ray.data"):
                 logging.getLogger(name).setLevel(logging.ERROR)
@@ -107,33 +96,6 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
     import warnings
 
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`")
-
-
-@contextlib.contextmanager
-def _lean_head(log_monitor: bool):
-    """While a local Ray starts: leave out the head processes a study on one machine never uses,
-    the autoscaler's monitor (nothing to scale) and, unless workers' output is shown (``-v``), the
-    log monitor (it forwards that output to the driver). Each is a Python process importing Ray,
-    about 0.5 CPU-seconds when the driver and the first workers need the cores most. ``ray.init``
-    has no switch for them; ``ray start --head`` has (``--no-monitor``,
-    ``--include-log-monitor=False``): the same two fields of the node's parameters are set here. A
-    Ray whose parameters lack them starts as before."""
-    from ray._private import node
-
-    build = node.Node.__init__
-
-    def lean(self, ray_params, *args, **kwargs):
-        if hasattr(ray_params, "no_monitor"):
-            ray_params.no_monitor = True
-        if not log_monitor and hasattr(ray_params, "include_log_monitor"):
-            ray_params.include_log_monitor = False
-        build(self, ray_params, *args, **kwargs)
-
-    node.Node.__init__ = lean
-    try:
-        yield
-    finally:
-        node.Node.__init__ = build
 
 
 def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float | None) -> tuple[float, float]:
@@ -233,19 +195,14 @@ def wait_unless_stopped(seconds: float) -> None:
 def stop_signals_deferred():
     """Around ray.init: record stop requests instead of raising inside it (see above), keep Ray from
     replacing our SIGTERM handler with its own ``sys.exit(15)`` (swallowed in an at-fork hook, it lost
-    the signal), and act on a recorded request afterwards."""
-    from ray._private import utils as ray_utils
-
-    set_handler = getattr(ray_utils, "set_sigterm_handler", None)
-    if set_handler is not None:
-        ray_utils.set_sigterm_handler = lambda handler: None
+    the signal: ``study.compat``, entry ``ray-sigterm-guard``), and act on a recorded request
+    afterwards."""
     _DEFERRING.set()
     try:
-        yield
+        with compat.ray_keeps_sigterm_handler():
+            yield
     finally:
         _DEFERRING.clear()
-        if set_handler is not None:
-            ray_utils.set_sigterm_handler = set_handler
         signal.signal(signal.SIGTERM, _on_stop_signal)
         signal.signal(signal.SIGINT, _on_stop_signal)
     check_stop()

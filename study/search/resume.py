@@ -11,12 +11,12 @@ work is lost.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from study import compat
+from study.compat import SNAPSHOT_FILES
 from study.fsutil import atomic_write_text, read_jsonl
 from study.layout import (
     ADOPT_POOL,
@@ -30,22 +30,6 @@ from study.layout import (
 )
 from study.results.records import tune_trials
 
-SNAPSHOT_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
-SNAPSHOT_STAMP = re.compile(r"-(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2})\.(?:json|pkl)$")
-
-
-def _snapshot_readable(exp_dir: Path, stamp: str) -> bool:
-    import cloudpickle
-
-    try:
-        json.loads((exp_dir / SNAPSHOT_FILES[0].format(stamp)).read_text())
-        for name in SNAPSHOT_FILES[1:]:
-            with open(exp_dir / name.format(stamp), "rb") as f:
-                cloudpickle.load(f)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
 
 def usable_snapshot(exp_dir: Path, log: Callable[[str], None]) -> bool:
     """Make the newest of Tune's experiment snapshots a readable one; False if none is.
@@ -54,17 +38,10 @@ def usable_snapshot(exp_dir: Path, log: Callable[[str], None]) -> bool:
     hard kill can leave one torn (seen: an empty search_gen_state file). Tune's restore then fails
     and it silently starts the experiment over. A torn set is moved to ``.torn-snapshots/`` so that
     Tune restores the previous, complete one instead."""
-    stamps = sorted(
-        {
-            m.group(1)
-            for pattern in SNAPSHOT_FILES
-            for p in exp_dir.glob(pattern.format("*"))
-            if (m := SNAPSHOT_STAMP.search(p.name))
-        }
-    )
+    stamps = compat.snapshot_stamps(exp_dir)
     while stamps:
         stamp = stamps.pop()
-        if _snapshot_readable(exp_dir, stamp):
+        if compat.snapshot_readable(exp_dir, stamp):
             return True
         aside = exp_dir / ".torn-snapshots"
         aside.mkdir(exist_ok=True)

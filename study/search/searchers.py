@@ -1,78 +1,146 @@
 """The searchers that give every experiment and method of a study its own Optuna study and exact
-budget inside one Tuner.
+budget inside one Tuner, through Ray Tune's public ``Searcher`` interface and Optuna's public API
+(``create_study``, ``ask``, ``tell``, ``enqueue_trial``, ``add_trial``).
 
 :class:`StudySearcher` opens an experiment once the one it depends on has ended (stage 2 after stage
 1, whose selection it needs), writes each experiment's stage marker when its last trial ends, and
 caps the trials in flight at the cluster's slots; :class:`MethodSearcher` routes each trial of one
-experiment to its method's Optuna study and keeps every method's budget exact. Optuna keeps
-in-memory storage inside the searcher, pickled with Tune's snapshot: a persistent (SQLite) storage
-shared with a restored searcher crashes restores after a hard kill, so ``optuna.db`` is rebuilt
-from the trial records instead (``study.results.records``).
+experiment to its method's :class:`OptunaSearcher` and keeps every method's budget exact. Optuna
+keeps in-memory storage inside the searcher, pickled with Tune's snapshot: a persistent (SQLite)
+storage shared with a restored searcher crashes restores after a hard kill, so ``optuna.db`` is
+rebuilt from the trial records instead (``study.results.records``).
 """
 
+from __future__ import annotations
+
 import math
-import os
 import pickle
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from study import compat
 from study.config.spaces import Experiment
 from study.faults import pause_point
-from study.layout import COMPLETED, DIVERGED, ExperimentOpened, StageMarker, StudyPaths, searched_params
+from study.layout import (
+    COMPLETED,
+    DIVERGED,
+    FAILED,
+    RUNNING,
+    STOPPED,
+    ExperimentOpened,
+    StageMarker,
+    StudyPaths,
+    TrialContext,
+    searched_params,
+)
 from study.results.records import experiment_trials, optuna_trial, read_tune_state, select_best
 from study.search import ray_runtime
-from study.search.resume import SNAPSHOT_FILES, SNAPSHOT_STAMP, claim_orphan
+from study.search.resume import claim_orphan
 
 OBJECTIVE = "objective"
+"""The metric every trial reports and the searchers maximise: the mean over seeds of each seed's
+best selection-split accuracy so far."""
 
 
-# --- search algorithm and scheduler -------------------------------------------------------------------
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class StudyOptunaSearch(OptunaSearch):
-    """OptunaSearch that understands the study's trial statuses.
+def trial_outcome(result: dict | None, error: bool) -> tuple[str, float | None, str | None]:
+    """(status, objective, reason) of a trial Tune has ended, from its last result: completed with its
+    objective, diverged with its reason, failed (it raised on every retry), or stopped early (its last
+    result is an epoch's, not the trial's end: the scheduler stopped it; or it ended without one)."""
+    if error:
+        return FAILED, None, None
+    result = result or {}
+    status = result.get("trial_status")
+    if status == COMPLETED and _finite(result.get(OBJECTIVE)):
+        return COMPLETED, float(result[OBJECTIVE]), None
+    if status in (DIVERGED, FAILED):
+        return status, None, result.get("reason")
+    return STOPPED, None, None
 
-    A diverged trial ends with a report that has no objective: it is told to Optuna as FAIL (with
-    its reason), so a NaN can never be the best value; reports without an objective are skipped
-    instead of raising KeyError (OptunaSearch indexes ``result[metric]``)."""
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(self.metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+class OptunaSearcher:
+    """One method's Optuna study, driven through Optuna's public API: ``ask`` with the method's fixed
+    distributions (enqueued parameters first), ``report`` per epoch, ``tell`` at the end. The study's
+    storage is in memory and pickled with the searcher at every Tune snapshot."""
+
+    def __init__(self, space: dict, sampler: optuna.samplers.BaseSampler, name: str):
+        self.space = space
+        """parameter name -> Optuna distribution."""
+        self.study = optuna.create_study(study_name=name, direction="maximize", sampler=sampler)
+        self.trials: dict[str, optuna.trial.Trial] = {}
+        """Tune trial id -> its Optuna trial."""
+        self.ended: set[str] = set()
+        """Tune trial ids whose Optuna trial has been told its end."""
+
+    def suggest(self, trial_id: str) -> dict:
+        """The parameters of ``trial_id`` (asked once; asked again, the same ones)."""
+        if trial_id not in self.trials:
+            trial = self.study.ask(fixed_distributions=self.space)
+            trial.set_user_attr("tune_trial_id", trial_id)
+            self.trials[trial_id] = trial
+        return dict(self.trials[trial_id].params)
+
+    def enqueue(self, params: dict) -> None:
+        """The next ``suggest`` proposes ``params`` (a trial continued from an earlier attempt)."""
+        self.study.enqueue_trial(dict(params), skip_if_exists=False)
+
+    def report(self, trial_id: str, value, epoch) -> None:
+        """An intermediate objective, keyed by epoch (a resumed trial's repeated epochs keep the first
+        value: Optuna ignores a step reported twice)."""
+        trial = self.trials.get(trial_id)
+        if trial is not None and trial_id not in self.ended and _finite(value) and epoch is not None:
+            trial.report(float(value), step=int(epoch))
+
+    def end(self, trial_id: str, status: str, objective: float | None = None, reason: str | None = None) -> None:
+        """Tell Optuna how a trial ended: completed with its objective, stopped early as pruned (at its
+        last intermediate value), diverged or failed as failed (a NaN can never be the best value)."""
+        trial = self.trials.get(trial_id)
+        if trial is None or trial_id in self.ended:
             return
-        super().on_trial_result(trial_id, result)
+        self.ended.add(trial_id)
+        trial.set_user_attr("status", status)
+        if reason:
+            trial.set_user_attr("reason", str(reason))
+        if status == COMPLETED and _finite(objective):
+            self.study.tell(trial, float(objective))
+        elif status == STOPPED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-        if trial_id not in self._ot_trials:  # never suggested by this searcher: nothing to tell Optuna
-            return
-        if (result or {}).get("trial_status") == DIVERGED and trial_id not in self._completed_trials:
-            ot_trial = self._ot_trials[trial_id]
-            ot_trial.set_user_attr("status", DIVERGED)
-            ot_trial.set_user_attr("reason", str(result.get("reason")))
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result, error)
+    def add_ended(self, view) -> None:
+        """Add a trial that ended without this searcher (a :class:`study.results.records.TrialView`),
+        finished, to the study's history."""
+        self.study.add_trial(optuna_trial(view, self.space))
+        self.ended.add(view.trial_id)
+
+    def forget(self, trial_id: str, reason: str) -> None:
+        """Take back a suggestion that never ran: told failed, so no sampler waits on it."""
+        self.end(trial_id, FAILED, reason=reason)
+        self.trials.pop(trial_id, None)
+        self.ended.discard(trial_id)
 
 
-class MethodSearcher(Searcher):
-    """One sub-searcher and one exact budget per method of one experiment (inside
+class MethodSearcher:
+    """One :class:`OptunaSearcher` and one exact budget per method of one experiment (inside
     :class:`StudySearcher`).
 
     ``suggest`` gives the next trial to the method that has used the smallest fraction of its
     budget (ties: the order of the space file), so every method progresses at once; a method
-    without searched parameters has no sub-searcher and runs its fixed configuration. Results and
-    completions are routed back to the method's searcher. The whole routing state is pickled with
-    the sub-searchers (their Optuna studies included) at every Tune snapshot."""
+    without searched parameters has no Optuna study and runs its fixed configuration. Results and
+    ends are routed back to the method's study. The whole routing state is pickled with the Optuna
+    studies at every Tune snapshot."""
 
-    def __init__(self, subs: dict[str, StudyOptunaSearch | None], budgets: dict[str, int], pool: str = ""):
-        super().__init__(metric=OBJECTIVE, mode="max")
+    def __init__(self, subs: dict[str, OptunaSearcher | None], budgets: dict[str, int], pool: str = ""):
         self.order = list(subs)
         self.subs = subs
         self.budgets = dict(budgets)
@@ -81,10 +149,8 @@ class MethodSearcher(Searcher):
         self.pool = pool
         """The experiment's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
 
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # every sub-searcher was built with its own space, metric and mode
-
     def suggest(self, trial_id: str):
+        """``{params..., "method": m}`` for a new (or the same) trial, or ``Searcher.FINISHED``."""
         if trial_id in self.trial_method:  # asked again for the same trial: same method
             m = self.trial_method[trial_id]
         else:
@@ -99,10 +165,8 @@ class MethodSearcher(Searcher):
             # new trial continues from its checkpoints (see claim_orphan / adopt_claimed).
             orphan = claim_orphan(Path(self.pool), m, trial_id)
             if orphan and sub is not None and orphan.params:
-                sub._ot_study.enqueue_trial(dict(orphan.params), skip_if_exists=False)
+                sub.enqueue(orphan.params)
         params = {} if sub is None else sub.suggest(trial_id)
-        if params is None:
-            return None
         self._count(trial_id, m)
         return {**params, "method": m}
 
@@ -114,6 +178,9 @@ class MethodSearcher(Searcher):
         self.issued[method] += 1
         return True
 
+    def _sub(self, trial_id: str) -> OptunaSearcher | None:
+        return self.subs.get(self.trial_method.get(trial_id, ""))
+
     def take_over(self, trial_id: str, method: str, params: dict) -> None:
         """Count a trial of ``method`` that Tune stored but this state never issued (see
         :meth:`StudySearcher.restore`), and give it to the method's Optuna study with its
@@ -122,63 +189,67 @@ class MethodSearcher(Searcher):
             return
         sub = self.subs.get(method)
         if sub is not None and params:
-            sub._ot_study.enqueue_trial(dict(params), skip_if_exists=False)
+            sub.enqueue(params)
             sub.suggest(trial_id)
 
     def take_over_ended(self, view) -> None:
-        """Count an ended trial (a :class:`study.results.records.TrialView`) this state never issued, and
-        add it, finished, to its method's Optuna history (see :meth:`StudySearcher.restore`)."""
+        """Count an ended trial (a :class:`study.results.records.TrialView`) this state never issued,
+        and add it, finished, to its method's Optuna history (see :meth:`StudySearcher.restore`)."""
         if not self._count(view.trial_id, view.method):
             return
         sub = self.subs.get(view.method)
         if sub is not None:
-            sub._ot_study.add_trial(optuna_trial(view, sub._space))
-            sub._completed_trials.add(view.trial_id)
+            sub.add_ended(view)
 
     def tell_ended(self, view, trial_id: str) -> None:
         """Tell the method's Optuna study how an issued trial ended, from its record (``view``, a
-        :class:`study.results.records.TrialView`; None: no record, told as failed), when Tune's end of it
-        was lost (see :meth:`StudySearcher.restore`)."""
-        sub = self.subs.get(self.trial_method.get(trial_id, ""))
-        if sub is None or trial_id not in sub._ot_trials or trial_id in sub._completed_trials:
+        :class:`study.results.records.TrialView`; None: no record, told as failed), when Tune's end of
+        it was lost (see :meth:`StudySearcher.restore`)."""
+        sub = self._sub(trial_id)
+        if sub is None:
             return
-        if view is not None and view.status == COMPLETED and view.objective is not None:
-            sub.on_trial_complete(trial_id, {OBJECTIVE: view.objective})
-        elif view is not None and view.status == DIVERGED:
-            sub.on_trial_complete(trial_id, {"trial_status": DIVERGED, "reason": view.reason})
+        if view is None or view.status in (RUNNING, "interrupted", "pending"):
+            sub.end(trial_id, FAILED, reason="ended without a record")
         else:
-            sub.on_trial_complete(trial_id, None, error=True)
+            sub.end(trial_id, view.status, view.objective, view.reason)
 
     def forget(self, trial_id: str) -> None:
         """Take back a suggestion Tune never stored (see :meth:`StudySearcher.restore`): its budget
-        slot is issued again; its Optuna trial is told FAIL, so no sampler waits on it."""
+        slot is issued again; its Optuna trial is told failed, so no sampler waits on it."""
         m = self.trial_method.pop(trial_id, None)
         if m is None:
             return
         self.issued[m] -= 1
-        sub = self.subs.get(m)
-        ot_trial = getattr(sub, "_ot_trials", {}).pop(trial_id, None)
-        if ot_trial is not None:
-            ot_trial.set_user_attr("reason", "never run (not in Tune's snapshot)")
-            sub._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        if self.subs.get(m) is not None:
+            self.subs[m].forget(trial_id, "never run (not in Tune's snapshot)")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        sub = self.subs.get(self.trial_method.get(trial_id, ""))
+        sub = self._sub(trial_id)
         if sub is not None:
-            sub.on_trial_result(trial_id, result)
+            sub.report(trial_id, result.get(OBJECTIVE), result.get("epoch"))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        sub = self.subs.get(self.trial_method.get(trial_id, ""))
+        sub = self._sub(trial_id)
         if sub is not None:
-            sub.on_trial_complete(trial_id, result, error)
+            sub.end(trial_id, *trial_outcome(result, error))
 
 
-_DRIVER: dict = {"log": print, "on_stage2": None, "slots": None, "ahead": 0}
-"""This run's settings for :class:`StudySearcher` (in the driver, inside Tune's loop; not pickled):
-``log`` prints (the live view's log); ``on_stage2`` runs once, at the first result of a stage-2
-trial in this run (the driver's preparations for the end of the study); ``slots`` caps the trials
-in flight (this run's cluster, even if the saved state was made on another); ``ahead`` is how many
-trials of an experiment may start before it opens."""
+@dataclass
+class RunSettings:
+    """This run's settings for :class:`StudySearcher`, in the driver, inside Tune's loop. Never
+    pickled: a searcher restored from another run's snapshot works with the restoring run's."""
+
+    log: Callable[[str], None] = print
+    """Prints (the live view's log)."""
+    on_stage2: Callable[[], None] | None = None
+    """Runs once, at the first result of a stage-2 trial in this run (the driver's preparations for
+    the end of the study)."""
+    slots: int | None = None
+    """Caps the trials in flight: this run's cluster, even if the saved state was made on another."""
+    ahead: int = 0
+    """How many trials of an experiment may start before it opens (:meth:`StudySearcher._may_start_ahead`)."""
+    cpus_per_trial: float = 1.0
+    """The CPUs each trial of this run has (its torch threads and decoding workers)."""
 
 
 class StudySearcher(Searcher):
@@ -189,6 +260,10 @@ class StudySearcher(Searcher):
     When the last trial of an experiment ends, its selection is written to its stage marker
     (``stages/<experiment>.json``) — what opens its dependents, what resume trusts, what the final
     evaluation reads. An experiment whose marker exists is never run again.
+
+    ``study`` holds what every trial's :class:`~study.layout.TrialContext` shares (root, seeds,
+    evaluation); ``constants`` what each experiment's trials share (base configuration per method,
+    backbone, the stage-1 folder once open). :attr:`run` holds this run's settings.
 
     ``max_live`` caps the trials suggested and not yet ended: no trial is proposed before a slot is
     free to run it, so each proposal sees every result that has come in. (Not Tune's
@@ -203,9 +278,13 @@ class StudySearcher(Searcher):
         searchers: dict[str, MethodSearcher],
         constants: dict[str, dict],
         max_live: int | None = None,
+        seeds: tuple[int, ...] = (),
+        eval_cfg: dict | None = None,
     ):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.root = str(paths.root)
+        self.seeds = list(seeds)
+        self.eval = dict(eval_cfg or {})
         self.order = [e.name for e in experiments]
         self.stage = {e.name: e.stage for e in experiments}
         self.after = {e.name: ("stage1" if e.stage == "stage2" else None) for e in experiments}
@@ -226,6 +305,9 @@ class StudySearcher(Searcher):
         self._opened_here = False  # this process has passed the between-stages point (not pickled)
         self._stage2_seen = False  # this process has had a stage-2 result (not pickled)
 
+    run = RunSettings()
+    """This process's run settings (a class attribute, so never pickled: ``run_search`` sets them)."""
+
     @property
     def paths(self) -> StudyPaths:
         return StudyPaths(self.root)
@@ -243,7 +325,7 @@ class StudySearcher(Searcher):
         for e in self.order:  # an experiment whose trials all ended (e.g. before a restore) closes
             if e not in self.finished and self._all_ended(e):
                 self._finish(e)
-        max_live = _DRIVER["slots"] or self.max_live
+        max_live = self.run.slots or self.max_live
         if max_live and len(self.live) >= max_live:
             return None  # every slot is busy: propose when one frees, with its result known
         waiting = False
@@ -260,8 +342,6 @@ class StudySearcher(Searcher):
                     return self._stopping()  # stopped at the between-stages point
                 continue
             cfg = self.searchers[e].suggest(trial_id)
-            if cfg is None:
-                return None
             if cfg == Searcher.FINISHED:
                 waiting = waiting or len(self.ended[e]) < self.count[e]
                 continue
@@ -283,7 +363,7 @@ class StudySearcher(Searcher):
         if self.count[dep] < self.budget[dep]:
             return False
         early = sum(1 for t in self.live if self.after[self.trial_exp[t]] == dep)
-        return early < _DRIVER["ahead"]
+        return early < self.run.ahead
 
     def _stopping(self) -> None:
         """A stop was requested: propose nothing. With trials in flight Tune stops gracefully after
@@ -301,19 +381,22 @@ class StudySearcher(Searcher):
         self.count[e] = max(self.count[e] + 1, index + 1)
 
     def _with_study(self, e: str, trial_id: str, cfg: dict) -> dict:
+        """A trial's config: its searched parameters, its method, and its :class:`TrialContext`."""
         c = self.constants[e]
-        return {
-            **cfg,
-            "_study": {
-                "experiment": e,
-                "stage": self.stage[e],
-                "index": self.index[trial_id],
-                "config": c["configs"][cfg["method"]],
-                "backbone": c["backbone"],
-                "stage1_dir": c.get("stage1_dir"),
-                "after": self.after[e],
-            },
-        }
+        context = TrialContext(
+            root=self.root,
+            experiment=e,
+            stage=self.stage[e],
+            index=self.index[trial_id],
+            config=c["configs"][cfg["method"]],
+            seeds=self.seeds,
+            eval=self.eval,
+            cpus_per_trial=self.run.cpus_per_trial,
+            backbone=c["backbone"],
+            stage1_dir=c.get("stage1_dir"),
+            after=self.after[e],
+        )
+        return {**cfg, TrialContext.KEY: context.to_dict()}
 
     def _open(self, e: str) -> bool:
         """A dependent experiment: take its stage-1 folder from the marker of the experiment it
@@ -329,7 +412,7 @@ class StudySearcher(Searcher):
             ExperimentOpened(stage1_dir=None, opened=time.time()).write(self.paths.opened_file(e))
             return False
         if not self._opened_here:
-            pause_point("between-stages", _DRIVER["log"], ray_runtime.wait_unless_stopped)
+            pause_point("between-stages", self.run.log, ray_runtime.wait_unless_stopped)
             self._opened_here = True
             if ray_runtime.stop_requested():
                 return False
@@ -361,8 +444,8 @@ class StudySearcher(Searcher):
                 # Not at the opening itself: the driver's background work would then slow the
                 # Tune loop that is starting stage 2's trials (measured: the second one ~0.4 s late).
                 self._stage2_seen = True
-                if _DRIVER["on_stage2"] is not None:
-                    _DRIVER["on_stage2"]()
+                if self.run.on_stage2 is not None:
+                    self.run.on_stage2()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         e = self.trial_exp.get(trial_id)
@@ -386,8 +469,7 @@ class StudySearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self._opened_here = self._stage2_seen = False
-        stamp = SNAPSHOT_STAMP.search(os.path.basename(checkpoint_path))
-        state = Path(checkpoint_path).with_name(SNAPSHOT_FILES[0].format(stamp.group(1))) if stamp else None
+        state = compat.snapshot_state_file(checkpoint_path)
         try:
             tune_state = read_tune_state(state) if state else None
         except (OSError, ValueError, KeyError, TypeError):

@@ -13,12 +13,12 @@ from study.layout import (
     EVENTS_FILE,
     ExperimentOpened,
     StudyPaths,
+    TrialContext,
     TrialInfo,
     searched_params,
     trial_dirname,
     trial_index_in_experiment,
 )
-from study.search import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
 from study.search.resume import adopt_claimed
 from study.training.trial import TrialSpec, run_trial
 
@@ -41,61 +41,61 @@ def study_trainable(config: dict, data=None) -> None:
     """Tune function trainable: one configuration of one method, every seed (``study.training.trial``).
 
     ``config`` holds the searched parameters (flat, as Optuna names them), ``method``, and the
-    ``_study`` block: the study's constants (paths, seeds, evaluation) merged with the trial's
-    experiment, stage, index in its experiment, base configuration and stage-1 folder."""
+    trial's :class:`~study.layout.TrialContext` (its study, experiment, index, base configuration,
+    seeds, evaluation and, in stage 2, the stage-1 folder it trains on)."""
+    import dataclasses
+
     import torch
 
     from study.config.schema import EvalConfig, Stage1Config, Stage2Config, build
     from study.data.longtail import loader_workers
 
-    ctx = tune.get_context()
-    st = config["_study"]
-    paths = StudyPaths(Path(st["root"]))
-    if st.get("after") and not st.get("stage1_dir"):
+    trial_id = tune.get_context().get_trial_id()
+    st = TrialContext.of(config)
+    paths = StudyPaths(Path(st.root))
+    if st.after and not st.stage1_dir:
         # Proposed before its experiment opened (StudySearcher._may_start_ahead): wait here, in the
         # worker the trial keeps, for the stage-1 selection to train on.
-        opened = _wait_opened(paths, st["experiment"])
+        opened = _wait_opened(paths, st.experiment)
         if opened.stage1_dir is None:
             return  # the variant has no stage-1 selection: nothing to train (the driver says so)
-        st = {**st, "stage1_dir": opened.stage1_dir}
-    trial_id = ctx.get_trial_id()
-    index = int(st["index"])
+        st = dataclasses.replace(st, stage1_dir=opened.stage1_dir)
     method = config["method"]
     params = searched_params(config)
-    cls = Stage1Config if st["stage"] == "stage1" else Stage2Config
-    cfg = build(cls, {**st["config"], **params})
-    torch.set_num_threads(max(1, int(st.get("cpus_per_trial") or 1)))
-    tdir = paths.trial_dir(st["experiment"], index, trial_id)
+    cls = Stage1Config if st.stage == "stage1" else Stage2Config
+    cfg = build(cls, {**st.config, **params})
+    torch.set_num_threads(max(1, int(st.cpus_per_trial or 1)))
+    tdir = paths.trial_dir(st.experiment, st.index, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
-    adopted = adopt_claimed(paths.trials / st["experiment"], trial_id, tdir)
+    adopted = adopt_claimed(paths.trials / st.experiment, trial_id, tdir)
     if adopted:
         append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": "adopted", "from": adopted})
     if not (tdir / TrialInfo.FILE).exists():
         TrialInfo(
-            experiment=st["experiment"],
-            stage=st["stage"],
+            experiment=st.experiment,
+            stage=st.stage,
             method=method,
             trial_id=trial_id,
-            trial_index=index,
+            trial_index=st.index,
             params=params,
             config=asdict(cfg),
         ).write(tdir / TrialInfo.FILE)
     spec = TrialSpec(
-        stage=st["stage"],
+        stage=st.stage,
         config=cfg,
-        seeds=tuple(st["seeds"]),
-        eval_cfg=build(EvalConfig, st["eval"]),
+        seeds=tuple(st.seeds),
+        eval_cfg=build(EvalConfig, st.eval),
         trial_dir=tdir,
-        backbone=st["backbone"] or getattr(cfg, "backbone", ""),
-        stage1_dir=Path(st["stage1_dir"]) if st.get("stage1_dir") else None,
-        experiment=st["experiment"],
-        trial_index=index,
+        backbone=st.backbone or getattr(cfg, "backbone", ""),
+        stage1_dir=Path(st.stage1_dir) if st.stage1_dir else None,
+        experiment=st.experiment,
+        trial_index=st.index,
         params=params,
         method=method,
-        workers=loader_workers(data, st.get("cpus_per_trial") or 1),
+        workers=loader_workers(data, st.cpus_per_trial or 1),
     )
-    # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none, and an
-    # older snapshot can never name a Tune checkpoint that no longer exists.
+    # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none,
+    # and an older snapshot can never name a Tune checkpoint that no longer exists.
     run_trial(spec, data, report=tune.report)
 
 

@@ -32,12 +32,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from study.config.spaces import Experiment, StudySpace
 from study.fsutil import atomic_write_json
-from study.layout import FAILED, FAILED_FILE, StudyPaths
+from study.layout import FAILED, FAILED_FILE, StudyPaths, trial_experiment
 from study.results.records import error_reason, optuna_study_name
-from study.search import ray_runtime  # noqa: F401  (sets Ray's failure-signal switch before Ray is imported)
 from study.search.ray_runtime import trial_slots
 from study.search.resume import set_aside_orphans, usable_snapshot
-from study.search.searchers import _DRIVER, OBJECTIVE, MethodSearcher, StudyOptunaSearch, StudySearcher
+from study.search.searchers import OBJECTIVE, MethodSearcher, OptunaSearcher, RunSettings, StudySearcher
 from study.search.trainable import _index_of, study_trainable, tune_trial_dirname
 
 _USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
@@ -51,10 +50,25 @@ class MethodScheduler(FIFOScheduler):
         super().__init__()
         self.schedulers = schedulers
         """``<experiment>/<method>`` -> its ASHA."""
+        self.added: dict[str, set[str]] = {k: set() for k in schedulers}
+        """``<experiment>/<method>`` -> the trials its ASHA has been given. Like ASHA's own state, not
+        kept across a restore (Tune rebuilds its scheduler as constructed): a restored trial is
+        given to its ASHA again at its first result."""
+
+    def _key(self, trial) -> str:
+        config = trial.config or {}
+        return self.key(trial_experiment(config), config.get("method"))
 
     def _sub(self, trial) -> TrialScheduler | None:
-        config = trial.config or {}
-        return self.schedulers.get(self.key((config.get("_study") or {}).get("experiment"), config.get("method")))
+        return self.schedulers.get(self._key(trial))
+
+    def _known(self, trial) -> TrialScheduler | None:
+        """The trial's ASHA if the trial has been given to it."""
+        key = self._key(trial)
+        return self.schedulers[key] if trial.trial_id in self.added.get(key, ()) else None
+
+    def _forget(self, trial) -> None:
+        self.added.get(self._key(trial), set()).discard(trial.trial_id)
 
     @staticmethod
     def key(experiment: str | None, method: str | None) -> str:
@@ -68,31 +82,33 @@ class MethodScheduler(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if (s := self._sub(trial)) is not None:
             s.on_trial_add(tune_controller, trial)
+            self.added[self._key(trial)].add(trial.trial_id)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        if (s := self._sub(trial)) is not None and trial.trial_id in getattr(s, "_trial_info", {}):
+        if (s := self._known(trial)) is not None:
             s.on_trial_error(tune_controller, trial)
+            self._forget(trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         s = self._sub(trial)
         if s is None or result.get(OBJECTIVE) is None:
             return TrialScheduler.CONTINUE
-        if trial.trial_id not in s._trial_info:  # restored trials: ASHA keeps no state across restores
-            s.on_trial_add(tune_controller, trial)
+        if self._known(trial) is None:  # a restored trial: ASHA keeps no state across restores
+            self.on_trial_add(tune_controller, trial)
         return s.on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        s = self._sub(trial)
-        if s is not None and trial.trial_id in s._trial_info:
+        if (s := self._known(trial)) is not None:
             if result.get(OBJECTIVE) is None:
                 s.on_trial_remove(tune_controller, trial)
             else:
                 s.on_trial_complete(tune_controller, trial, result)
+            self._forget(trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        s = self._sub(trial)
-        if s is not None and trial.trial_id in s._trial_info:
+        if (s := self._known(trial)) is not None:
             s.on_trial_remove(tune_controller, trial)
+            self._forget(trial)
 
     def debug_string(self) -> str:
         return "MethodScheduler(" + ", ".join(self.schedulers) + ")"
@@ -107,7 +123,7 @@ class FailureRecorder(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
-            experiment = trial.config["_study"]["experiment"]
+            experiment = trial_experiment(trial.config)
             tdir = StudyPaths(Path(self.root)).trial_dir(experiment, _index_of(trial), trial.trial_id)
             tdir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
@@ -125,18 +141,6 @@ class FailureRecorder(tune.Callback):
 # --- the study's Tune experiment ----------------------------------------------------------------------
 
 
-def _study_constants(space: StudySpace, paths: StudyPaths, cpus: float) -> dict:
-    """The ``_study`` block every trial shares (its experiment's part comes from StudySearcher)."""
-    return {
-        "_study": {
-            "root": str(paths.root),
-            "seeds": list(space.seeds),
-            "eval": asdict(space.eval),
-            "cpus_per_trial": cpus,
-        }
-    }
-
-
 def _experiment_constants(exp: Experiment, space: StudySpace) -> dict:
     return {
         "configs": {p.method: asdict(p.config) for p in exp.plans},
@@ -145,7 +149,7 @@ def _experiment_constants(exp: Experiment, space: StudySpace) -> dict:
 
 
 def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> MethodSearcher:
-    subs: dict[str, StudyOptunaSearch | None] = {}
+    subs: dict[str, OptunaSearcher | None] = {}
     for i, p in enumerate(exp.plans):
         if not p.params:
             subs[p.method] = None
@@ -153,12 +157,8 @@ def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> M
         sampler = optuna.samplers.TPESampler(
             seed=space.search.sampler_seed + i, n_startup_trials=space.search.startup_trials
         )
-        subs[p.method] = StudyOptunaSearch(
-            {k: d.to_optuna() for k, d in p.params.items()},
-            metric=OBJECTIVE,
-            mode="max",
-            sampler=sampler,
-            study_name=optuna_study_name(exp.name, p.method),
+        subs[p.method] = OptunaSearcher(
+            {k: d.to_optuna() for k, d in p.params.items()}, sampler, optuna_study_name(exp.name, p.method)
         )
     return MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
 
@@ -171,6 +171,8 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
         {e.name: _method_searcher(e, space, paths) for e in experiments},
         {e.name: _experiment_constants(e, space) for e in experiments},
         max_live=slots,
+        seeds=space.seeds,
+        eval_cfg=asdict(space.eval),
     )
     # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
     asha = {
@@ -202,9 +204,7 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
         failure_config=tune.FailureConfig(max_failures=space.search.retries),
         callbacks=[FailureRecorder(str(paths.root))],
     )
-    return tune.Tuner(
-        trainable, param_space=_study_constants(space, paths, cpus), tune_config=tune_config, run_config=run_config
-    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 def _wrap_trainable(data, cpus: float, gpus: float):
@@ -224,9 +224,9 @@ def run_search(
 ) -> None:
     """Run or resume the study's Tune experiment until every experiment has ended (its stage marker
     written) or the study is stopped; the caller tells the two apart by the markers. ``on_stage2``
-    runs once, in the driver, at the first result of a stage-2 trial. ``start_ahead``: stage-2 trials may start in the
-    workers of the last stage-1 trials before stage 2 opens (not on a shared cluster, whose
-    resources can shrink under waiting trials)."""
+    runs once, in the driver, at the first result of a stage-2 trial. ``start_ahead``: stage-2 trials
+    may start in the workers of the last stage-1 trials before stage 2 opens (not on a shared cluster,
+    whose resources can shrink under waiting trials)."""
     exp_dir = paths.tune_experiment
     trainable = _wrap_trainable(data, cpus, gpus)
     slots = trial_slots(cpus, gpus, space.search.max_concurrent)
@@ -235,7 +235,9 @@ def run_search(
     # never proposes more trials than slots (StudySearcher.max_live).
     if not _USER_MAX_PENDING:
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
-    _DRIVER.update(log=log, on_stage2=on_stage2, slots=slots, ahead=max(0, slots - 1) if start_ahead else 0)
+    StudySearcher.run = RunSettings(
+        log=log, on_stage2=on_stage2, slots=slots, ahead=max(0, slots - 1) if start_ahead else 0, cpus_per_trial=cpus
+    )
     unfinished = [e.name for e in space.experiments() if not paths.stage_marker(e.name).exists()]
     if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
         log("resuming the search")
@@ -262,7 +264,7 @@ def run_search(
         # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
         # its handler would swallow a later Ctrl-C (in the final evaluation).
         signal.signal(signal.SIGINT, sigint)
-        _DRIVER.update(log=print, on_stage2=None, slots=None, ahead=0)
+        StudySearcher.run = RunSettings()
     # The Tuner sits in reference cycles holding Ray objects (the dataset put by with_parameters):
     # collected later, after ray.shutdown, their finalizers reach the dead core worker, which aborts
     # the driver (exit 1, "The core worker has already been shutdown"). Collect them now, Ray up.

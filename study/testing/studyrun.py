@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+from study.layout import EVENTS_FILE, TrialRecord
+
 REPO = Path(__file__).resolve().parents[2]
 """The folder holding the ``study`` package (the repository in a checkout): ``python -m study`` runs there."""
 
@@ -159,7 +161,7 @@ def events(trial_dir: Path) -> list[dict]:
     import json
 
     out = []
-    p = trial_dir / "events.jsonl"
+    p = trial_dir / EVENTS_FILE
     if p.exists():
         for line in p.read_text().splitlines():
             try:
@@ -176,7 +178,7 @@ def trial_in_flight(root: Path, stage: str, min_epoch: int, since: float = 0.0):
     if not folder.is_dir():
         return None
     for tdir in folder.glob("trial-*"):
-        if (tdir / "record.json").exists():
+        if (tdir / TrialRecord.FILE).exists():
             continue
         eps = [e.get("epoch", 0) for e in events(tdir) if e.get("event") == "epoch" and e.get("t", 0) >= since]
         if eps and max(eps) >= min_epoch:

@@ -17,6 +17,7 @@ import numpy as np
 from study.config.spaces import StudySpace
 from study.errors import UserError
 from study.fsutil import atomic_write_json, json_plain, read_json
+from study.layout import TrainPaths
 from study.training.trial import COMPLETED, TrialSpec, load_final_state, run_trial
 
 
@@ -75,11 +76,12 @@ def train_once(
     variant = variant or space.train_variant
     if variant not in space.variants:
         raise UserError(f"--variant {variant}: not among this space's stage-1 variants ({', '.join(space.variants)})")
-    out = Path(out).resolve()
+    paths = TrainPaths(out)
+    out = paths.root
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
     identity = {"space": space.to_dict(), "method": method, "variant": variant}
-    run_file = out / "run.json"
+    run_file = paths.run
     if run_file.exists():
         try:
             previous = read_json(run_file)
@@ -103,7 +105,7 @@ def train_once(
         f"selection on {data.selection_split}), seeds {list(seeds)}"
     )
     rec1 = run_trial(
-        TrialSpec("stage1", cfg1, seeds, space.eval, out / "stage1", backbone, experiment="stage1", workers=workers),
+        TrialSpec("stage1", cfg1, seeds, space.eval, paths.stage1, backbone, experiment="stage1", workers=workers),
         data,
         device,
         log=console,
@@ -118,9 +120,9 @@ def train_once(
             cfg2,
             seeds,
             space.eval,
-            out / f"stage2-{method}",
+            paths.stage2(method),
             backbone,
-            stage1_dir=out / "stage1",
+            stage1_dir=paths.stage1,
             experiment=f"stage2-{method}",
             workers=workers,
         ),
@@ -134,11 +136,11 @@ def train_once(
     has_val = data.selection_split == "val"
     runs = []
     for seed in seeds:
-        s1_state = load_final_state(out / "stage1", seed)
+        s1_state = load_final_state(paths.stage1, seed)
         tests = evaluate_selected(
             backbone,
             s1_state,
-            {"stage1": s1_state, "stage2": load_final_state(out / f"stage2-{method}", seed)},
+            {"stage1": s1_state, "stage2": load_final_state(paths.stage2(method), seed)},
             data,
             space.eval,
             device,
@@ -189,7 +191,7 @@ def train_once(
         "config": {"space": space.to_dict(), "stage1": json_plain(cfg1), "stage2": json_plain(cfg2)},
         "provenance": provenance(seeds, data, {"space_file": space.source}),
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(paths.metrics, metrics)
     return metrics
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from study import compat
 from study.config.methods import get_method
 from study.config.schema import EvalConfig, Stage1Config, Stage2Config
 from study.data.device import Augmenter, make_split
@@ -61,41 +62,6 @@ def runtime_settings(cfg, device) -> dict:
         "amp": bool(cfg.amp and kind == "cuda"),
         "threads": torch.get_num_threads(),
     }
-
-
-def _undecorated(fn):
-    import inspect
-
-    return inspect.unwrap(fn)
-
-
-class SGD(torch.optim.SGD):
-    """``torch.optim.SGD``, the same arithmetic and state, without importing ``torch._dynamo``.
-
-    torch wraps ``step``, ``zero_grad``, ``add_param_group`` (hence the constructor), ``state_dict``
-    and ``load_state_dict`` so that torch.compile never traces into them, and the wrappers import
-    torch._dynamo at their first call: about a second in every fresh Ray worker of every stage
-    (measured with benchmarks/bench_search_overhead.py). Only a model's forward is ever compiled
-    here, never an optimizer call, so these call the wrapped functions directly (``step`` under
-    no_grad, as torch's wrapper does for a non-differentiable optimizer); the profiler and
-    optimizer hooks still apply (torch adds them to ``step`` of every Optimizer class). The trainers
-    use the ``foreach`` implementation (one kernel per operation over all parameters; torch's default
-    on CUDA): on the 2-core CPU resnet32 trained 3-7% faster than with the per-parameter loop, with
-    bit-identical weights (tested).
-    ``tests/test_stages.py`` checks the steps are bit-identical to torch's and that a trainer's
-    epoch does not import torch._dynamo."""
-
-    _step = staticmethod(_undecorated(torch.optim.SGD.step))
-    add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
-    zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)
-    state_dict = _undecorated(torch.optim.Optimizer.state_dict)
-    load_state_dict = _undecorated(torch.optim.Optimizer.load_state_dict)
-
-    def step(self, closure=None):
-        if self.defaults.get("differentiable"):
-            return super().step(closure)
-        with torch.no_grad():
-            return self._step(self, closure)
 
 
 class Diverged(RuntimeError):
@@ -375,7 +341,7 @@ class Stage1Trainer(_Trainer):
         )
         trained = [p for p in self.model.parameters() if p.requires_grad]
         coupled = cfg.weight_decay if cfg.wd_form == "optimizer" else 0.0
-        self.opt = SGD(
+        self.opt = compat.sgd(
             trained, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=coupled, foreach=True
         )
         if cfg.wd_form == "loss" and cfg.weight_decay:
@@ -509,7 +475,7 @@ class Stage2Trainer(_Trainer):
                     self.head.bias.copy_(self.b0)
             if cfg.maxnorm:
                 self.maxnorm = MaxNorm(self.head.weight, cfg.maxnorm_threshold, cfg.maxnorm_mode, cfg.pgd_every)
-        self.opt = SGD(
+        self.opt = compat.sgd(
             self.head.parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,

@@ -37,7 +37,17 @@ from study.fsutil import (
     safe_torch_load,
     save_checkpoint,
 )
-from study.layout import COMPLETED, DIVERGED, NORMS_FILE, RUNNING, SeedSummary, TrialRecord, final_weights
+from study.layout import (
+    CHECKPOINTS,
+    COMPLETED,
+    DIVERGED,
+    EVENTS_FILE,
+    NORMS_FILE,
+    RUNNING,
+    SeedSummary,
+    TrialRecord,
+    final_weights,
+)
 
 
 @dataclass
@@ -144,8 +154,8 @@ def run_trial(
     log = log or (lambda s: None)
     tdir = Path(spec.trial_dir)
     tdir.mkdir(parents=True, exist_ok=True)
-    record_path = tdir / "record.json"
-    events = tdir / "events.jsonl"
+    record_path = tdir / TrialRecord.FILE
+    events = tdir / EVENTS_FILE
     if record_path.exists():
         record = TrialRecord.read(record_path)
         if record is not None:
@@ -192,7 +202,7 @@ def run_trial(
         return _complete(spec, data, tdir, results, report)
 
     trainers = {s: _make_trainer(spec, data, s, device) for s in seeds}
-    state, notes = load_latest_checkpoint(tdir / "ckpt")
+    state, notes = load_latest_checkpoint(tdir / CHECKPOINTS)
     for note in notes:
         log(f"{spec.experiment} trial {spec.trial_index}: {note}; trying the previous one")
         append_jsonl(events, {"t": time.time(), "event": "fallback", "note": note})
@@ -232,7 +242,7 @@ def run_trial(
                 per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}
             metrics = trial_metrics(per_seed, epoch + 1, start_epoch)
             save_checkpoint(
-                tdir / "ckpt",
+                tdir / CHECKPOINTS,
                 epoch + 1,
                 {"epoch": epoch + 1, "seeds": {str(s): t.state_dict() for s, t in trainers.items()}},
             )
@@ -255,7 +265,7 @@ def run_trial(
         )
         record.write(record_path)
         append_jsonl(events, {"t": time.time(), "event": DIVERGED, "reason": str(e)})
-        shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+        shutil.rmtree(tdir / CHECKPOINTS, ignore_errors=True)
         report(final_metrics(record))
         return record
     return _complete(spec, data, tdir, {s: trainers[s].result() for s in seeds}, report)
@@ -288,8 +298,8 @@ def _complete(spec: TrialSpec, data, tdir: Path, results: dict[int, dict], repor
         per_seed={str(s): _seed_summary(res) for s, res in results.items()},
     )
     record.write(tdir / TrialRecord.FILE)
-    append_jsonl(tdir / "events.jsonl", {"t": time.time(), "event": COMPLETED, "objective": objective})
-    shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+    append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": COMPLETED, "objective": objective})
+    shutil.rmtree(tdir / CHECKPOINTS, ignore_errors=True)
     report(final_metrics(record))
     return record
 
@@ -321,7 +331,5 @@ def load_final_state(trial_dir: Path, seed: int) -> dict:
 
 def resumed_from(trial_dir: Path) -> int:
     """The largest epoch this trial was ever resumed from (0: never resumed)."""
-    starts = [
-        e.get("start_epoch", 0) for e in read_jsonl(Path(trial_dir) / "events.jsonl") if e.get("event") == "start"
-    ]
+    starts = [e.get("start_epoch", 0) for e in read_jsonl(Path(trial_dir) / EVENTS_FILE) if e.get("event") == "start"]
     return max(starts, default=0)

@@ -122,7 +122,7 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     # the searchers kept their history: the restored stage-1 study holds exactly the budgeted trials
     state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
-        ot = pickle.load(f)["searchers"]["stage1"].subs["tuned"]._ot_study
+        ot = pickle.load(f)["searchers"]["stage1"].subs["tuned"].study
     n_tuned = toy_budgets()[("stage1", "tuned")]
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * n_tuned
     assert len(list((snapshots / ".torn-snapshots").iterdir())) == 3  # the torn set was set aside
@@ -294,7 +294,7 @@ def test_diverging_and_raising_trials(tmp_path):
     state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
         searcher = pickle.load(f)["searchers"]["stage2"]
-    ot = searcher.subs["cb-maxnorm"]._ot_study
+    ot = searcher.subs["cb-maxnorm"].study
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all(t.user_attrs.get("status") == "diverged" for t in ot.trials)
     db = optuna.load_study(study_name="stage2-cb-maxnorm", storage=f"sqlite:///{root / 'optuna.db'}")

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from study.layout import FORMAT_VERSION
 from study.testing.studyrun import assert_complete, read_rows, study, toy_budgets, toy_space
 
 pytestmark = pytest.mark.timeout(600)
@@ -83,12 +84,37 @@ def test_changed_space_refuses_to_resume(tmp_path):
     space = toy_space(tmp_path, e1=1, b1=1, e2=1, b2=1)
     res = tmp_path / "res"
     (res / "s").mkdir(parents=True)
-    (res / "s" / "study.yaml").write_text(yaml.safe_dump({"fingerprint": "0", "space": {"seeds": [0, 1, 2]}}))
+    header = {"format_version": FORMAT_VERSION, "fingerprint": "0", "space": {"seeds": [0, 1, 2]}}
+    (res / "s" / "study.yaml").write_text(yaml.safe_dump(header))
     r = study("run", str(space), "--results-dir", str(res), "--name", "s", timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "different search space" in r.stderr and "--fresh" in r.stderr
     assert "seeds" in r.stderr
     assert sorted(p.name for p in (res / "s").iterdir()) == ["study.yaml"]
+
+
+def test_a_study_of_the_previous_format_is_refused_unless_finished(tmp_path, toy_study):
+    """A study folder written by study 0.1 (no format_version in study.yaml): unfinished, `study run`
+    refuses it in one line, exit 2, touching nothing; finished, it says where the results are and
+    its tables still print."""
+    import shutil
+
+    space = toy_space(tmp_path)  # the same space as the toy study: only the version differs
+    res = tmp_path / "res"
+    shutil.copytree(toy_study, res / "old")
+    head = yaml.safe_load((res / "old" / "study.yaml").read_text())
+    del head["format_version"]
+    (res / "old" / "study.yaml").write_text(yaml.safe_dump(head, sort_keys=False))
+    (res / "old" / "done.json").unlink()
+    before = sorted(p.relative_to(res) for p in res.rglob("*"))
+    r = study("run", str(space), "--results-dir", str(res), "--name", "old", timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "older study (results format 1" in r.stderr and "--fresh" in r.stderr
+    assert sorted(p.relative_to(res) for p in res.rglob("*")) == before
+    (res / "old" / "done.json").write_text("{}")
+    r = study("run", str(space), "--results-dir", str(res), "--name", "old", timeout=120)
+    assert r.returncode == 0 and "is complete" in r.stdout, r.stdout + r.stderr
+    assert study("table", str(res / "old"), timeout=60).returncode == 0
 
 
 def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):

@@ -10,7 +10,7 @@ import optuna
 from study.fsutil import append_jsonl, atomic_write_json
 from study.layout import StudyPaths
 from study.search.resume import adopt_claimed, set_aside_orphans
-from study.search.searchers import MethodSearcher, StudyOptunaSearch
+from study.search.searchers import MethodSearcher, OptunaSearcher
 
 
 def _trial(folder, name, method, params, epoch=0, record=False):
@@ -61,7 +61,7 @@ def test_orphans_are_pooled_claimed_with_their_parameters_and_adopted(tmp_path):
         "weight_decay": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
         "maxnorm_threshold": optuna.distributions.FloatDistribution(0.0, 1.0),
     }
-    wb = StudyOptunaSearch(space, metric="objective", mode="max", sampler=optuna.samplers.TPESampler(seed=0))
+    wb = OptunaSearcher(space, optuna.samplers.TPESampler(seed=0), "stage2-wb")
     searcher = MethodSearcher({"wb": wb, "ncm": None}, {"wb": 3, "ncm": 1}, pool=str(stage))
     searcher.issued["wb"] = 1  # the restored searcher had issued the known trial
     suggestions = {tid: searcher.suggest(tid) for tid in ("new1", "new2", "new3")}

@@ -46,7 +46,7 @@ def _end(
     TrialRecord(status=status, experiment=st["experiment"], trial_index=st["index"], objective=objective).write(
         tdir / TrialRecord.FILE
     )
-    s.on_trial_complete(tid, {"objective": objective} if objective is not None else {})
+    s.on_trial_complete(tid, {"trial_status": status, **({"objective": objective} if objective is not None else {})})
 
 
 def test_stage2_opens_only_after_stage1_ended_and_trains_on_its_selection(tmp_path):
@@ -139,7 +139,7 @@ def test_restore_takes_over_trials_the_snapshot_lists_but_the_older_state_never_
         _end(r, paths, cfg, tid, 0.5)
     marker = StageMarker.read(paths.stage_marker("stage1"))
     assert sorted(marker.trials) == ["a", "b", "c"]  # stage 1's three budgeted trials, no fourth
-    tuned = r.searchers["stage1"].subs["tuned"]._ot_study.trials  # taken-over trials are in its history
+    tuned = r.searchers["stage1"].subs["tuned"].study.trials  # taken-over trials are in its history
     assert [t.params for t in tuned] == [cfg_params(x) for x in (a, b, c) if x["method"] == "tuned"]
     assert {t.state.name for t in tuned} == {"COMPLETE"}
     assert r.suggest("d")["_study"]["experiment"] == "stage2"
@@ -164,7 +164,7 @@ def test_restore_counts_a_finished_experiments_trials_from_its_marker_and_their_
     r.restore(str(folder / f"searcher-state-{STAMP}.pkl"))  # no trial list of that step: nothing to reconcile
     assert "stage1" in r.finished and r.ended["stage1"] == {"a", "b", "c"} and r.live == set()
     assert [cfgs[t]["method"] for t in ("a", "b", "c")] == ["naive", "tuned", "tuned"]
-    tuned = r.searchers["stage1"].subs["tuned"]._ot_study.trials
+    tuned = r.searchers["stage1"].subs["tuned"].study.trials
     # b: issued, its end told from its record; c: never issued by the saved state, taken over
     assert sorted((t.state.name, t.value) for t in tuned) == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
     assert r.suggest("d")["_study"]["experiment"] == "stage2"
@@ -177,7 +177,7 @@ def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_o
     from study.layout import ExperimentOpened
     from study.search import searchers, trainable
 
-    monkeypatch.setitem(searchers._DRIVER, "ahead", 1)
+    monkeypatch.setattr(searchers.StudySearcher, "run", searchers.RunSettings(ahead=1))
     space = load_space(str(toy_space(tmp_path)))
     paths = StudyPaths(tmp_path / "res")
     s = _searcher(space, paths, max_live=3)
@@ -206,7 +206,7 @@ def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypat
     from study.search import searchers
 
     calls = []
-    monkeypatch.setitem(searchers._DRIVER, "on_stage2", lambda: calls.append(1))
+    monkeypatch.setattr(searchers.StudySearcher, "run", searchers.RunSettings(on_stage2=lambda: calls.append(1)))
     space = load_space(str(toy_space(tmp_path)))
     paths = StudyPaths(tmp_path / "res")
     s = _searcher(space, paths)

@@ -3,7 +3,6 @@ frozen backbone in stage 2, tau = 0, and exact resume from checkpoints (trainer 
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -444,76 +443,6 @@ def test_finished_trial_is_returned_without_training(digits_data, uninterrupted_
     assert again.to_dict() == json.loads((ref_dir / "record.json").read_text())
     assert len(_events(ref_dir)) == n_events
     assert reports and reports[-1]["trial_status"] == "completed"
-
-
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(momentum=0.9, weight_decay=5e-4),
-        dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-        dict(momentum=0.0, weight_decay=0.0),
-    ],
-)
-def test_study_sgd_steps_are_bit_identical_to_torch_sgd(kw, foreach):
-    """study.training.trainers.SGD skips only torch's dynamo wrappers, and its foreach implementation (what the
-    trainers use) computes what torch's default per-parameter loop does: the same parameters,
-    momentum buffers and state_dict as torch.optim.SGD after several steps, each loading the
-    other's state."""
-    from study.training.trainers import SGD
-
-    torch.manual_seed(0)
-    ref = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8 * 4 * 4, 3),
-    )
-    ours = copy.deepcopy(ref)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=False, **kw)
-    opt_ours = SGD(ours.parameters(), lr=0.1, foreach=foreach, **kw)
-    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
-    for _ in range(5):
-        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    assert_same_tensors(ref.state_dict(), ours.state_dict())
-    a, b = opt_ref.state_dict(), opt_ours.state_dict()
-    assert [{k: v for k, v in g.items() if k != "foreach"} for g in a["param_groups"]] == [
-        {k: v for k, v in g.items() if k != "foreach"} for g in b["param_groups"]
-    ]
-    for k in a["state"]:
-        for name, v in a["state"][k].items():
-            assert v is None or torch.equal(v, b["state"][k][name])
-    opt_ours.load_state_dict(a)
-    opt_ref.load_state_dict(b)
-
-
-def test_a_training_epoch_imports_neither_dynamo_nor_scipy(tmp_path):
-    """In a fresh process (as in every new Ray worker), building a stage-1 trainer, running an epoch
-    and taking its result import neither torch._dynamo nor scipy.stats (each costs about a second
-    or half a second per worker)."""
-    import subprocess
-    import sys
-
-    code = """
-import sys
-import torch
-from study.config.schema import DataConfig, Stage1Config
-from study.data.longtail import load_data
-from study.training.trainers import Stage1Trainer
-data = load_data(DataConfig(dataset="digits-lt"))
-t = Stage1Trainer(Stage1Config(backbone="digits-cnn", epochs=1, batch_size=64), data, seed=0)
-t.run_epoch()
-t.load_state_dict(t.state_dict())
-t.result()
-print(sorted(m for m in ("torch._dynamo", "scipy.stats") if m in sys.modules))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_stage1_starts_from_init_from_weights_and_records_them(tmp_path, digits_data):

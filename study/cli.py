@@ -230,8 +230,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    n_seeds = len(metrics["runs"])
+    spread = n_seeds > 1  # one seed has no spread to show: its numbers alone, not "± 0.00"
     t = Table(
-        title=f"{metrics['dataset']} · protocol {metrics['protocol']} · {len(metrics['runs'])} seed(s) · mean ± std, %",
+        title=f"{metrics['dataset']} · protocol {metrics['protocol']} · {n_seeds} seed{'s' * spread} · "
+        + ("mean ± std, %" if spread else "%"),
         box=None,
         header_style="bold",
     )
@@ -240,7 +243,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for label, split, m, s in summary_rows(metrics):
         cells = []
         for g in ("many", "medium", "few", "all"):
-            cells.append("–" if m[g] is None else f"{100 * m[g]:.2f} ± {100 * (s[g] or 0):.2f}")
+            cells.append(
+                "–" if m[g] is None else f"{100 * m[g]:.2f}" + (f" ± {100 * (s[g] or 0):.2f}" if spread else "")
+            )
         t.add_row(label, split, *cells)
     Console().print(t)
     print(f"wrote {out / 'metrics.json'}")

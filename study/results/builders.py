@@ -71,7 +71,7 @@ def _context(res: Results, spread: bool = True) -> str:
     return (
         f"{data.dataset or '?'} (imbalance factor {ifac}, {data.num_classes or '?'} classes), "
         f"backbone {res.header.backbone or '?'}, "
-        + ("mean ± std over " if spread else "")
+        + ("mean ± std over " if spread and len(seeds) > 1 else "")
         + f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(str(s) for s in seeds)})"
     )
 

@@ -23,6 +23,7 @@ def train_run(tmp_path_factory):
 def test_metrics_schema_and_summary(train_run):
     out, stdout, m = train_run
     assert "stage 1 (ce-wd)" in stdout and "stage 2 (wb)" in stdout and "metrics.json" in stdout
+    assert "3 seeds · mean ± std" in stdout  # the spread over the seeds
     assert m["protocol"] == "honest" and m["selection_split"] == "val"
     assert [r["seed"] for r in m["runs"]] == [0, 1, 2]
     for run in m["runs"]:
@@ -63,3 +64,14 @@ def test_running_again_resumes_and_a_changed_config_is_refused(train_run):
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]  # nothing retrained
     changed = study("train", "digits-lt", "--seeds", "3", "--out", str(out), "--set", "stage1.epochs=5", timeout=300)
     assert changed.returncode == 2 and "different configuration" in changed.stderr
+
+
+def test_one_seed_prints_no_spread(tmp_path, capsys):
+    """One seed has no standard deviation: the summary shows each value alone, not "± 0.00"."""
+    from study.cli import main
+
+    argv = ["train", "digits-lt", "--seeds", "1", "--out", str(tmp_path / "one")]
+    code = main([*argv, "--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "1 seed ·" in printed and "±" not in printed, printed

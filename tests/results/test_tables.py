@@ -444,6 +444,17 @@ def test_fewer_than_three_seeds(tmp_path):
     assert "mean ± std over 2 seeds (0, 1)" in table(root, "main")
 
 
+def test_one_seed_shows_no_spread(tmp_path):
+    """With one seed there is no standard deviation: cells hold the value alone (no "± 0.00") and
+    the caption does not promise a spread, in every rendering that shows one."""
+    root = make_study(tmp_path / "one", seeds=(0,))
+    for kind in ("main", "ablation"):
+        md = table(root, kind)
+        assert "±" not in md and "1 seed (0)" in md, md
+    tex = table(root, "main", "latex")
+    assert r"\pm" not in tex
+
+
 def test_no_wb(study):
     """A study that never planned wb (removed from study.yaml and trials.csv on disk)."""
     head = yaml.safe_load((study / "study.yaml").read_text())

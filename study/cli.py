@@ -344,6 +344,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return plot_command(args.study, out=args.out)
 
 
+def cmd_spaces(args: argparse.Namespace) -> int:
+    from study.config.spaces import SPACES_DIR, available_spaces, space_summary
+
+    names = available_spaces()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {space_summary(name)}".rstrip())
+    print(f"\n(study run NAME; the files are in {SPACES_DIR}, or pass a path to your own .yaml file)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from study.config.schema import PROTOCOLS
 
@@ -410,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
             "split-files the folder with the split lists and the images they name",
         )
         q.add_argument("--results-dir", default=DEFAULT_RESULTS, help="parent folder of results (default results/)")
+
+    sp = sub.add_parser("spaces", help="the search spaces shipped with study, with their descriptions")
+    sp.set_defaults(func=cmd_spaces)
 
     t = sub.add_parser("train", help="one stage-1 + stage-2 run at the space's fixed/default values")
     space_options(t)

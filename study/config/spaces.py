@@ -287,7 +287,17 @@ class StudySpace:
 
 
 def available_spaces() -> list[str]:
+    """The names of the spaces shipped with the package (``study run NAME``), sorted."""
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def space_summary(name: str) -> str:
+    """The ``description`` of a shipped space, on one line ("" when it has none)."""
+    try:
+        raw = read_yaml(SPACES_DIR / f"{name}.yaml")
+    except UserError:
+        return ""
+    return " ".join(str(raw.get("description") or "").split())
 
 
 def resolve_space_path(space: str) -> Path:

@@ -34,9 +34,8 @@ stage1:
   backbone: digits-cnn
   epochs: {epochs}
   lr: 0.05
-  weight_decay: {{loguniform: [1.0e-5, 1.0e-2], default: 5.0e-4}}
-  budget: {budget}
-  baseline: false
+  variants:
+    ce-wd: {{weight_decay: {{loguniform: [1.0e-5, 1.0e-2], default: 5.0e-4}}, budget: {budget}}}
 stage2:
   epochs: {epochs}
   methods:

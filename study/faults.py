@@ -2,7 +2,8 @@
 
 ``STUDY_FAULT`` holds comma-separated specs:
 
-- ``raise:<stage>:<trial index or method>:<epoch>:<times>`` — the matching trial raises at the start
+- ``raise:<experiment>:<trial index or method>:<epoch>:<times>`` — the matching trial (of experiment
+  ``stage1`` or ``stage2-<variant>``; the method of a stage-1 trial is its variant) raises at the start
   of that epoch, at most ``times`` times in total (counted in the trial folder, across retries);
 - ``pause:<phase>:<seconds>`` — the driver prints ``fault-injection: pausing at <phase>`` and sleeps,
   so a test can kill it at a known moment. Phases: ``between-stages``, ``final-eval``, ``tables``.
@@ -29,14 +30,14 @@ def _specs(kind: str) -> list[list[str]]:
     return out
 
 
-def maybe_raise(stage: str, trial_index: int, method: str, epoch: int, trial_dir: Path) -> None:
+def maybe_raise(experiment: str, trial_index: int, method: str, epoch: int, trial_dir: Path) -> None:
     """Raise inside a trial when a ``raise`` spec matches it (see module docstring)."""
     for spec in _specs("raise"):
         try:
             st, who, ep, times = spec
         except ValueError:
             continue
-        if st != stage or int(ep) != epoch or who not in (str(trial_index), method):
+        if st != experiment or int(ep) != epoch or who not in (str(trial_index), method):
             continue
         counter = Path(trial_dir) / FAULT_COUNT_FILE
         n = int(counter.read_text()) if counter.exists() else 0

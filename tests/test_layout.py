@@ -21,6 +21,7 @@ from study.layout import (
     parse_trial_dirname,
     trial_dirname,
 )
+from study.testing.studyrun import TOY_STAGE2, TOY_VARIANT
 
 
 def test_trial_folder_names_round_trip():
@@ -145,7 +146,7 @@ def test_the_header_view_reads_what_the_driver_writes(toy_study):
 
     raw = yaml.safe_load((toy_study / "study.yaml").read_text())
     header = StudyHeader.from_dict(raw)
-    assert [e.name for e in header.experiments] == ["stage1", "stage2"]
+    assert [e.name for e in header.experiments] == ["stage1", TOY_STAGE2]
     assert header.experiment("stage2").methods["wb"].searched == ("weight_decay", "maxnorm_threshold")
     assert header.to_dict()["experiments"] == raw["experiments"]
 
@@ -161,7 +162,7 @@ def test_a_real_study_records_feature_geometry_and_maxnorm_binding(toy_study):
     assert wb["maxnorm_binding"].between(0, 1).all() and wb["maxnorm_rows_clipped"].notna().all()
     assert sel[sel["method"] == "tau-norm"]["maxnorm_binding"].isna().all()  # no MaxNorm, no count
     # stage-2 methods on the frozen backbone share its feature geometry
-    tuned = sel[(sel["method"] == "tuned")].set_index("seed")["fdr_train"]
+    tuned = sel[(sel["method"] == TOY_VARIANT)].set_index("seed")["fdr_train"]
     ncm = sel[(sel["method"] == "ncm")].set_index("seed")["fdr_train"]
     assert (tuned - ncm).abs().max() < 1e-9
     analysis = pd.read_csv(toy_study / "tables" / "analysis.csv")

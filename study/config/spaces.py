@@ -24,9 +24,8 @@ searched parameters with their distributions, and the trial budget::
           budget: 16
         tau-norm: {}
 
-The older form of ``stage1`` — searched fields directly under it, plus ``budget`` and ``baseline:
-true`` — means the two variants ``naive`` (weight decay 0) and ``tuned`` (the searched fields), with
-``tuned`` feeding stage 2; such a space runs exactly the study it ran before variants existed.
+The older form of ``stage1`` (study 0.1: searched fields directly under it, plus ``budget`` and
+``baseline``) is refused with one line that spells out its rewrite into ``variants``.
 
 A value is either fixed (``epochs: 10``) or a distribution: ``{loguniform: [lo, hi]}``,
 ``{uniform: [lo, hi]}``, ``{int: [lo, hi]}`` or ``{choice: [a, b, ...]}``, with an optional
@@ -77,12 +76,12 @@ TOP_KEYS = {
     "stage1": "",
     "stage2": "",
 }
-STAGE1_KEYS = {"budget", "baseline", "scheduler", "variants", "feeds_stage2"}
+STAGE1_KEYS = {"variants", "feeds_stage2"}
+OLD_FORM_KEYS = {"budget", "baseline", "scheduler"}
+"""Keys of the older ``stage1`` form (searched fields directly under ``stage1``), refused with
+their rewrite."""
 VARIANT_KEYS = {"budget", "scheduler"}
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+]*(-[a-z0-9_.+]+)*$")
-LEGACY_VARIANTS = ("naive", "tuned")
-"""The variants an old-form space (no ``stage1.variants``) means: CE without weight decay, and the
-searched stage-1 fields; ``tuned`` feeds stage 2."""
 STAGE2_KEYS = {"methods", "train_method"}
 METHOD_KEYS = {"budget", "scheduler"}
 SEARCH_KEYS = {"sampler_seed", "startup_trials", "retries", "max_concurrent"}
@@ -196,9 +195,6 @@ class StudySpace:
     """Stage-1 variants by name, in the order of the space file."""
     feeds_stage2: tuple[str, ...]
     """The variants whose selected models stage 2 runs on."""
-    legacy_stage1: bool
-    """The space used the older form (variants ``naive`` and ``tuned``; one stage-2 experiment
-    called ``stage2``)."""
     stage2: dict[str, Stage2Config]
     stage2_params: dict[str, dict[str, Dist]]
     stage2_budget: dict[str, int]
@@ -218,7 +214,8 @@ class StudySpace:
         return self.variants[self.train_variant].config
 
     def stage2_experiment_name(self, variant: str) -> str:
-        return "stage2" if self.legacy_stage1 else f"stage2-{variant}"
+        """The stage-2 experiment trained on ``variant``'s selected backbone."""
+        return f"stage2-{variant}"
 
     def experiments(self) -> list[Experiment]:
         """The study's Tune experiments, in the order they run: stage 1 (every variant), then one
@@ -265,7 +262,8 @@ class StudySpace:
                     for v, p in self.variants.items()
                 },
                 "feeds_stage2": list(self.feeds_stage2),
-                "legacy_form": self.legacy_stage1,
+                # kept, always False, so the fingerprints of existing studies stay the same
+                "legacy_form": False,
             },
             "stage2": {
                 m: {
@@ -589,33 +587,42 @@ def _presets(protocol: str, section: str) -> dict:
     return {k.split(".", 1)[1]: v for k, v in PROTOCOL_PRESETS[protocol].items() if k.startswith(section + ".")}
 
 
-def _parse_stage1(s1: dict, protocol: str) -> tuple[dict[str, MethodPlan], tuple[str, ...], bool]:
-    """(variants, fed variants, old form?) of the ``stage1`` section."""
+def _old_form_rewrite(s1: dict) -> str:
+    """The ``stage1`` section of the older form rewritten with ``variants``, as one line of YAML:
+    ``baseline`` (default true) was the variant ``naive`` (weight decay 0), the searched fields with
+    ``budget`` and ``scheduler`` the variant ``tuned``, which alone fed stage 2. Keeping those names
+    keeps the stage-1 rows of the tables as they were."""
+    import yaml
+
+    shared, tuned = {}, {}
+    for k, v in s1.items():
+        if k in ("budget", "scheduler") or (isinstance(v, dict) and set(v) & set(DIST_KINDS)):
+            tuned[k] = v
+        elif k != "baseline":
+            shared[k] = v
+    variants = {"tuned": tuned}
+    if s1.get("baseline", True) is not False:
+        variants = {"naive": {"weight_decay": 0}, **variants}
+    new = {**shared, "variants": variants, "feeds_stage2": ["tuned"]}
+    return yaml.safe_dump({"stage1": new}, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def _parse_stage1(s1: dict, protocol: str) -> tuple[dict[str, MethodPlan], tuple[str, ...]]:
+    """(variants, fed variants) of the ``stage1`` section."""
     presets = _presets(protocol, "stage1")
+    old = sorted(OLD_FORM_KEYS & set(s1))
     if "variants" not in s1:
-        # the older form: the searched fields directly under stage1, plus the untuned baseline
-        if "feeds_stage2" in s1:
-            raise ConfigError("stage1.feeds_stage2", "needs stage1.variants (name the variants it refers to)")
-        fixed, params, extra = _split_values(s1, Stage1Config, STAGE1_KEYS - {"variants", "feeds_stage2"}, "stage1")
-        cfg = _check_searchable(Stage1Config, {**presets, **fixed}, params, "stage1")
-        tuned = MethodPlan(
-            "tuned",
-            cfg,
-            params,
-            _budget(extra.get("budget"), "stage1.budget", bool(params)),
-            _scheduler(extra.get("scheduler"), "stage1.scheduler", cfg.epochs),
+        raise ConfigError(
+            "stage1",
+            "searched fields directly under stage1 (with budget/baseline) are the older form, no longer "
+            f"read; write it with variants, e.g. {_old_form_rewrite(s1)}",
         )
-        variants = {"tuned": tuned}
-        if coerce("stage1.baseline", extra.get("baseline", True), bool):
-            variants = {"naive": MethodPlan("naive", replace(cfg, weight_decay=0.0), {}, 1), **variants}
-        return variants, ("tuned",), True
-    for key in ("baseline", "budget", "scheduler"):
-        if key in s1:
-            raise ConfigError(
-                f"stage1.{key}",
-                "with stage1.variants, give each variant its own "
-                f"{'budget and scheduler' if key != 'baseline' else 'entry (e.g. ce: {weight_decay: 0})'}",
-            )
+    for key in old:
+        raise ConfigError(
+            f"stage1.{key}",
+            "with stage1.variants, give each variant its own "
+            f"{'budget and scheduler' if key != 'baseline' else 'entry (e.g. ce: {weight_decay: 0})'}",
+        )
     shared, _, extra = _split_values(
         s1,
         Stage1Config,
@@ -668,7 +675,7 @@ def _parse_stage1(s1: dict, protocol: str) -> tuple[dict[str, MethodPlan], tuple
         if len(set(feeds_raw)) != len(feeds_raw):
             raise ConfigError("stage1.feeds_stage2", "names a variant twice")
         feeds = tuple(feeds_raw)
-    return variants, feeds, False
+    return variants, feeds
 
 
 def _check_etf(cfg: Stage1Config, data: DataConfig, where: str) -> None:
@@ -745,9 +752,9 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         raise ConfigError("seeds", "needs at least one seed and no repeats")
 
     # stage 1
-    variants, feeds, legacy = _parse_stage1(section("stage1"), protocol)
+    variants, feeds = _parse_stage1(section("stage1"), protocol)
     for v, plan in variants.items():
-        _check_etf(plan.config, data, "stage1" if legacy else f"stage1.variants.{v}")
+        _check_etf(plan.config, data, f"stage1.variants.{v}")
 
     # stage 2
     s2 = section("stage2")
@@ -797,7 +804,6 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         search=search,
         variants=variants,
         feeds_stage2=feeds,
-        legacy_stage1=legacy,
         stage2=stage2,
         stage2_params=params2,
         stage2_budget=budget2,

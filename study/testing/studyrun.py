@@ -27,8 +27,12 @@ stage1:
   backbone: digits-cnn
   epochs: {e1}
   lr: 0.05
-  weight_decay: {{loguniform: [1.0e-5, 1.0e-2], default: 5.0e-4}}
-  budget: {b1}
+  variants:
+    ce: {{weight_decay: 0}}
+    ce-wd:
+      weight_decay: {{loguniform: [1.0e-5, 1.0e-2], default: 5.0e-4}}
+      budget: {b1}
+  feeds_stage2: [ce-wd]
 stage2:
   epochs: {e2}
   methods:
@@ -40,25 +44,32 @@ stage2:
     ncm: {{}}
 """
 
+TOY_VARIANT = "ce-wd"
+"""The toy space's searched stage-1 variant, the one that feeds stage 2."""
+TOY_STAGE2 = f"stage2-{TOY_VARIANT}"
+"""The toy space's stage-2 experiment (the methods trained on ``TOY_VARIANT``'s backbone)."""
+
 
 def toy_space(
     folder: Path, e1: int = 3, b1: int = 2, e2: int = 2, b2: int = 2, name: str = "toy.yaml", extra: str = ""
 ) -> Path:
+    """The toy study's space file in ``folder``: two stage-1 variants (``ce`` without weight decay,
+    ``ce-wd`` with it searched over ``b1`` trials) and three stage-2 methods on ``ce-wd``."""
     path = Path(folder) / name
     path.write_text(TOY_SPACE.format(e1=e1, b1=b1, e2=e2, b2=b2) + extra)
     return path
 
 
 def toy_budgets(b1: int = 2, b2: int = 2) -> dict[tuple[str, str], int]:
-    """The trials per (stage, method) of ``toy_space(b1=..., b2=...)``: one untuned baseline
-    (``naive``), ``b1`` searched stage-1 trials, ``b2`` searched ``wb`` trials, and one trial of each
-    method without a search space."""
+    """The trials per (experiment, method) of ``toy_space(b1=..., b2=...)``: one trial of the
+    unsearched variant ``ce``, ``b1`` of ``ce-wd``, ``b2`` searched ``wb`` trials, and one trial of
+    each stage-2 method without a search space."""
     return {
-        ("stage1", "naive"): 1,
-        ("stage1", "tuned"): b1,
-        ("stage2", "wb"): b2,
-        ("stage2", "tau-norm"): 1,
-        ("stage2", "ncm"): 1,
+        ("stage1", "ce"): 1,
+        ("stage1", TOY_VARIANT): b1,
+        (TOY_STAGE2, "wb"): b2,
+        (TOY_STAGE2, "tau-norm"): 1,
+        (TOY_STAGE2, "ncm"): 1,
     }
 
 

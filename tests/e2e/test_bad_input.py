@@ -17,8 +17,8 @@ seeds: 1
 stage1:
   backbone: digits-cnn
   epochs: 2
-  weight_decay: {loguniform: [1.0e-5, 1.0e-2]}
-  budget: 2
+  variants:
+    ce-wd: {weight_decay: {loguniform: [1.0e-5, 1.0e-2]}, budget: 2}
 stage2:
   methods:
     wb:
@@ -38,7 +38,12 @@ SPACE_CASES = [
     ("typo-key", _edit("epochs: 2", "epcohs: 2"), [], ["stage1.epcohs", "did you mean 'epochs'"]),
     ("typo-top-key", GOOD + "stage3: {}\n", [], ["stage3", "stage1"]),
     ("wrong-type", _edit("epochs: 2", "epochs: two"), [], ["stage1.epochs", "expected an integer"]),
-    ("inverted-range", _edit("[1.0e-5, 1.0e-2]", "[1.0e-2, 1.0e-5]"), [], ["stage1.weight_decay", "inverted"]),
+    (
+        "inverted-range",
+        _edit("[1.0e-5, 1.0e-2]", "[1.0e-2, 1.0e-5]"),
+        [],
+        ["stage1.variants.ce-wd.weight_decay", "inverted"],
+    ),
     (
         "empty-range",
         _edit("{uniform: [0.0, 1.0]}", "{uniform: [0.5, 0.5]}"),
@@ -49,7 +54,7 @@ SPACE_CASES = [
         "negative-wd-fixed",
         _edit("weight_decay: {loguniform: [1.0e-5, 1.0e-2]}", "weight_decay: -0.001"),
         [],
-        ["stage1.weight_decay", "negative"],
+        ["stage1.variants.ce-wd.weight_decay", "negative"],
     ),
     (
         "negative-wd-range",
@@ -72,7 +77,7 @@ SPACE_CASES = [
         ["stage2.methods.wb.loss", "focal", "ce, cb"],
     ),
     ("unknown-method", _edit("    wb:", "    wbb:"), [], ["wbb", "did you mean 'wb'"]),
-    ("budget-zero", _edit("  budget: 2\nstage2", "  budget: 0\nstage2"), [], ["stage1.budget", "at least 1"]),
+    ("budget-zero", _edit("budget: 2}", "budget: 0}"), [], ["stage1.variants.ce-wd.budget", "at least 1"]),
     ("yaml-syntax", GOOD + "stage1: [unclosed\n", [], ["YAML syntax error", "line 15"]),
     ("empty-file", "", [], ["empty"]),
     (

@@ -148,7 +148,7 @@ seeds: 1
 stage1:
   backbone: resnet8
   epochs: 1
-  baseline: false
+  variants: {ce: {}}
 stage2:
   epochs: 1
   methods:

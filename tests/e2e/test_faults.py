@@ -18,6 +18,8 @@ import optuna
 import pytest
 
 from study.testing.studyrun import (
+    TOY_STAGE2,
+    TOY_VARIANT,
     assert_complete,
     events,
     kill_hard,
@@ -98,8 +100,8 @@ def test_kill_in_every_phase(tmp_path, toy_study):
         assert f"pid {p.pid}" in second.stderr and "in use" in second.stderr
 
     stop_at_pause("between-stages", signal.SIGTERM, during=refused)
-    stop_in_flight("stage2", signal.SIGTERM)
-    stop_in_flight("stage2", signal.SIGKILL)
+    stop_in_flight(TOY_STAGE2, signal.SIGTERM)
+    stop_in_flight(TOY_STAGE2, signal.SIGKILL)
     # What a hard kill during Tune's (non-atomic) copy of its snapshot once left behind: an empty
     # search_gen_state file. The next run must restore the previous snapshot, not start over.
     snapshots = root / "tune" / "search"  # one Tune experiment for the whole study
@@ -122,8 +124,8 @@ def test_kill_in_every_phase(tmp_path, toy_study):
     # the searchers kept their history: the restored stage-1 study holds exactly the budgeted trials
     state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
-        ot = pickle.load(f)["searchers"]["stage1"].subs["tuned"].study
-    n_tuned = toy_budgets()[("stage1", "tuned")]
+        ot = pickle.load(f)["searchers"]["stage1"].subs[TOY_VARIANT].study
+    n_tuned = toy_budgets()[("stage1", TOY_VARIANT)]
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.COMPLETE] * n_tuned
     assert len(list((snapshots / ".torn-snapshots").iterdir())) == 3  # the torn set was set aside
     assert "torn" in log.read_text() or "torn" in r.stdout
@@ -141,18 +143,20 @@ RANDOM_E1, RANDOM_E2 = 30, 80  # epochs of the random-kill space's stage-1 and W
 # on 2 CPU cores) or 40 WB epochs (~3 s) of that trial are still to run when the signal is sent.
 WINDOW_HI = {"stage1": RANDOM_E1 - 15, "stage2": RANDOM_E2 - 40}
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+TRIALS_OF = {"stage1": "stage1", "stage2": TOY_STAGE2}
+"""The folder under trials/ of each trial phase's experiment."""
 
 
 def phase_on_disk(root: Path) -> str:
     """The phase a study folder is in, from what the driver writes at the end of each phase: the
-    stage markers (stages/stage1.json, stages/stage2.json), the final test reports (final/*.json,
+    stage markers (stages/stage1.json, stages/stage2-<variant>.json), the final test reports (final/*.json,
     one per stage and method) and done.json; between the stages no stage-2 trial folder exists yet."""
     if (root / "done.json").exists():
         return "done"
     if not (root / "stages" / "stage1.json").exists():
         return "stage1"
-    if not (root / "stages" / "stage2.json").exists():
-        return "stage2" if any((root / "trials" / "stage2").glob("trial-*")) else "between-stages"
+    if not (root / "stages" / f"{TOY_STAGE2}.json").exists():
+        return "stage2" if any((root / "trials" / TOY_STAGE2).glob("trial-*")) else "between-stages"
     finals = {p.name for p in (root / "final").glob("*.json")}
     return "tables" if finals == {f"{s}--{m}.json" for s, m in toy_budgets()} else "final-eval"
 
@@ -176,7 +180,7 @@ def random_draws(seed: int, n: int) -> list[dict]:
 def _mid_trial(root: Path, stage: str, lo: int, hi: int, since: float):
     """(trial folder, newest epoch) of an unfinished ``stage`` trial whose newest epoch checkpointed
     since ``since`` is in [lo, hi]."""
-    folder = root / "trials" / stage
+    folder = root / "trials" / TRIALS_OF[stage]
     for tdir in sorted(folder.glob("trial-*")) if folder.is_dir() else []:
         if (tdir / "record.json").exists():
             continue
@@ -242,7 +246,11 @@ def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
     # instead of starting over (found by its first event: a trial Tune's snapshot had missed is adopted,
     # events and checkpoints, by a new trial folder)
     for stage, started, epoch, t_kill in victims:
-        (tdir,) = [d for d in (root / "trials" / stage).glob("trial-*") if events(d) and events(d)[0]["t"] == started]
+        (tdir,) = [
+            d
+            for d in (root / "trials" / TRIALS_OF[stage]).glob("trial-*")
+            if events(d) and events(d)[0]["t"] == started
+        ]
         starts = [e for e in events(tdir) if e.get("event") == "start" and e["t"] > t_kill]
         assert starts and starts[0]["start_epoch"] >= epoch, (stage, epoch, starts)
         row = next(r for r in rows if r["trial_id"] == tdir.name.split("-")[-1])
@@ -261,7 +269,7 @@ def test_diverging_and_raising_trials(tmp_path):
       budget: 2
 """
     space = toy_space(tmp_path, e1=4, e2=3, extra=extra)
-    faults = "raise:stage1:tuned:2:1,raise:stage2:ncm:1:5"
+    faults = f"raise:stage1:{TOY_VARIANT}:2:1,raise:{TOY_STAGE2}:ncm:1:5"
     r = study(
         "run",
         str(space),
@@ -285,7 +293,7 @@ def test_diverging_and_raising_trials(tmp_path):
     assert len(status("cb-maxnorm")) == 2
     (ncm,) = status("ncm")
     assert ncm[1] == "failed" and "injected fault" in ncm[2]
-    tuned = [r for r in rows if r["method"] == "tuned"]
+    tuned = [r for r in rows if r["method"] == TOY_VARIANT]
     assert {r["status"] for r in tuned} == {"completed"}
     assert {int(r["resumed_from_epoch"]) for r in tuned} == {1}  # raised at epoch 2, resumed after epoch 1
     assert not any(r["selected"] == "True" for r in rows if r["method"] in ("cb-wd", "cb-maxnorm", "ncm"))
@@ -293,11 +301,11 @@ def test_diverging_and_raising_trials(tmp_path):
     # Inside the search: Optuna was told FAIL, never a NaN value.
     state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]
     with open(state, "rb") as f:
-        searcher = pickle.load(f)["searchers"]["stage2"]
+        searcher = pickle.load(f)["searchers"][TOY_STAGE2]
     ot = searcher.subs["cb-maxnorm"].study
     assert [t.state for t in ot.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all(t.user_attrs.get("status") == "diverged" for t in ot.trials)
-    db = optuna.load_study(study_name="stage2-cb-maxnorm", storage=f"sqlite:///{root / 'optuna.db'}")
+    db = optuna.load_study(study_name=f"{TOY_STAGE2}-cb-maxnorm", storage=f"sqlite:///{root / 'optuna.db'}")
     assert [t.state for t in db.trials] == [optuna.trial.TrialState.FAIL] * 2
     with pytest.raises(ValueError):
         _ = db.best_trial

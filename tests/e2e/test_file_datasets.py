@@ -105,6 +105,7 @@ def test_study_train_streams_both_stages_for_every_kind_of_method(tmp_path, tree
         assert list((out / "stage1").glob("features-train-seed0.npy"))
 
 
+@pytest.mark.slow  # about 80 s on 2 cores; the default run kills and resumes studies in test_faults and test_variants
 def test_toy_study_with_two_variants_resumes_after_sigkill_with_exact_budgets(tmp_path, tree):
     """A real `study run` over the file dataset, SIGKILLed while a stage-1 trial is mid-way, then
     the same command: every (variant, method) has exactly its budget, completed, once per seed."""

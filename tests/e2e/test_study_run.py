@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from study.layout import FORMAT_VERSION
-from study.testing.studyrun import assert_complete, read_rows, study, toy_budgets, toy_space
+from study.testing.studyrun import TOY_STAGE2, TOY_VARIANT, assert_complete, read_rows, study, toy_budgets, toy_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,18 +38,18 @@ def test_study_end_to_end(toy_study):
     for r in rows:
         if r["selected"] != "True":
             assert r["test_all"] == ""
-    # the selected tuned trial is the best by validation objective
-    tuned = [r for r in rows if r["method"] == "tuned"]
+    # the selected trial of the searched variant is the best by validation objective
+    tuned = [r for r in rows if r["method"] == TOY_VARIANT]
     best = max(tuned, key=lambda r: float(r["objective"]))
     assert best["selected"] == "True"
 
-    wb = optuna.load_study(study_name="stage2-wb", storage=f"sqlite:///{root / 'optuna.db'}")
+    wb = optuna.load_study(study_name=f"{TOY_STAGE2}-wb", storage=f"sqlite:///{root / 'optuna.db'}")
     assert set(wb.best_params) == {"weight_decay", "maxnorm_threshold"}
 
     # every stage-2 weight norm of the WB method is within its MaxNorm radius
     for seed in (0, 1):
         sel = [r for r in rows if r["method"] == "wb" and r["selected"] == "True" and r["seed"] == str(seed)][0]
-        tdir = next((root / "trials" / "stage2").glob(f"trial-*-{sel['trial_id']}"))
+        tdir = next((root / "trials" / TOY_STAGE2).glob(f"trial-*-{sel['trial_id']}"))
         ps = json.loads((tdir / "record.json").read_text())["per_seed"][str(seed)]
         assert max(ps["weight_norms"]) <= ps["maxnorm_radius"] * (1 + 1e-5)
 
@@ -60,9 +60,9 @@ def test_study_end_to_end(toy_study):
     main_csv = pd.read_csv(root / "tables" / "main.csv")
     sel = df[df["selected"]]
     assert len(main_csv) == len(budgets)
-    for stage, method in budgets:
-        mine = sel[(sel["stage"] == stage) & (sel["method"] == method)]
-        (row,) = [r for _, r in main_csv.iterrows() if r["stage"] == stage and r["method"] == method]
+    for experiment, method in budgets:
+        mine = sel[(sel["experiment"] == experiment) & (sel["method"] == method)]
+        (row,) = [r for _, r in main_csv.iterrows() if r["stage"] == experiment and r["method"] == method]
         assert row["n_seeds"] == len(mine) == 2
         for g in ("many", "medium", "few", "all"):
             assert row[f"{g}_mean"] == pytest.approx(100 * mine[f"test_{g}"].mean(), abs=0.005)
@@ -118,29 +118,39 @@ def test_a_study_of_the_previous_format_is_refused_unless_finished(tmp_path, toy
 
 
 def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):
-    """ASHA early-stops poor stage-1 `tuned` trials (compared only with each other, on their epoch
-    counter); the `naive` trial runs to the end; a stopped trial is never selected."""
-    extra = """\
-  scheduler: {asha: {grace_period: 1, reduction_factor: 2}}
-"""
+    """ASHA, given to the stage-1 variant ``ce-wd`` only, early-stops some of its trials (compared
+    with each other on their epoch counter) and never one of ``ce-lr``, a variant searched in the
+    same stage without a scheduler, whose trials all run to the end; a stopped trial is never
+    selected."""
     text = toy_space(tmp_path, e1=4, b1=6).read_text()
-    search = "search: {sampler_seed: 0, startup_trials: 1, retries: 1}"
-    assert "  budget: 6\n" in text and search in text
-    text = text.replace("  budget: 6\n", "  budget: 6\n" + extra, 1)
-    text = text.replace(search, "search: {sampler_seed: 0, startup_trials: 1, retries: 1, max_concurrent: 1}")
+    edits = {
+        "    ce: {weight_decay: 0}\n": "    ce-lr: {lr: {loguniform: [1.0e-3, 0.5]}, budget: 4}\n",
+        "      budget: 6\n": "      budget: 6\n      scheduler: {asha: {grace_period: 1, reduction_factor: 2}}\n",
+        "retries: 1}": "retries: 1, max_concurrent: 1}",
+    }
+    for old, new in edits.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
     space = tmp_path / "asha.yaml"
     space.write_text(text)
-    r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "a", timeout=400)
+    r = study("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "a", timeout=500)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = read_rows(tmp_path / "res" / "a" / "trials.csv")
-    tuned = {r["trial_id"]: r for r in rows if r["method"] == "tuned"}
-    assert len(tuned) == 6
-    statuses = collections.Counter(r["status"] for r in tuned.values())
+    by_method = collections.defaultdict(dict)
+    for row in rows:
+        by_method[row["method"]][row["trial_id"]] = row
+    asha = by_method[TOY_VARIANT]
+    assert len(asha) == 6
+    statuses = collections.Counter(r["status"] for r in asha.values())
     assert set(statuses) <= {"completed", "stopped"} and statuses["stopped"] >= 1, statuses
-    for r in tuned.values():
+    for r in asha.values():
         if r["status"] == "stopped":
             assert int(r["epochs_run"]) < 4 and r["selected"] == "False"
-    naive = [r for r in rows if r["method"] == "naive"]
-    assert {r["status"] for r in naive} == {"completed"} and all(int(r["epochs_run"]) == 4 for r in naive)
-    st = optuna.load_study(study_name="stage1-tuned", storage=f"sqlite:///{tmp_path / 'res' / 'a' / 'optuna.db'}")
+    plain = by_method["ce-lr"]
+    assert len(plain) == 4
+    assert all(r["status"] == "completed" and int(r["epochs_run"]) == 4 for r in plain.values()), plain
+    db = f"sqlite:///{tmp_path / 'res' / 'a' / 'optuna.db'}"
+    st = optuna.load_study(study_name=f"stage1-{TOY_VARIANT}", storage=db)
     assert sum(t.state == optuna.trial.TrialState.PRUNED for t in st.trials) == statuses["stopped"]
+    plain_st = optuna.load_study(study_name="stage1-ce-lr", storage=db)
+    assert [t.state for t in plain_st.trials] == [optuna.trial.TrialState.COMPLETE] * 4

@@ -1,4 +1,4 @@
-"""Stage-1 variants: the space form (old and new), the errors, and a real study with three variants
+"""Stage-1 variants: the space form (and the older form refused), the errors, and a real study with three variants
 feeding stage 2, killed in stage 1 and again in stage 2, that resumes to exact budgets per
 (variant, method)."""
 
@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import yaml
 
 from study.cli import main
 from study.config.spaces import parse_space
@@ -54,32 +55,26 @@ def _shape(space):
     ]
 
 
-def test_old_form_spaces_give_the_same_study_as_before():
-    old = parse_space(OLD_FORM)
-    assert old.legacy_stage1 and old.feeds_stage2 == ("tuned",)
-    (s1, s2) = old.experiments()
-    # what the space meant before variants: stage1 = naive (weight decay 0, one trial) + tuned
-    # (searched, its budget); one experiment `stage2` on the tuned model; Optuna studies stage1-naive,
-    # stage1-tuned, stage2-wb, stage2-tau-norm
-    assert (s1.name, [p.method for p in s1.plans], [p.budget for p in s1.plans]) == (
-        "stage1",
-        ["naive", "tuned"],
-        [1, 4],
-    )
-    assert s1.plans[0].config.weight_decay == 0.0 and not s1.plans[0].params
-    assert set(s1.plans[1].params) == {"weight_decay"} and s1.plans[1].config.weight_decay == 5e-4
-    assert (s2.name, s2.variant, s2.budget) == ("stage2", "tuned", 4)
-    # the new form with the same two variants trains exactly the same configurations
-    new = parse_space(NEW_FORM)
-    rename = {"naive": "ce", "tuned": "ce-wd"}
-    assert [(rename[p.method], p.config, p.params, p.budget) for p in s1.plans] == [
-        (p.method, p.config, p.params, p.budget) for p in new.experiments()[0].plans
-    ]
-    assert [e.name for e in new.experiments()] == ["stage1", "stage2-ce-wd"]
-    assert old.experiments()[1].plans == new.experiments()[1].plans
-    # without the baseline only `tuned` is trained
-    no_base = parse_space({**OLD_FORM, "stage1": {**OLD_FORM["stage1"], "baseline": False}})
-    assert list(no_base.variants) == ["tuned"]
+def test_a_space_in_the_older_form_is_refused_with_the_rewrite():
+    """The pre-variants form is refused in one line naming ``stage1``; the rewrite it prints is a
+    valid space that trains what the older form meant: ``naive`` (no weight decay, one trial) and
+    ``tuned`` (the searched fields, their budget), ``tuned`` alone feeding stage 2."""
+    for stage1 in (OLD_FORM["stage1"], {**OLD_FORM["stage1"], "baseline": False}):
+        with pytest.raises(ConfigError) as e:
+            parse_space({**OLD_FORM, "stage1": stage1})
+        assert e.value.key == "stage1" and "\n" not in str(e.value) and "older form" in str(e.value)
+        rewrite = yaml.safe_load(str(e.value).split("e.g. ", 1)[1])
+        sp = parse_space({**OLD_FORM, **rewrite})
+        assert sp.feeds_stage2 == ("tuned",)
+        assert list(sp.variants) == (["naive", "tuned"] if stage1.get("baseline") else ["tuned"])
+        new = parse_space(NEW_FORM)
+        rename = {"naive": "ce", "tuned": "ce-wd"}
+        assert [(rename[p.method], p.config, p.params, p.budget) for p in sp.experiments()[0].plans] == [
+            (p.method, p.config, p.params, p.budget)
+            for p in new.experiments()[0].plans
+            if p.method in {rename[v] for v in sp.variants}
+        ]
+        assert sp.experiments()[1].plans == new.experiments()[1].plans
 
 
 def test_every_variant_feeds_stage2_by_default_and_shared_values_apply_to_all():
@@ -120,7 +115,7 @@ def test_every_variant_feeds_stage2_by_default_and_shared_values_apply_to_all():
 )
 def test_bad_variants_name_the_key_and_the_valid_choices(stage1, key, words):
     with pytest.raises(ConfigError) as e:
-        parse_space({**OLD_FORM, "stage1": stage1})
+        parse_space({**NEW_FORM, "stage1": stage1})
     assert e.value.key == key
     for w in words:
         assert w in str(e.value)

@@ -21,6 +21,7 @@ from study.results.builders import build_table, significance, table_command
 from study.results.loading import load_results
 from study.results.tables import latex_escape, render
 from study.testing.analysis_fixture import TEST, make_study
+from study.testing.studyrun import TOY_STAGE2, TOY_VARIANT, toy_budgets
 
 CONTEXT = "toy-lt (imbalance factor 10, 6 classes), backbone toy_cnn, mean ± std over 3 seeds (0, 1, 2)"
 PROTOCOL = (
@@ -531,24 +532,20 @@ def test_sample_study(toy_study, tmp_path):
     shutil.copytree(toy_study, root, ignore=shutil.ignore_patterns("*.pt", "tune"))
     res = load_results(root)
     trials = pd.read_csv(root / "trials.csv")
+    # the tables' `stage` column names the experiment: stage1, or stage2-<variant> for stage 2
+    trials["stage"] = trials["experiment"]
     sel = trials[trials["selected"]]
     seeds = sorted(trials["seed"].unique())
     assert seeds == [0, 1]
-    methods = list(dict.fromkeys(zip(sel["stage"], sel["method"])))  # every selected stage/method
-    assert set(methods) == {
-        ("stage1", "naive"),
-        ("stage1", "tuned"),
-        ("stage2", "wb"),
-        ("stage2", "tau-norm"),
-        ("stage2", "ncm"),
-    }
+    methods = list(dict.fromkeys(zip(sel["stage"], sel["method"])))  # every selected experiment/method
+    assert set(methods) == set(toy_budgets())
 
     # main and ablation: a row per method, mean ± std over the seeds of its selected configuration
     for kind in ("main", "ablation"):
         t = build_table(res, kind)
         df = csv_frame(render(t, "csv"))
         keys = list(zip(df["stage"], df["method"]))
-        assert sorted(keys) == sorted(m for m in methods if kind == "main" or m[0] == "stage2")
+        assert sorted(keys) == sorted(m for m in methods if kind == "main" or m[0] == TOY_STAGE2)
         header, body = md_grid(render(t, "markdown"))
         _, tex_rows = latex_rows(render(t, "latex"))
         assert len(body) == len(tex_rows) == len(df)
@@ -556,7 +553,7 @@ def test_sample_study(toy_study, tmp_path):
         assert [r[label_col] for r in body] == list(df["label"])
         assert [r[label_col] for r in tex_rows] == [latex_escape(x) for x in df["label"]]
         if kind == "main":
-            assert [r[header.index("Stage")] for r in body] == [k[0][-1] for k in keys]  # 1 or 2
+            assert [r[header.index("Stage")] for r in body] == ["1" if k[0] == "stage1" else "2" for k in keys]
             tex_lines = [ln.strip() for ln in render(t, "latex").splitlines()]
             n1 = sum(k[0] == "stage1" for k in keys)  # a rule under the header and between the stages
             assert [i for i, ln in enumerate(tex_lines) if ln == r"\midrule"] == [
@@ -616,7 +613,7 @@ def test_sample_study(toy_study, tmp_path):
     t = build_table(res, "search")
     df = csv_frame(render(t, "csv"))
     per_trial = trials.drop_duplicates(["stage", "method", "trial"])
-    for (st, m), n in (("stage1", "tuned"), 2), (("stage2", "wb"), 2):
+    for (st, m), n in (("stage1", TOY_VARIANT), 2), ((TOY_STAGE2, "wb"), 2):
         mine = per_trial[(per_trial["stage"] == st) & (per_trial["method"] == m)].sort_values(
             ["objective", "trial"], ascending=[False, True]
         )
@@ -625,8 +622,8 @@ def test_sample_study(toy_study, tmp_path):
         np.testing.assert_allclose(got["objective"], mine["objective"] * 100, rtol=1e-6)
         assert list(got["selected"].fillna("")) == ["yes" if s else "" for s in mine["selected"]]
         np.testing.assert_allclose(got["param.weight_decay"], mine["param.weight_decay"], rtol=1e-6)
-    assert set(zip(df["stage"], df["method"])) == {("stage1", "tuned"), ("stage2", "wb")}
-    assert any(n.startswith("Parameter importances of stage1/tuned") for n in t.notes)
+    assert set(zip(df["stage"], df["method"])) == {("stage1", TOY_VARIANT), (TOY_STAGE2, "wb")}
+    assert any(n.startswith(f"Parameter importances of stage1/{TOY_VARIANT}") for n in t.notes)
     _, body = md_grid(render(t, "markdown"))
     assert len(body) == len(latex_rows(render(t, "latex"))[1]) == len(df) == 4
 

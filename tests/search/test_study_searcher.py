@@ -12,7 +12,7 @@ from study.config.spaces import load_space
 from study.layout import COMPLETED, DIVERGED, StageMarker, StudyPaths, TrialInfo, TrialRecord
 from study.search.searchers import StudySearcher
 from study.search.tuner import _experiment_constants, _method_searcher
-from study.testing.studyrun import toy_space
+from study.testing.studyrun import TOY_STAGE2, TOY_VARIANT, toy_space
 
 STAMP = "2026-01-01_00-00-00"
 
@@ -50,7 +50,7 @@ def _end(
 
 
 def test_stage2_opens_only_after_stage1_ended_and_trains_on_its_selection(tmp_path):
-    space = load_space(str(toy_space(tmp_path)))  # stage 1: naive 1 + tuned 2; stage 2: wb 2, tau-norm 1, ncm 1
+    space = load_space(str(toy_space(tmp_path)))  # stage 1: ce 1 + ce-wd 2; stage 2: wb 2, tau-norm 1, ncm 1
     paths = StudyPaths(tmp_path / "res")
     s = _searcher(space, paths)
     a, b = s.suggest("a"), s.suggest("b")
@@ -66,13 +66,13 @@ def test_stage2_opens_only_after_stage1_ended_and_trains_on_its_selection(tmp_pa
     _end(s, paths, c, "c", 0.70)
     marker = StageMarker.read(paths.stage_marker("stage1"))  # written when stage 1's last trial ended
     best = max(
-        ((t, cfg) for t, cfg in (("b", b), ("c", c)) if cfg["method"] == "tuned"),
+        ((t, cfg) for t, cfg in (("b", b), ("c", c)) if cfg["method"] == TOY_VARIANT),
         key=lambda tc: {"b": 0.5, "c": 0.7}[tc[0]],
     )
-    assert marker.selection("tuned").trial_id == best[0]
+    assert marker.selection(TOY_VARIANT).trial_id == best[0]
     d = s.suggest("d")
-    assert d["_study"]["experiment"] == "stage2" and d["_study"]["index"] == 0
-    assert d["_study"]["stage1_dir"] == marker.selection("tuned").dir
+    assert d["_study"]["experiment"] == TOY_STAGE2 and d["_study"]["index"] == 0
+    assert d["_study"]["stage1_dir"] == marker.selection(TOY_VARIANT).dir
     assert d["_study"]["config"]["method"] == d["method"]  # the method's own base configuration
     rest = [s.suggest(t) for t in ("e", "f", "g")]
     assert rest[0]["_study"]["index"] == 1 and rest[1] is None  # two slots: d and e
@@ -82,7 +82,7 @@ def test_stage2_opens_only_after_stage1_ended_and_trains_on_its_selection(tmp_pa
     for tid, cfg in zip(("h", "i"), more):
         _end(s, paths, cfg, tid, 0.6)
     assert sorted(c["method"] for c in (d, rest[0], *more)) == ["ncm", "tau-norm", "wb", "wb"]  # budgets exact
-    assert s.suggest("j") == "FINISHED" and paths.stage_marker("stage2").exists()
+    assert s.suggest("j") == "FINISHED" and paths.stage_marker(TOY_STAGE2).exists()
 
 
 def test_a_variant_without_any_completed_stage1_trial_blocks_its_stage2(tmp_path):
@@ -92,8 +92,8 @@ def test_a_variant_without_any_completed_stage1_trial_blocks_its_stage2(tmp_path
     cfgs = {t: s.suggest(t) for t in ("a", "b", "c")}
     for tid, cfg in cfgs.items():
         _end(s, paths, cfg, tid, None, status=DIVERGED)
-    assert StageMarker.read(paths.stage_marker("stage1")).selection("tuned") is None
-    assert s.suggest("d") == "FINISHED" and s.blocked == {"stage2"}
+    assert StageMarker.read(paths.stage_marker("stage1")).selection(TOY_VARIANT) is None
+    assert s.suggest("d") == "FINISHED" and s.blocked == {TOY_STAGE2}
 
 
 def test_restore_rebuilds_live_trials_from_the_snapshot_and_takes_back_unstored_suggestions(tmp_path):
@@ -139,10 +139,10 @@ def test_restore_takes_over_trials_the_snapshot_lists_but_the_older_state_never_
         _end(r, paths, cfg, tid, 0.5)
     marker = StageMarker.read(paths.stage_marker("stage1"))
     assert sorted(marker.trials) == ["a", "b", "c"]  # stage 1's three budgeted trials, no fourth
-    tuned = r.searchers["stage1"].subs["tuned"].study.trials  # taken-over trials are in its history
-    assert [t.params for t in tuned] == [cfg_params(x) for x in (a, b, c) if x["method"] == "tuned"]
+    tuned = r.searchers["stage1"].subs[TOY_VARIANT].study.trials  # taken-over trials are in its history
+    assert [t.params for t in tuned] == [cfg_params(x) for x in (a, b, c) if x["method"] == TOY_VARIANT]
     assert {t.state.name for t in tuned} == {"COMPLETE"}
-    assert r.suggest("d")["_study"]["experiment"] == "stage2"
+    assert r.suggest("d")["_study"]["experiment"] == TOY_STAGE2
 
 
 def test_restore_counts_a_finished_experiments_trials_from_its_marker_and_their_records(tmp_path):
@@ -163,11 +163,11 @@ def test_restore_counts_a_finished_experiments_trials_from_its_marker_and_their_
     r = _searcher(space, paths, max_live=3)
     r.restore(str(folder / f"searcher-state-{STAMP}.pkl"))  # no trial list of that step: nothing to reconcile
     assert "stage1" in r.finished and r.ended["stage1"] == {"a", "b", "c"} and r.live == set()
-    assert [cfgs[t]["method"] for t in ("a", "b", "c")] == ["naive", "tuned", "tuned"]
-    tuned = r.searchers["stage1"].subs["tuned"].study.trials
+    assert [cfgs[t]["method"] for t in ("a", "b", "c")] == ["ce", TOY_VARIANT, TOY_VARIANT]
+    tuned = r.searchers["stage1"].subs[TOY_VARIANT].study.trials
     # b: issued, its end told from its record; c: never issued by the saved state, taken over
     assert sorted((t.state.name, t.value) for t in tuned) == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
-    assert r.suggest("d")["_study"]["experiment"] == "stage2"
+    assert r.suggest("d")["_study"]["experiment"] == TOY_STAGE2
 
 
 def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_opening(tmp_path, monkeypatch):
@@ -185,19 +185,19 @@ def test_stage2_trials_start_ahead_in_the_last_stage1_workers_and_wait_for_the_o
     assert s.suggest("x") is None  # three slots busy
     _end(s, paths, cfgs["a"], "a", 0.3)
     early = s.suggest("d")
-    assert early["_study"]["experiment"] == "stage2" and early["_study"]["after"] == "stage1"
+    assert early["_study"]["experiment"] == TOY_STAGE2 and early["_study"]["after"] == "stage1"
     assert early["_study"]["stage1_dir"] is None  # not known yet: the trial will wait for it
-    assert not paths.opened_file("stage2").exists()
+    assert not paths.opened_file(TOY_STAGE2).exists()
     _end(s, paths, cfgs["b"], "b", 0.4)
     assert s.suggest("y") is None  # at most `ahead` early trials (here 1)
     _end(s, paths, cfgs["c"], "c", 0.6)
-    opened = ExperimentOpened.read(paths.opened_file("stage2"))
+    opened = ExperimentOpened.read(paths.opened_file(TOY_STAGE2))
     assert opened is None  # stage 2 opens when the next trial is proposed (the between-stages point)
     late = s.suggest("e")
-    opened = ExperimentOpened.read(paths.opened_file("stage2"))
-    assert opened.stage1_dir == StageMarker.read(paths.stage_marker("stage1")).selection("tuned").dir
+    opened = ExperimentOpened.read(paths.opened_file(TOY_STAGE2))
+    assert opened.stage1_dir == StageMarker.read(paths.stage_marker("stage1")).selection(TOY_VARIANT).dir
     assert late["_study"]["stage1_dir"] == opened.stage1_dir
-    assert trainable._wait_opened(paths, "stage2").stage1_dir == opened.stage1_dir
+    assert trainable._wait_opened(paths, TOY_STAGE2).stage1_dir == opened.stage1_dir
 
 
 def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypatch):
@@ -217,7 +217,7 @@ def test_the_driver_hears_of_stage2_at_its_first_result_once(tmp_path, monkeypat
     c = s.suggest("c")
     _end(s, paths, c, "c", 0.5)
     d, e = s.suggest("d"), s.suggest("e")  # stage 2 opened, its two slots' trials started
-    assert d["_study"]["experiment"] == e["_study"]["experiment"] == "stage2" and calls == []
+    assert d["_study"]["experiment"] == e["_study"]["experiment"] == TOY_STAGE2 and calls == []
     s.on_trial_result("d", {"objective": 0.6, "epoch": 1, "training_iteration": 1})
     s.on_trial_result("e", {"objective": 0.6, "epoch": 1, "training_iteration": 1})
     s.on_trial_result("d", {"objective": 0.7, "epoch": 2, "training_iteration": 2})

@@ -118,6 +118,7 @@ def test_a_too_narrow_backbone_for_etf_is_one_line_before_anything_is_written(tm
     assert not out.exists()
 
 
+@pytest.mark.slow  # about 75 s on 2 cores: both stages of a ResNet-34-stem model on CIFAR-sized images
 def test_etf_with_a_wide_enough_backbone_runs_both_stages(tmp_path, cifar100_lt_files):
     """`study train` on generated CIFAR-100 files with resnet34-wb (512-d features), a tiny subset."""
     from study.cli import main

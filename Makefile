@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all setup clean-demo lint format
+.PHONY: demo test test-slow test-all setup clean-demo lint format docs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,3 +46,7 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The generated parts of docs/ (the trials.csv and per_class.csv column lists, from study/layout.py).
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py

@@ -632,45 +632,76 @@ class TrialRow:
     column per searched parameter follows these."""
 
     study: str = ""
+    """The study's name (its folder under the results directory)."""
     stage: str = ""
+    """``stage1`` or ``stage2``."""
     experiment: str = ""
+    """The Tune experiment: ``stage1``, or ``stage2-<variant>`` for the stage-2 methods on a variant."""
     variant: str = ""
     """The stage-1 variant: the trial's own (stage 1) or the one whose backbone it ran on (stage 2)."""
     method: str = ""
     """Stage 1: the variant; stage 2: the stage-2 method."""
     trial: int = 0
+    """The trial's index within its experiment (from 0, in the order trials were proposed)."""
     trial_id: str = ""
+    """Ray Tune's id of the trial (the suffix of its folder ``trials/<experiment>/trial-NNNN-<id>``)."""
     seed: int = 0
+    """The seed of this row; every configuration is trained for every seed of the study."""
     status: str = ""
+    """``completed``, ``diverged``, ``failed``, ``stopped`` (by ASHA), ``running``, ``interrupted`` or ``pending``."""
     reason: str | None = None
+    """Why a trial diverged or failed (the exception's message)."""
     selected: bool = False
+    """True for the configuration selected for its method (the one evaluated on the test set)."""
     objective: float | None = None
+    """What the search maximised: the mean over seeds of ``sel_all``."""
     best_epoch: int | None = None
+    """The epoch selected for this seed on the selection split."""
     epochs_run: int | None = None
+    """Epochs the trial ran (fewer than configured when ASHA stopped it or it diverged)."""
     resumed_from_epoch: int | None = None
+    """The checkpointed epoch the trial last continued from (0: it never resumed)."""
     selection_split: str | None = None
+    """The split that selected epochs and hyperparameters: ``val``, or ``test`` under wb-parity/test-selection."""
     sel_all: float | None = None
+    """Selection-split accuracy over all classes at ``best_epoch``."""
     sel_many: float | None = None
+    """The same over the Many-shot classes."""
     sel_medium: float | None = None
+    """The same over the Medium-shot classes."""
     sel_few: float | None = None
+    """The same over the Few-shot classes."""
     test_all: float | None = None
+    """Test accuracy over all classes (selected configurations only)."""
     test_many: float | None = None
+    """Test accuracy over the Many-shot classes."""
     test_medium: float | None = None
+    """Test accuracy over the Medium-shot classes."""
     test_few: float | None = None
+    """Test accuracy over the Few-shot classes."""
     norm_ratio: float | None = None
+    """Largest over smallest per-class classifier weight norm."""
     norm_cv: float | None = None
+    """Coefficient of variation of the per-class weight norms."""
     norm_spearman: float | None = None
+    """Spearman rho between the per-class weight norm and the class's training count."""
     maxnorm_radius: float | None = None
+    """The MaxNorm radius the projection used (methods with MaxNorm only)."""
     maxnorm_binding: float | None = None
+    """Fraction of the MaxNorm projections that clipped at least one row."""
     maxnorm_rows_clipped: float | None = None
+    """Mean number of rows clipped per projection."""
     tau: float | None = None
+    """The τ a post-hoc method (τ-norm, logit adjustment) selected on the selection split."""
     fdr_train: float | None = None
     """Fisher discriminant ratio tr(S_B)/tr(S_W) of the penultimate features on the training split
     (``study.training.geometry``; selected configurations only, like every geometry column)."""
     fdr_test: float | None = None
+    """The same on the test split."""
     class_cos_train: float | None = None
     """Mean pairwise cosine of the class-mean features (training split)."""
     class_cos_test: float | None = None
+    """The same on the test split."""
     class_cos_centred_test: float | None = None
     """The same for class means minus the global mean (test split)."""
     cone_cos_test: float | None = None
@@ -678,6 +709,7 @@ class TrialRow:
     feature_norm_spearman: float | None = None
     """Spearman rho between the mean feature norm per class (training split) and the class count."""
     notes: str | None = None
+    """What happened on the way: a checkpoint found unusable, an adopted orphan trial, ..."""
     params: dict = field(default_factory=dict)
     """Written as ``param.<name>`` columns."""
 
@@ -692,18 +724,30 @@ class PerClassRow:
     """One row of per_class.csv: one class of a selected configuration and seed."""
 
     study: str = ""
+    """The study's name."""
     stage: str = ""
+    """``stage1`` or ``stage2``."""
     experiment: str = ""
+    """``stage1`` or ``stage2-<variant>``."""
     variant: str = ""
+    """The stage-1 variant (its own, or the one the stage-2 method ran on)."""
     method: str = ""
+    """Stage 1: the variant; stage 2: the method."""
     seed: int = 0
+    """The seed."""
     # `class` is a keyword: the field is ``klass``, the column ``class``
     klass: int = 0
+    """The class index."""
     train_count: int = 0
+    """The class's number of training images in the long-tailed subset."""
     group: str = ""
+    """``many``, ``medium`` or ``few``."""
     sel_acc: float | None = None
+    """Selection-split accuracy of the class (0-1)."""
     test_acc: float | None = None
+    """Test accuracy of the class (0-1)."""
     weight_norm: float | None = None
+    """Norm of the class's classifier row."""
     feature_norm: float | None = None
     """Mean norm of the class's training features (selected configurations, from the final evaluation)."""
 
@@ -711,6 +755,36 @@ class PerClassRow:
         d = dataclasses.asdict(self)
         d["class"] = d.pop("klass")
         return {k: d[k] for k in PER_CLASS_COLUMNS}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of the dataclass ``cls`` (read from its source, as Sphinx
+    does), on one line each; "" for a field without one."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            text = ""
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                text = " ".join(nxt.value.value.split())
+            docs[stmt.target.id] = text
+    return docs
+
+
+def trials_csv_columns() -> list[tuple[str, str]]:
+    """(column, description) for every fixed column of trials.csv, in file order."""
+    docs = field_docs(TrialRow)
+    return [(c, docs[c]) for c in TRIALS_COLUMNS]
+
+
+def per_class_csv_columns() -> list[tuple[str, str]]:
+    """(column, description) for every column of per_class.csv, in file order."""
+    docs = field_docs(PerClassRow)
+    return [(c, docs["klass" if c == "class" else c]) for c in PER_CLASS_COLUMNS]
 
 
 TRIALS_COLUMNS = [f.name for f in dataclasses.fields(TrialRow) if f.name != "params"]

@@ -344,6 +344,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return plot_command(args.study, out=args.out)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from study.results.report import report_command
+
+    return report_command(args.study, out=args.out, pdf=args.pdf, against=args.against)
+
+
 def cmd_spaces(args: argparse.Namespace) -> int:
     from study.config.spaces import SPACES_DIR, available_spaces, space_summary
 
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="paper-style tables from a study's results (no Ray, no GPU)")
     tb.add_argument("study", help="a study folder, e.g. results/digits-lt")
     tb.add_argument("--kind", choices=("main", "ablation", "seeds", "search", "analysis"), default="main")
-    tb.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    tb.add_argument("--format", choices=("markdown", "latex", "csv", "html"), default="markdown")
     tb.add_argument("--out", help="write to FILE instead of stdout")
     tb.add_argument(
         "--variant",
@@ -484,9 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("a", help="a study folder, e.g. results/fashion-mnist-lt-test-selection")
     cp.add_argument("b", help="the study to subtract, e.g. results/fashion-mnist-lt")
-    cp.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    cp.add_argument("--format", choices=("markdown", "latex", "csv", "html"), default="markdown")
     cp.add_argument("--out", help="write to FILE instead of stdout")
     cp.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser(
+        "report", help="one self-contained HTML page: what was studied, the tables, the figures (no Ray, no GPU)"
+    )
+    rp.add_argument("study", help="a study folder, e.g. results/digits-lt")
+    rp.add_argument("--out", help="write the page to FILE (default STUDY/report.html)")
+    rp.add_argument(
+        "--pdf", action="store_true", help="also print it to PDF beside the page (needs a headless Chromium)"
+    )
+    rp.add_argument("--against", metavar="OTHER", help="add the comparison with another study (as study compare)")
+    rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="weight-norm, per-class accuracy and search-history plots (PNG)")
     pl.add_argument("study", help="a study folder, e.g. results/digits-lt")

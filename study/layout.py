@@ -196,6 +196,8 @@ class StudyPaths:
         self.optuna_db = self.root / "optuna.db"
         self.tables = self.root / "tables"
         self.plots = self.root / "plots"
+        self.report = self.root / "report.html"
+        """The one-page HTML report (``study report``; also written when the study finishes)."""
 
     def trial_dir(self, experiment: str, index: int, trial_id: str) -> Path:
         return self.trials / experiment / trial_dirname(index, trial_id)

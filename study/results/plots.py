@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,28 +282,65 @@ def write_plots(
     res = as_results(root)
     folder = Path(out) if out else res.paths.plots
     folder.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for name, _, png, why in plot_pngs(res):
+        if png is None:
+            skipped.append(f"skipped {name}: {why}")
+        else:
+            # through memory and an atomic rename: a stopped or parallel writer never leaves half a PNG
+            atomic_write_bytes(folder / name, png)
+            written.append(folder / name)
+    return written, skipped
+
+
+def plot_jobs(res: Results) -> list[tuple[str, str, Callable[[], Any], str]]:
+    """Every plot of a study as (file name, what it shows, a function drawing the figure or returning
+    None when the data are missing, why it would be missing), in the order they are shown."""
     jobs = [
-        ("weight_norms.png", lambda: weight_norm_figure(res), "no per-class weight norms"),
-        ("per_class_accuracy.png", lambda: accuracy_figure(res), "no per-class test accuracies"),
-        ("weight_norm_evolution.png", lambda: norm_evolution_figure(res), "no per-epoch weight norms"),
+        (
+            "weight_norms.png",
+            "Per-class classifier weight norms",
+            lambda: weight_norm_figure(res),
+            "no per-class weight norms",
+        ),
+        (
+            "per_class_accuracy.png",
+            "Per-class test accuracy",
+            lambda: accuracy_figure(res),
+            "no per-class test accuracies",
+        ),
+        (
+            "weight_norm_evolution.png",
+            "Per-class weight norms, epoch by epoch",
+            lambda: norm_evolution_figure(res),
+            "no per-epoch weight norms",
+        ),
     ]
     for e, m in _methods(res):
         if res.searched(e, m):
             jobs.append(
-                (f"search-{e.name}-{m}.png", lambda e=e, m=m: search_figure(res, e, m), f"no trials of {e.name}/{m}")
+                (
+                    f"search-{e.name}-{m}.png",
+                    f"Search history of {e.name}/{m}",
+                    lambda e=e, m=m: search_figure(res, e, m),
+                    f"no trials of {e.name}/{m}",
+                )
             )
-    written, skipped = [], []
-    for name, make, why in jobs:
+    return jobs
+
+
+def plot_pngs(res: Results) -> list[tuple[str, str, bytes | None, str]]:
+    """:func:`plot_jobs` drawn: (file name, what it shows, the PNG's bytes or None, why it is missing)."""
+    out = []
+    for name, title, make, why in plot_jobs(res):
         fig = make()
         if fig is None:
-            skipped.append(f"skipped {name}: {why}")
-        else:
-            # through memory and an atomic rename: a stopped or parallel writer never leaves half a PNG
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            atomic_write_bytes(folder / name, buf.getvalue())
-            written.append(folder / name)
-    return written, skipped
+            out.append((name, title, None, why))
+            continue
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        out.append((name, title, buf.getvalue(), why))
+    return out
 
 
 def write_all_plots(root: str | os.PathLike | Results) -> list[Path]:

@@ -1,10 +1,11 @@
 """A table independent of its format (:class:`Table`: typed columns, rows, a caption and notes) and
-its three renderings: Markdown, LaTeX booktabs and CSV. Accuracies are shown in percent; ``mean ±
-std`` cells hold per-seed values (sample standard deviation, ddof=1)."""
+its renderings: Markdown, LaTeX booktabs, CSV and an HTML fragment (for the report). Accuracies are
+shown in percent; ``mean ± std`` cells hold per-seed values (sample standard deviation, ddof=1)."""
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import re
@@ -211,11 +212,32 @@ def _csv(table: Table) -> str:
     return buf.getvalue()
 
 
-RENDERERS = {"markdown": _markdown, "latex": _latex, "csv": _csv}
+def _html(table: Table) -> str:
+    """An HTML ``<table>`` with its caption, then its notes; every text escaped. The cells are the
+    Markdown and LaTeX ones (:func:`_display`), so the report shows what ``study table`` prints."""
+    cols, cells = _display(table)
+    esc = html.escape
+    align = ["text" if c.kind == "text" else "num" for c in cols]
+    head = "".join(f'<th class="{a}">{esc(c.title)}</th>' for c, a in zip(cols, align))
+    rows = []
+    for r in cells:
+        tds = "".join(
+            f'<td class="{a}">' + (f"<strong>{esc(t)}</strong>" if b else esc(t)) + "</td>"
+            for (t, b), a in zip(r, align)
+        )
+        rows.append(f"<tr>{tds}</tr>")
+    notes = "".join(f'\n<p class="note">{esc(n)}</p>' for n in table.notes)
+    return (
+        f'<table class="study-table" data-kind="{esc(table.name)}">\n<caption>{esc(table.caption)}</caption>\n'
+        f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>" + notes + "\n"
+    )
+
+
+RENDERERS = {"markdown": _markdown, "latex": _latex, "csv": _csv, "html": _html}
 
 
 def render(table: Table, fmt: str) -> str:
-    """The table as ``markdown``, ``latex`` or ``csv`` text."""
+    """The table as ``markdown``, ``latex``, ``csv`` or ``html`` text."""
     if fmt not in RENDERERS:
         raise UserError(f"unknown table format {fmt!r}; valid: {', '.join(RENDERERS)}")
     return RENDERERS[fmt](table)

@@ -327,7 +327,10 @@ def run_study(
             finish_study(paths, view_log=log, plots=finishing.plots)
             check_stop()
             atomic_write_json(paths.done, {"finished": time.time(), "fingerprint": space.fingerprint()})
-            log(f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}")
+            log(
+                f"done: {paths.trials_csv}\n      tables in {paths.tables}\n      plots in {paths.plots}"
+                f"\n      report {paths.report}"
+            )
             return paths.root
     except KeyboardInterrupt:
         raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
@@ -465,14 +468,15 @@ def _run_stages(
 
 
 def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plots: PlotProcess | None = None) -> None:
-    """trials.csv, per_class.csv, optuna.db, tables and plots of a complete study (all rebuilt from
-    disk, idempotent). The tables are built as those of a finished study: done.json is written
+    """trials.csv, per_class.csv, optuna.db, tables, plots and report.html of a complete study (all
+    rebuilt from disk, idempotent). The tables are built as those of a finished study: done.json is written
     right after them, and ``study table`` then prints exactly what they hold. The plots are drawn
     in a child process (``plots``, a started ``PlotProcess``, or a new one) beside the rest."""
     from study.results.builders import write_all_tables
     from study.results.loading import load_results
     from study.results.plots import PlotProcess
     from study.results.records import export_optuna, write_records
+    from study.results.report import write_report
 
     pause_point("tables", view_log, wait_unless_stopped)
     own = plots is None
@@ -481,8 +485,11 @@ def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plo
         write_records(paths)  # what the plots read
         plots.write(paths.root)
         export_optuna(paths)
-        write_all_tables(load_results(paths.root, complete=True))
-        plots.wait()
+        results = load_results(paths.root, complete=True)
+        write_all_tables(results)
+        written = plots.wait()
+        # the report embeds the PNGs the plot process has just drawn, instead of drawing them again
+        write_report(results, pngs={p.name: p.read_bytes() for p in written})
     finally:
         if own:
             plots.close()

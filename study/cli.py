@@ -350,6 +350,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_command(args.study, out=args.out, pdf=args.pdf, against=args.against)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from study.results.export import export_command
+
+    return export_command(args.study, args.to, uri=args.uri, follow=args.follow)
+
+
 def cmd_spaces(args: argparse.Namespace) -> int:
     from study.config.spaces import SPACES_DIR, available_spaces, space_summary
 
@@ -504,6 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--against", metavar="OTHER", help="add the comparison with another study (as study compare)")
     rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser(
+        "export", help="every trial as a run in TensorBoard or MLflow, from the study's files (idempotent)"
+    )
+    ex.add_argument("study", help="a study folder, e.g. results/digits-lt")
+    ex.add_argument("--to", required=True, choices=("tensorboard", "mlflow"), help="the tracker")
+    ex.add_argument(
+        "--uri",
+        help="TensorBoard: the log folder (default STUDY/tensorboard); MLflow: the tracking URI "
+        "(default sqlite:///STUDY/mlflow.db; http://HOST:PORT for a server)",
+    )
+    ex.add_argument(
+        "--follow", type=float, metavar="SECONDS", help="export again every SECONDS until the study is done"
+    )
+    ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plot", help="weight-norm, per-class accuracy and search-history plots (PNG)")
     pl.add_argument("study", help="a study folder, e.g. results/digits-lt")

@@ -26,12 +26,17 @@ def synthetic(tmp_path_factory):
     return make_study(tmp_path_factory.mktemp("report") / "toy-lt")
 
 
+@pytest.fixture(scope="module")
+def synthetic_page(synthetic):
+    return build_report(load_results(synthetic))
+
+
 def _report(root: Path, **kw) -> str:
     return build_report(load_results(root), **kw)
 
 
-def test_the_report_holds_the_tables_study_table_prints(synthetic):
-    page = _report(synthetic)
+def test_the_report_holds_the_tables_study_table_prints(synthetic, synthetic_page):
+    page = synthetic_page
     res = load_results(synthetic)
     for kind in ("main", "ablation"):
         fragment = render(build_table(res, kind), "html")
@@ -42,8 +47,8 @@ def test_the_report_holds_the_tables_study_table_prints(synthetic):
     assert "What was studied" in page and "The study is complete." in page
 
 
-def test_the_report_makes_no_request(synthetic):
-    page = _report(synthetic)
+def test_the_report_makes_no_request(synthetic_page):
+    page = synthetic_page
     assert not re.search(r"<script|<link|@import|url\(", page, re.I)
     for src in re.findall(r'src="([^"]+)"', page):
         assert src.startswith("data:image/png;base64,")

@@ -297,6 +297,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from study.results.records import fmt_params, study_status
 
     st = study_status(args.study)
+    if st["running"] and not st["complete"]:  # a running study: how long it still needs
+        from dataclasses import asdict
+
+        from study.layout import load_header
+        from study.results.eta import estimate, eta_words
+
+        paths, header = load_header(args.study)
+        est = estimate(paths, header, live=True)
+        st["eta"] = {**asdict(est), "words": eta_words(est)}
     if args.format == "json":
         print(json.dumps(st, indent=2, default=str))
         return 0
@@ -323,6 +332,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"    {method:<12} {m['budget']:>3} budgeted: {', '.join(parts)}{best}")
     if st["final_evaluations"]:
         print(f"  final test evaluations: {len(st['final_evaluations'])}")
+    if st.get("eta"):
+        print(f"  estimate: {st['eta']['words']}")
     return 0
 
 

@@ -13,13 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from study.results.eta import fmt_duration
 from study.results.records import fmt_params
 
 
 def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+    return fmt_duration(int(seconds))
 
 
 class ProgressView:
@@ -36,6 +35,8 @@ class ProgressView:
         self._thread: threading.Thread | None = None
         self._last: dict[str, tuple] = {}
         self._live = None
+        self._eta: tuple[float, str] = (0.0, "")
+        self._eta_printed = 0.0
 
     # -- state
     def snapshot(self) -> list[dict]:
@@ -80,6 +81,22 @@ class ProgressView:
             f"{r['name']:<19} {r['completed']}/{r['budget']} done · {r['running']} running · {r['failed']} failed{best}"
         )
 
+    def eta(self, every: float = 5.0) -> str:
+        """The time-left estimate in words (``study.results.eta``), recomputed at most every ``every``
+        seconds: it reads every trial's events."""
+        t, text = self._eta
+        if time.time() - t >= every:
+            from study.layout import load_header
+            from study.results.eta import estimate, eta_words
+
+            try:
+                est = estimate(self.paths, load_header(self.paths.root)[1], live=True)
+                text = eta_words(est) if est.elapsed > 0 else ""
+            except Exception:  # noqa: BLE001 - a half-written file: keep the previous estimate
+                pass
+            self._eta = (time.time(), text)
+        return text
+
     # -- rendering
     def _render(self):
         from rich.table import Table
@@ -94,10 +111,14 @@ class ProgressView:
             bar = "█" * filled + "░" * (10 - filled)
             style = "green" if r["finished"] else ("bold" if active else "dim")
             t.add_row(f"[{style}]{bar}[/{style}]", f"[{style}]{self._line(r)}[/{style}]")
-        t.add_row("", f"[dim]elapsed {_fmt_time(time.time() - self.t0)} · {self.paths.root}[/dim]")
+        eta = self.eta()
+        t.add_row(
+            "", f"[dim]elapsed {_fmt_time(time.time() - self.t0)}{' · ' + eta if eta else ''} · {self.paths.root}[/dim]"
+        )
         return t
 
     def _poll_lines(self) -> None:
+        changed = False
         for r in self.snapshot():
             key = (r["completed"], r["failed"])
             if r["completed"] + r["failed"] + r["running"] == 0:
@@ -105,6 +126,12 @@ class ProgressView:
             if self._last.get(r["name"]) != key:
                 self._last[r["name"]] = key
                 self._print(f"[{_fmt_time(time.time() - self.t0)}] {self._line(r)}")
+                changed = True
+        if changed and time.time() - self._eta_printed >= 15:  # a log file gets the estimate now and then
+            eta = self.eta(every=0)
+            if eta:
+                self._eta_printed = time.time()
+                self._print(f"[{_fmt_time(time.time() - self.t0)}] {eta}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -13,7 +13,19 @@ import pytest
 import yaml
 
 from study.layout import FORMAT_VERSION
-from study.testing.studyrun import TOY_STAGE2, TOY_VARIANT, assert_complete, read_rows, study, toy_budgets, toy_space
+from study.testing.studyrun import (
+    TOY_STAGE2,
+    TOY_VARIANT,
+    assert_complete,
+    kill_hard,
+    read_rows,
+    start,
+    study,
+    toy_budgets,
+    toy_space,
+    trial_in_flight,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -154,3 +166,26 @@ def test_asha_stops_poor_trials_of_its_own_method_only(tmp_path):
     assert sum(t.state == optuna.trial.TrialState.PRUNED for t in st.trials) == statuses["stopped"]
     plain_st = optuna.load_study(study_name="stage1-ce-lr", storage=db)
     assert [t.state for t in plain_st.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+def test_status_of_a_running_study_estimates_the_time_left(tmp_path):
+    """`study status` on a study that is running gives the estimate of the time left (per experiment
+    and for the study), read from the trials' reports so far."""
+    space = toy_space(tmp_path, e1=40, e2=2, b1=2, b2=1)
+    root = tmp_path / "res" / "live"
+    log = tmp_path / "driver.log"
+    p = start("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "live", log=log)
+    try:
+        wait_for(lambda: trial_in_flight(root, "stage1", 5), 240, "a stage-1 trial at epoch 5", p, log)
+        st = study("status", str(root), "--format", "json", timeout=60)
+        assert st.returncode == 0, st.stderr
+        status = json.loads(st.stdout)
+        assert status["running"] and not status["complete"]
+        eta = status["eta"]
+        s1 = next(e for e in eta["experiments"] if e["name"] == "stage1")
+        assert s1["seconds_left"] > 0 and eta["concurrency"] > 0
+        assert "left" in eta["words"] and eta["known_seconds_left"] >= s1["seconds_left"]
+        text = study("status", str(root), timeout=60).stdout
+        assert "estimate: " in text and "left" in text
+    finally:
+        kill_hard(p)

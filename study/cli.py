@@ -293,9 +293,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from study.layout import FAILURE_STATUSES, INTERRUPTED, PENDING, RUNNING, STOPPED
-    from study.results.records import fmt_params, study_status
+    from study.layout import FAILURE_STATUSES, INTERRUPTED, PENDING, RUNNING, STOPPED, StudyPaths
+    from study.results.records import fmt_params, repair_optuna_db, study_status
 
+    # a finished study's optuna.db is derived from the records: a damaged or deleted one is rebuilt
+    repair_optuna_db(StudyPaths(args.study), lambda line: print(line, file=sys.stderr))
     st = study_status(args.study)
     if st["running"] and not st["complete"]:  # a running study: how long it still needs
         from dataclasses import asdict

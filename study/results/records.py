@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,6 +461,42 @@ def export_optuna(paths: StudyPaths) -> Path:
     del storage
     replace_synced(tmp, paths.optuna_db)
     return paths.optuna_db
+
+
+def optuna_db_problem(paths: StudyPaths, header: StudyHeader) -> str | None:
+    """What is wrong with a finished study's ``optuna.db`` (None: it opens and holds one study per
+    experiment and method). It is derived from the trial records, so any problem can be repaired."""
+    if not paths.optuna_db.is_file():
+        return "is missing"
+    try:
+        con = sqlite3.connect(f"{paths.optuna_db.as_uri()}?mode=ro", uri=True)
+        try:
+            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            names = {r[0] for r in con.execute("SELECT study_name FROM studies")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return f"cannot be read ({e})"
+    if check != "ok":
+        return f"is damaged ({check})"
+    missing = sorted({optuna_study_name(e.name, m) for e in header.experiments for m in e.methods} - names)
+    if missing:
+        return f"lacks the Optuna studies {', '.join(missing[:3])}" + (" and more" if len(missing) > 3 else "")
+    return None
+
+
+def repair_optuna_db(paths: StudyPaths, say: Callable[[str], None] = print) -> bool:
+    """Rebuild a finished study's missing or damaged ``optuna.db`` from the trial records, and say
+    so in one line; True when it did. (An unfinished study rebuilds it when it finishes.)"""
+    if not paths.done.exists() or lock_alive(paths):
+        return False
+    _, header = load_header(paths.root)
+    why = optuna_db_problem(paths, header)
+    if why is None:
+        return False
+    export_optuna(paths)
+    say(f"{paths.optuna_db} {why}; rebuilt it from the trial records")
+    return True
 
 
 # --- status summary -------------------------------------------------------------------------------------

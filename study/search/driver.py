@@ -276,6 +276,9 @@ def run_study(
             lock.check()  # a live `study run` on this folder: refuse now, before touching anything
             state = prepare_study_dir(space, paths, fresh, log)
             if state == "done":
+                from study.results.records import repair_optuna_db
+
+                repair_optuna_db(paths, log)
                 log(
                     f"{paths.root} is complete: tables in {paths.tables}, plots in {paths.plots}, "
                     f"trials in {paths.trials_csv}"

@@ -414,3 +414,32 @@ def test_stop_signal_during_ray_init_is_not_lost(sig, monkeypatch):
         search._STOP.clear()
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_a_damaged_or_deleted_optuna_db_is_rebuilt_from_the_records(toy_study, tmp_path):
+    """optuna.db is derived from the trial records: overwritten with garbage, `study status` rebuilds
+    it and says so in one line; deleted, `study run` on the finished study does the same. Optuna reads
+    the rebuilt database with every budgeted trial."""
+    import shutil
+
+    root = tmp_path / "res" / "toy"
+    shutil.copytree(toy_study, root, ignore=shutil.ignore_patterns("*.pt"))
+    storage = f"sqlite:///{root / 'optuna.db'}"
+
+    def assert_readable():
+        for (experiment, method), n in toy_budgets().items():
+            st = optuna.load_study(study_name=f"{experiment}-{method}", storage=storage)
+            assert len(st.trials) == n
+
+    (root / "optuna.db").write_bytes(b"this is not a database" * 100)
+    r = study("status", str(root), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and "optuna.db" in r.stderr and "rebuilt" in r.stderr, r.stderr
+    assert_readable()
+    again = study("status", str(root), timeout=120)
+    assert again.stderr == ""  # nothing to repair any more
+    (root / "optuna.db").unlink()
+    r = study("run", str(toy_space(tmp_path)), "--results-dir", str(tmp_path / "res"), "--name", "toy", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is missing; rebuilt it from the trial records" in r.stdout and "is complete" in r.stdout
+    assert_readable()

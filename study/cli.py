@@ -525,14 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser(
-        "export", help="every trial as a run in TensorBoard or MLflow, from the study's files (idempotent)"
+        "export", help="every trial as a run in TensorBoard, MLflow or W&B, from the study's files (idempotent)"
     )
     ex.add_argument("study", help="a study folder, e.g. results/digits-lt")
-    ex.add_argument("--to", required=True, choices=("tensorboard", "mlflow"), help="the tracker")
+    ex.add_argument("--to", required=True, choices=("tensorboard", "mlflow", "wandb"), help="the tracker")
     ex.add_argument(
         "--uri",
         help="TensorBoard: the log folder (default STUDY/tensorboard); MLflow: the tracking URI "
-        "(default sqlite:///STUDY/mlflow.db; http://HOST:PORT for a server)",
+        "(default sqlite:///STUDY/mlflow.db; http://HOST:PORT for a server); W&B: the project (default: "
+        "the study's name; the offline runs go to STUDY/wandb, upload them with wandb sync)",
     )
     ex.add_argument(
         "--follow", type=float, metavar="SECONDS", help="export again every SECONDS until the study is done"

@@ -1,5 +1,6 @@
-"""``study export``: a study's trials into the tracker a lab already uses — TensorBoard event files or
-an MLflow tracking server — read from the study's own files, never from inside the search.
+"""``study export``: a study's trials into the tracker a lab already uses — TensorBoard event files, an
+MLflow tracking server, or Weights & Biases offline runs — read from the study's own files, never
+from inside the search.
 
 Ray Tune's stock tracker callbacks are not used: they open a second run for every trial that was in
 flight when a study resumed, step by Tune's ``training_iteration`` (which restarts on resume here),
@@ -10,7 +11,7 @@ trial's searched parameters, and writes **one run per trial**, named
 ``<experiment>/<method>/<index>``, with step = epoch.
 
 Exporting is **idempotent**: a trial's run is found again by its ``study.trial_id`` tag (MLflow) or
-its folder (TensorBoard), and a trial whose exported content has not changed since the last export
+its folder (TensorBoard) or its run id (W&B), and a trial whose exported content has not changed since the last export
 is left alone (a digest of it is stored with the run), so exporting again — after more trials, or
 after a resume — adds what is new and never duplicates a run or a point. Reads files only: no Ray,
 no torch.
@@ -32,7 +33,7 @@ from study.errors import UserError
 from study.layout import EVENTS_FILE, NUMERIC_COLUMNS, StudyPaths
 from study.results.loading import Results, load_results
 
-TARGETS = ("tensorboard", "mlflow")
+TARGETS = ("tensorboard", "mlflow", "wandb")
 CURVE_SKIP = {"t", "event", "epoch", "start_epoch", "trial_status"}
 """Keys of an epoch event that are not curves."""
 FINAL_KEYS = tuple(
@@ -329,12 +330,79 @@ def _mlflow_artifacts(client, exp_id: str, res: Results) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
+# --- Weights & Biases -----------------------------------------------------------------------------------------
+
+
+def export_wandb(res: Results, trials: list[TrialExport], project: str | None) -> tuple[int, int]:
+    """One offline W&B run per trial under ``STUDY/wandb/`` (project: the study's name or ``project``;
+    group = experiment, job type = method, name ``<experiment>/<method>/<index>``, config = searched
+    parameters and ``study.*`` tags, history step = epoch, the final metrics in the summary).
+    ``wandb sync STUDY/wandb/wandb/offline-run-*`` uploads them. W&B cannot append to an offline run,
+    so a trial whose content changed is written again whole, under the same run id, and its previous
+    folder removed: a later sync replaces the run instead of duplicating it. Returns (trials written,
+    trials unchanged)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--to wandb needs the W&B client: pip install 'study[wandb]'") from None
+    folder = res.paths.root / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    index_file = folder / STAMP_FILE
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    name = res.header.study
+    written = unchanged = 0
+    try:
+        for t in trials:
+            digest = t.digest()
+            known = index.get(t.trial_id) or {}
+            if known.get("digest") == digest and (folder / known.get("dir", "-")).is_dir():
+                unchanged += 1
+                continue
+            run = wandb.init(
+                project=project or name,
+                id=f"{t.trial_id}-{res.header.fingerprint[:8]}",
+                name=t.name,
+                group=t.experiment,
+                job_type=t.method,
+                dir=str(folder),
+                mode="offline",
+                config={**t.params, **t.tags(name)},
+                settings=wandb.Settings(silent=True, console="off"),
+                reinit="create_new",
+            )
+            by_epoch: dict[int, dict] = {}
+            for key, pts in t.curves.items():
+                for epoch, value, _ in pts:
+                    by_epoch.setdefault(int(epoch), {})[key] = value
+            for epoch in sorted(by_epoch):
+                run.log(by_epoch[epoch], step=epoch)
+            run.summary.update({**t.final, "status": t.status, "selected": t.selected})
+            run.finish(exit_code=0 if t.status in ("completed", "stopped") else 1)
+            run_dir = Path(run.dir).parent.relative_to(folder)
+            old = known.get("dir")
+            if old and old != str(run_dir):
+                shutil.rmtree(folder / old, ignore_errors=True)
+            index[t.trial_id] = {"digest": digest, "dir": str(run_dir)}
+            written += 1
+        current = {t.trial_id for t in trials}
+        for tid in [k for k in index if k not in current]:  # an orphan another trial took over on resume
+            shutil.rmtree(folder / index.pop(tid)["dir"], ignore_errors=True)
+    finally:
+        from study.fsutil import atomic_write_text
+
+        atomic_write_text(index_file, json.dumps(index, indent=1, sort_keys=True))
+    return written, unchanged
+
+
 # --- the command ----------------------------------------------------------------------------------------------
 
 
 def default_uri(paths: StudyPaths, target: str) -> str:
     if target == "tensorboard":
         return str(paths.root / "tensorboard")
+    if target == "wandb":
+        return str(paths.root / "wandb")
     return f"sqlite:///{paths.root / 'mlflow.db'}"
 
 
@@ -349,6 +417,8 @@ def export_study(root: str | os.PathLike, target: str, uri: str | None = None) -
         if "://" in where and not where.startswith("file://"):
             raise UserError(f"--uri {where}: TensorBoard export writes event files; give a folder")
         written, unchanged = export_tensorboard(res, trials, Path(where.removeprefix("file://")))
+    elif target == "wandb":
+        written, unchanged = export_wandb(res, trials, uri)
     else:
         written, unchanged = export_mlflow(res, trials, where)
     return where, written, unchanged

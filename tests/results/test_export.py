@@ -1,6 +1,7 @@
-"""`study export`: every trial of a real study as one run in TensorBoard and in MLflow, read back with
+"""`study export`: every trial of a real study as one run in TensorBoard, MLflow and W&B, read back with
 each tool's own reader (TensorBoard's EventAccumulator and its HTTP server, MlflowClient on a local
-sqlite store); idempotent across repeated exports and across a killed and resumed study."""
+sqlite store, W&B's offline run files); idempotent across repeated exports and across a killed and
+resumed study."""
 
 from __future__ import annotations
 
@@ -27,8 +28,59 @@ ea_mod = pytest.importorskip(
 mlflow_tracking = pytest.importorskip("mlflow.tracking", reason="mlflow-skinny is not installed")
 
 
+def wandb_runs(folder: Path) -> dict[str, dict]:
+    """trial id -> {"run": its run record, "steps": [history steps], "config": {...}} of the offline W&B
+    runs under ``folder``, read from the runs' .wandb files (W&B 0.31 has no reader API: the records
+    are length-prefixed protobufs of its pinned ``wandb.proto``)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def records(path: Path, block: int = 32768):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B"
+        pos, buf = 7, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:
+                pos += left
+                continue
+            _, n, typ = struct.unpack("<IHB", data[pos : pos + 7])
+            if n == 0 and typ == 0:
+                pos += left
+                continue
+            chunk = data[pos + 7 : pos + 7 + n]
+            pos += 7 + n
+            if typ == 1:
+                yield pb.Record.FromString(chunk)
+            elif typ == 2:
+                buf = chunk
+            elif typ == 3:
+                buf += chunk
+            elif typ == 4:
+                yield pb.Record.FromString(buf + chunk)
+                buf = b""
+
+    runs = {}
+    for f in folder.glob("wandb/offline-run-*/run-*.wandb"):
+        run, steps, config = None, [], {}
+        for r in records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run = r.run
+                config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+            elif kind == "history":
+                steps.append(r.history.step.num)
+        tid = config["study.trial_id"]
+        assert tid not in runs, f"two runs for trial {tid}"
+        runs[tid] = {"run": run, "steps": steps, "config": config}
+    return runs
+
+
 def _copy(toy_study: Path, dest: Path) -> Path:
-    shutil.copytree(toy_study, dest, ignore=shutil.ignore_patterns("*.pt", "tune", "tensorboard", "mlflow*"))
+    shutil.copytree(toy_study, dest, ignore=shutil.ignore_patterns("*.pt", "tune", "tensorboard", "mlflow*", "wandb"))
     return dest
 
 
@@ -126,6 +178,29 @@ def test_mlflow_export_is_one_run_per_trial_with_tags_params_and_curves(toy_stud
     assert {t: len(client.get_metric_history(r.info.run_id, "sel_all")) for t, r in again.items()} == counts
 
 
+def test_wandb_export_is_one_offline_run_per_trial_with_a_point_per_epoch(toy_study, tmp_path, capsys):
+    pytest.importorskip("wandb", reason="wandb is not installed")
+    root = _copy(toy_study, tmp_path / "toy")
+    assert main(["export", str(root), "--to", "wandb"]) == 0
+    runs = wandb_runs(root / "wandb")
+    trials = _trial_dirs(root)
+    rows = read_rows(root / "trials.csv")
+    assert set(runs) == set(trials)
+    for tid, r in runs.items():
+        row = next(x for x in rows if x["trial_id"] == tid)
+        assert r["run"].display_name == f"{row['experiment']}/{row['method']}/{row['trial']}"
+        assert (r["run"].run_group, r["run"].job_type, r["run"].project) == (row["experiment"], row["method"], "toy")
+        assert r["steps"] == _epochs(trials[tid])
+        assert r["config"]["study.status"] == row["status"]
+    before = _tree(root / "wandb" / "wandb")
+    capsys.readouterr()
+    assert main(["export", str(root), "--to", "wandb"]) == 0
+    assert f"0 trial(s) written, {len(runs)} unchanged" in capsys.readouterr().out
+    assert {k: v for k, v in _tree(root / "wandb" / "wandb").items() if "offline-run" in k} == {
+        k: v for k, v in before.items() if "offline-run" in k
+    }
+
+
 @pytest.mark.slow  # about a minute: a study killed mid stage 1, then run to the end
 def test_a_killed_and_resumed_study_still_exports_one_run_per_trial_and_no_step_twice(tmp_path):
     """Export while the study is killed mid stage 1, resume it to the end, export again: the trial that
@@ -138,20 +213,22 @@ def test_a_killed_and_resumed_study_still_exports_one_run_per_trial_and_no_step_
     victim = wait_for(lambda: trial_in_flight(root, "stage1", 4), 240, "a stage-1 trial at epoch 4", p, log)
     kill_hard(p)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for target in (["--to", "tensorboard"], ["--to", "mlflow", "--uri", uri]):
+    targets = (["--to", "tensorboard"], ["--to", "mlflow", "--uri", uri], ["--to", "wandb"])
+    for target in targets:
         r = study("export", str(root), *target, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
     tid = victim.name.rsplit("-", 1)[-1]
     first_run = _mlflow_runs(uri, "k")[tid].info.run_id
     r = study(*args, timeout=400)
     assert r.returncode == 0, log.read_text()[-2000:] + r.stdout + r.stderr
-    for target in (["--to", "tensorboard"], ["--to", "mlflow", "--uri", uri]):
+    for target in targets:
         r = study("export", str(root), *target, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
     trials = _trial_dirs(root)
     tb = _tb_runs(root / "tensorboard")
     ml = _mlflow_runs(uri, "k")
-    assert set(tb) == set(ml) == set(trials)
+    wb = wandb_runs(root / "wandb")
+    assert set(tb) == set(ml) == set(wb) == set(trials)
     assert ml[tid].info.run_id == first_run  # the resumed trial kept its run
     client = mlflow_tracking.MlflowClient(uri)
     for t, run in ml.items():
@@ -160,6 +237,7 @@ def test_a_killed_and_resumed_study_still_exports_one_run_per_trial_and_no_step_
         ea = ea_mod.EventAccumulator(str(tb[t]))
         ea.Reload()
         assert [s.step for s in ea.Scalars("sel_all")] == _epochs(trials[t])
+        assert wb[t]["steps"] == _epochs(trials[t])
     assert max(_epochs(trials[tid])) == 30
 
 

@@ -14,6 +14,7 @@ Layout of ``results/NAME/``::
         record.json           :class:`TrialRecord` — the outcome, per-seed :class:`SeedSummary`
         weight_norms.json     per-epoch per-class classifier norms of every seed (trained methods)
         failed.json           the trial raised on every retry (written by the Tune callback)
+        traceback.txt         the traceback of every exception the trial raised, one block per attempt
         final-seed<S>.pt      the selected weights per seed (:func:`final_weights`)
     trials/<experiment>/.adopt/   trials missing from Tune's last snapshot, waiting to be continued
     stages/<experiment>.json  :class:`StageMarker` — the experiment finished; its selection per method
@@ -83,6 +84,8 @@ EVENTS_FILE = "events.jsonl"
 """A trial's log: one JSON line per start, epoch, fallback, adoption and end."""
 FAILED_FILE = "failed.json"
 """A trial that raised on every retry: its status and reason (the Tune callback writes it)."""
+TRACEBACK_FILE = "traceback.txt"
+"""Every exception a trial raised, with its traceback, one block per attempt (the terminal shows one line)."""
 NORMS_FILE = "weight_norms.json"
 """A trained trial's per-epoch per-class classifier norms: ``{seed: [[norm per class] per epoch]}``."""
 CHECKPOINTS = "ckpt"

@@ -178,3 +178,46 @@ def test_canary_tune_snapshot_files_are_read_as_written(toy_study):
         assert t["config"]["_study"]["experiment"] == r["experiment"]
     searcher_file = next(exp_dir.glob(compat.SNAPSHOT_FILES[2].format(stamps[-1])))
     assert compat.snapshot_state_file(searcher_file).name == compat.SNAPSHOT_FILES[0].format(stamps[-1])
+
+
+def test_canary_tune_reports_a_failed_trial_on_its_controller_logger_with_the_exception():
+    """Ray Tune still reports a failed trial attempt with the message compat's filter rewrites, on the
+    logger it filters, with the exception attached (what the whole traceback comes from)."""
+    import inspect
+
+    from ray.tune.execution import tune_controller
+
+    source = inspect.getsource(tune_controller)
+    assert tune_controller.logger.name == compat.TUNE_CONTROLLER_LOGGER
+    assert 'logger.error(f"Trial task failed for trial {trial}", exc_info=exception)' in source
+    assert compat.TRIAL_FAILED == "Trial task failed for trial "
+
+
+def test_the_trial_error_filter_makes_one_line_and_keeps_other_records():
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    logger = logging.getLogger(compat.TUNE_CONTROLLER_LOGGER)
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with compat.one_line_trial_errors(lambda name, exc: f"{name} raised {exc}"):
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError as e:
+                logger.error("Trial task failed for trial study_trainable_0a1b", exc_info=e)
+            logger.error("something else")
+        try:
+            raise RuntimeError("outside")
+        except RuntimeError as e:
+            logger.error("Trial task failed for trial x", exc_info=e)
+    finally:
+        logger.removeHandler(handler)
+    assert records[0] == "study_trainable_0a1b raised boom"
+    assert records[1] == "something else"
+    assert "Traceback (most recent call last)" in records[2]  # the filter is gone outside the block

@@ -11,6 +11,7 @@ from ray import tune
 from study.fsutil import append_jsonl
 from study.layout import (
     EVENTS_FILE,
+    TRACEBACK_FILE,
     ExperimentOpened,
     StudyPaths,
     TrialContext,
@@ -96,7 +97,15 @@ def study_trainable(config: dict, data=None) -> None:
     )
     # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none,
     # and an older snapshot can never name a Tune checkpoint that no longer exists.
-    run_trial(spec, data, report=tune.report)
+    try:
+        run_trial(spec, data, report=tune.report)
+    except Exception:
+        # the whole traceback stays with the trial; the driver's terminal gets one line (study.compat)
+        import traceback
+
+        with open(tdir / TRACEBACK_FILE, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} trial {trial_id}\n{traceback.format_exc()}\n")
+        raise
 
 
 def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.05) -> ExperimentOpened:

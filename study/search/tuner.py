@@ -20,6 +20,7 @@ after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (`
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -30,9 +31,10 @@ import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from study import compat
 from study.config.spaces import Experiment, StudySpace
 from study.fsutil import atomic_write_json
-from study.layout import FAILED, FAILED_FILE, StudyPaths, trial_experiment
+from study.layout import FAILED, FAILED_FILE, TRACEBACK_FILE, StudyPaths, trial_experiment
 from study.results.records import error_reason, optuna_study_name
 from study.search.ray_runtime import trial_slots
 from study.search.resume import set_aside_orphans, usable_snapshot
@@ -136,6 +138,18 @@ class FailureRecorder(tune.Callback):
             )
         except Exception:  # noqa: BLE001 - bookkeeping must never break the study
             pass
+
+
+def _trial_error_line(paths: StudyPaths, trial_name: str, exc: BaseException | None) -> str:
+    """One line for a failed trial attempt: which trial, what it raised, where its traceback is."""
+    text = str(exc or "").strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    what = lines[-1] if lines else type(exc).__name__
+    m = re.search(r"([0-9a-f]+(?:_\d+)?)$", trial_name)
+    tdir = next(paths.trials.glob(f"*/trial-*-{m.group(1)}"), None) if m else None
+    where = f"{tdir.parent.name}/{tdir.name}" if tdir else trial_name
+    tb = f"; traceback in {tdir / TRACEBACK_FILE}" if tdir and (tdir / TRACEBACK_FILE).exists() else ""
+    return f"trial {where} raised {what[:300]} (retried from its last checkpoint while search.retries allow){tb}"
 
 
 # --- the study's Tune experiment ----------------------------------------------------------------------
@@ -259,7 +273,8 @@ def run_search(
         tuner = _make_tuner(space, paths, trainable, cpus, slots)
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
+        with compat.one_line_trial_errors(lambda name, exc: _trial_error_line(paths, name, exc)):
+            results = tuner.fit()  # returns normally on Ctrl-C, with the unfinished trials not terminated
     finally:
         # Tune restores the previous SIGINT handler only when it was interrupted; after a normal fit
         # its handler would swallow a later Ctrl-C (in the final evaluation).

@@ -297,6 +297,15 @@ def test_diverging_and_raising_trials(tmp_path):
     assert {r["status"] for r in tuned} == {"completed"}
     assert {int(r["resumed_from_epoch"]) for r in tuned} == {1}  # raised at epoch 2, resumed after epoch 1
     assert not any(r["selected"] == "True" for r in rows if r["method"] in ("cb-wd", "cb-maxnorm", "ncm"))
+    # the terminal shows one line per failed attempt; the traceback stays in the trial's folder
+    terminal = r.stdout + r.stderr
+    assert "Traceback (most recent call last)" not in terminal, terminal[-3000:]
+    lines = [ln for ln in terminal.splitlines() if "raised" in ln and "injected fault" in ln]
+    assert len(lines) >= 3, terminal[-3000:]
+    tb_files = [d / "traceback.txt" for d in (root / "trials").glob("*/trial-*") if (d / "traceback.txt").exists()]
+    # both ce-wd trials raise once (the spec names the method), the ncm trial on each attempt
+    assert len(tb_files) == 3 and all("Traceback (most recent call last)" in f.read_text() for f in tb_files)
+    assert all(str(f) in terminal for f in tb_files)
 
     # Inside the search: Optuna was told FAIL, never a NaN value.
     state = sorted(glob.glob(str(root / "tune" / "search" / "searcher-state-*.pkl")))[-1]

@@ -27,6 +27,9 @@ from study.config.datasets import DATASETS, SAMPLERS, n_max_for
 from study.config.methods import METHODS
 from study.errors import ConfigError, unknown
 
+LOSSES = ("ce", "cb", "focal", "ldam", "balanced-softmax", "la-loss")
+"""The training losses by name (``loss:`` of either stage; ``study.training.losses.make_loss``)."""
+
 PROTOCOLS = ("honest", "wb-parity", "test-selection")
 """``honest``: hyperparameters and best epochs are selected on a validation split carved from the
 training images, and the test set is evaluated once per final configuration.
@@ -293,8 +296,29 @@ class TrainConfig:
     last one runs with lr = 0)."""
 
     loss: str = "ce"
-    """``ce`` (cross-entropy) or ``cb`` (class-balanced: per-class weights from the effective number
-    of samples, Cui et al. 2019)."""
+    """``ce`` (cross-entropy), ``cb`` (class-balanced: per-class weights from the effective number
+    of samples, Cui et al. 2019), ``focal`` (LDAM-DRW's softmax focal loss, ``focal_gamma``),
+    ``ldam`` (Cao et al.'s label-distribution-aware margins, ``ldam_max_m``, ``ldam_s``),
+    ``balanced-softmax`` (Ren et al.: CE on z + log n_c) or ``la-loss`` (Menon et al.'s logit-adjusted
+    loss: CE on z + tau log pi_c, ``la_tau``). The last two adjust the logits in training only:
+    predictions use the plain logits (docs/reference.md §10)."""
+
+    focal_gamma: float = 1.0
+    """gamma of ``loss: focal``, (1 - p)^gamma * CE (LDAM-DRW's code uses 1; Lin et al. 2)."""
+
+    ldam_max_m: float = 0.5
+    """The largest LDAM margin (the rarest class's); margins scale as n_c^(-1/4)."""
+
+    ldam_s: float = 30.0
+    """The scale s LDAM multiplies the margin-shifted logits by (LDAM-DRW's 30)."""
+
+    la_tau: float = 1.0
+    """tau of ``loss: la-loss`` (1: the same loss as ``balanced-softmax``)."""
+
+    drw_epoch: int | None = None
+    """Deferred re-weighting (Cao et al.): from this 0-based epoch on, the loss is weighted per class
+    by the class-balanced weights (``cb_beta``), as LDAM-DRW's ``cifar_train.py`` (epoch 160 of 200).
+    None: no re-weighting. Not with ``loss: cb``, which weights every epoch."""
 
     cb_beta: float = 0.9999
     """beta of the effective number E_c = (1 - beta^n_c)/(1 - beta); 1 gives inverse frequency."""
@@ -371,8 +395,24 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", f"{self.warmup_epochs} must be smaller than epochs ({self.epochs})")
         _choice("schedule", self.schedule, ("cosine", "constant"))
         _choice("schedule_step", self.schedule_step, ("step", "epoch-start"))
-        _choice("loss", self.loss, ("ce", "cb"))
+        _choice("loss", self.loss, LOSSES)
         _range("cb_beta", self.cb_beta, 0.0, 1.0)
+        _range("focal_gamma", self.focal_gamma, 0.0)
+        _range("ldam_max_m", self.ldam_max_m, 0.0, lo_open=True)
+        _range("ldam_s", self.ldam_s, 0.0, lo_open=True)
+        _range("la_tau", self.la_tau, 0.0)
+        if self.drw_epoch is not None:
+            _range("drw_epoch", self.drw_epoch, 0)
+            if self.drw_epoch >= self.epochs:
+                raise ConfigError(
+                    "drw_epoch", f"{self.drw_epoch} must be smaller than epochs ({self.epochs}) to re-weight at all"
+                )
+            if self.loss == "cb":
+                raise ConfigError(
+                    "drw_epoch",
+                    "with loss: cb the class-balanced weights apply from the start; use loss: ce "
+                    "(or focal, ldam, ...) with drw_epoch, or drop drw_epoch",
+                )
         _choice("cb_form", self.cb_form, ("weighted-ce", "bce"))
         _choice("maxnorm_mode", self.maxnorm_mode, ("relative", "absolute"))
         if self.maxnorm_mode == "relative":

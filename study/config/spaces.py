@@ -82,6 +82,9 @@ OLD_FORM_KEYS = {"budget", "baseline", "scheduler"}
 their rewrite."""
 VARIANT_KEYS = {"budget", "scheduler"}
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+]*(-[a-z0-9_.+]+)*$")
+ADDED_FIELDS = {"focal_gamma": 1.0, "ldam_max_m": 0.5, "ldam_s": 30.0, "la_tau": 1.0, "drw_epoch": None}
+"""Configuration fields added after 0.2.0, with their defaults: left out of the fingerprint while
+at the default (see :meth:`StudySpace.fingerprint`)."""
 STAGE2_KEYS = {"methods", "train_method"}
 METHOD_KEYS = {"budget", "scheduler"}
 SEARCH_KEYS = {"sampler_seed", "startup_trials", "retries", "max_concurrent"}
@@ -278,7 +281,16 @@ class StudySpace:
         }
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """The hash that identifies the study (a changed space is refused on resume). Fields added
+        to the configuration after a study was started count only when set away from their default,
+        so the fingerprints of existing studies stay what they were."""
+        d = copy.deepcopy(self.to_dict())
+        configs = [v["config"] for v in d["stage1"]["variants"].values()] + [m["config"] for m in d["stage2"].values()]
+        for cfg in configs:
+            for key, default in ADDED_FIELDS.items():
+                if key in cfg and cfg[key] == default:
+                    del cfg[key]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- locating and reading files -------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Losses: cross-entropy and the class-balanced loss in its two forms (docs/reference.md §5.1)."""
+"""Losses: cross-entropy, the class-balanced loss in its two forms (docs/reference.md §5.1), and the
+standard long-tailed losses as their original code computes them (docs/reference.md §10): focal
+(LDAM-DRW's softmax focal), LDAM, Balanced Softmax, the logit-adjusted loss, and deferred
+re-weighting (DRW) for any of them but ``cb``."""
 
 from __future__ import annotations
 
@@ -47,16 +50,86 @@ def cb_bce_softmax(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.T
     return F.binary_cross_entropy(p, onehot, weight=w)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torch.Tensor | None = None):
+    """LDAM-DRW's ``FocalLoss`` (the softmax focal loss, no alpha): ce_i = CE(z_i, y_i), scaled by
+    w_{y_i} when there are weights, p_i = exp(-ce_i), loss = mean_i (1 - p_i)^gamma * ce_i. With
+    weights p_i is exp(-w ce), not the model's probability: their code's choice, kept."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none", weight=weight)
+    p = torch.exp(-ce)
+    return ((1 - p) ** gamma * ce).mean()
 
 
-def make_loss(kind: str, counts: Sequence[int], beta: float, form: str, device) -> LossFn:
-    """The training loss for a stage: ``ce``, or ``cb`` with ``form`` ``weighted-ce`` | ``bce``."""
+def ldam_margins(counts: Sequence[int], max_m: float) -> torch.Tensor:
+    """LDAM's per-class margins m_c proportional to n_c^(-1/4), scaled so that the largest is
+    ``max_m`` (float32, as their code)."""
+    m = 1.0 / torch.sqrt(torch.sqrt(torch.as_tensor(list(counts), dtype=torch.float64)))
+    return (m * (max_m / m.max())).float()
+
+
+def ldam_loss(
+    logits: torch.Tensor, y: torch.Tensor, margins: torch.Tensor, s: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LDAM-DRW's ``LDAMLoss``: the true class's logit minus its margin, all logits times s, then
+    cross-entropy (PyTorch's weighted mean, sum w_y l / sum w_y, when there are weights)."""
+    z = logits.float()
+    onehot = F.one_hot(y, z.shape[1]).bool()
+    shifted = torch.where(onehot, z - margins[y].unsqueeze(1), z)
+    return F.cross_entropy(s * shifted, y, weight=weight)
+
+
+def log_prior_shift(counts: Sequence[int], tau: float) -> torch.Tensor:
+    """log(pi_c^tau + 1e-12), pi = n / N: the logit-adjusted loss's shift as its code computes it
+    (pi^tau + 1e-12 in float64, cast to float32, then the log)."""
+    n = torch.as_tensor(list(counts), dtype=torch.float64)
+    return torch.log((torch.pow(n / n.sum(), tau) + 1e-12).float())
+
+
+class Loss:
+    """A stage's training loss, ``loss(logits, y, epoch)``: the epoch (0-based) matters only with
+    deferred re-weighting, whose class-balanced weights apply from ``drw_epoch`` on."""
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        drw_weights: torch.Tensor | None = None,
+        drw_epoch: int | None = None,
+    ):
+        self.fn = fn
+        self.drw_weights = drw_weights
+        self.drw_epoch = drw_epoch
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        deferred = self.drw_epoch is not None and epoch >= self.drw_epoch
+        return self.fn(logits, y, self.drw_weights if deferred else None)
+
+
+def make_loss(cfg, counts: Sequence[int], device) -> Loss:
+    """The training loss a stage's configuration names (``loss``, with ``cb_beta``/``cb_form``,
+    ``focal_gamma``, ``ldam_max_m``/``ldam_s``, ``la_tau``, ``drw_epoch``)."""
+    kind = cfg.loss
+    if kind == "cb":
+        w = class_balanced_weights(counts, cfg.cb_beta).to(device)
+        if cfg.cb_form == "bce":
+            return Loss(lambda z, y, _: cb_bce_softmax(z, y, w))
+        return Loss(lambda z, y, _: weighted_cross_entropy(z, y, w))
+    drw = getattr(cfg, "drw_epoch", None)
+    weights = class_balanced_weights(counts, cfg.cb_beta).to(device) if drw is not None else None
     if kind == "ce":
-        return lambda logits, y: weighted_cross_entropy(logits, y)
-    if kind != "cb":
+        # plain CE exactly as before; with DRW's weights, PyTorch's weighted mean as LDAM-DRW's code
+        fn = lambda z, y, w: weighted_cross_entropy(z, y) if w is None else F.cross_entropy(z.float(), y, weight=w)  # noqa: E731
+    elif kind == "focal":
+        fn = lambda z, y, w: focal_loss(z, y, cfg.focal_gamma, w)  # noqa: E731
+    elif kind == "ldam":
+        m = ldam_margins(counts, cfg.ldam_max_m).to(device)
+        fn = lambda z, y, w: ldam_loss(z, y, m, cfg.ldam_s, w)  # noqa: E731
+    elif kind in ("balanced-softmax", "la-loss"):
+        # Balanced Softmax adds log n_c, the LA loss log(pi_c^tau + 1e-12): at tau = 1 they differ by a
+        # constant per row, which softmax cross-entropy ignores
+        if kind == "balanced-softmax":
+            shift = torch.log(torch.as_tensor(list(counts), dtype=torch.float32)).to(device)
+        else:
+            shift = log_prior_shift(counts, cfg.la_tau).to(device)
+        fn = lambda z, y, w: F.cross_entropy(z.float() + shift, y, weight=w)  # noqa: E731
+    else:
         raise ValueError(f"unknown loss {kind!r}")
-    w = class_balanced_weights(counts, beta).to(device)
-    if form == "bce":
-        return lambda logits, y: cb_bce_softmax(logits, y, w)
-    return lambda logits, y: weighted_cross_entropy(logits, y, w)
+    return Loss(fn, weights, drw)

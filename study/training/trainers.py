@@ -126,7 +126,7 @@ class _Trainer:
         self.select_split = make_split(data, "selection", self.device, workers=workers)
         self.aug = Augmenter(data.spec, self.device, cfg.augment)
         self.plain = Augmenter(data.spec, self.device, False)
-        self.loss_fn = make_loss(cfg.loss, data.train_counts, cfg.cb_beta, cfg.cb_form, self.device)
+        self.loss_fn = make_loss(cfg, data.train_counts, self.device)
         self.gen = torch.Generator()
         self.epoch = 0
         self.step = 0
@@ -213,9 +213,9 @@ class _Trainer:
             lr = self._set_lr(self.opt)
             out = logits_of(idx, x)
             if isinstance(out, tuple):  # logits and a regulariser on the batch's features
-                loss = self.loss_fn(out[0], self.train_split.y[idx]) + out[1]
+                loss = self.loss_fn(out[0], self.train_split.y[idx], self.epoch) + out[1]
             else:
-                loss = self.loss_fn(out, self.train_split.y[idx])
+                loss = self.loss_fn(out, self.train_split.y[idx], self.epoch)
             if self.wd_penalty is not None:
                 loss = loss + self.wd_penalty()
             self.opt.zero_grad(set_to_none=True)

@@ -51,3 +51,20 @@ def test_the_same_key_in_different_mappings_is_fine(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("dataset: digits-lt\nstage1: {epochs: 3}\nstage2: {epochs: 3}\n")
     assert read_yaml(space) == {"dataset": "digits-lt", "stage1": {"epochs": 3}, "stage2": {"epochs": 3}}
+
+
+def test_fields_added_after_0_2_keep_the_fingerprints_of_its_studies():
+    """A field added to the configuration changes a study's fingerprint only when a space sets it away
+    from its default, so studies started by 0.2.0 still resume. 813049ecfbe57dea is what 0.2.0
+    (e841a76) wrote into digits-lt's study.yaml."""
+    import dataclasses
+
+    from study.config.schema import Stage1Config, Stage2Config
+    from study.config.spaces import ADDED_FIELDS, load_space
+
+    assert load_space("digits-lt").fingerprint() == "813049ecfbe57dea"
+    for cls in (Stage1Config, Stage2Config):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert {k: defaults[k] for k in ADDED_FIELDS} == ADDED_FIELDS
+    changed = load_space("digits-lt", ["stage1.variants.ce-wd.focal_gamma=2"]).fingerprint()
+    assert changed != "813049ecfbe57dea"

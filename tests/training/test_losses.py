@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -86,16 +87,18 @@ def test_cb_bce_gradient_flows():
 
 
 def test_make_loss_dispatch():
+    from study.config.schema import Stage1Config
+
     counts = [50, 10, 2]
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     w = class_balanced_weights(counts, 0.99)
-    assert torch.equal(
-        make_loss("ce", counts, 0.99, "weighted-ce", "cpu")(logits, y), weighted_cross_entropy(logits, y)
-    )
-    assert torch.equal(
-        make_loss("cb", counts, 0.99, "weighted-ce", "cpu")(logits, y), weighted_cross_entropy(logits, y, w)
-    )
-    assert torch.equal(make_loss("cb", counts, 0.99, "bce", "cpu")(logits, y), cb_bce_softmax(logits, y, w))
+
+    def cfg(**kw):
+        return Stage1Config(backbone="digits-cnn", cb_beta=0.99, **kw)
+
+    assert torch.equal(make_loss(cfg(loss="ce"), counts, "cpu")(logits, y), weighted_cross_entropy(logits, y))
+    assert torch.equal(make_loss(cfg(loss="cb"), counts, "cpu")(logits, y), weighted_cross_entropy(logits, y, w))
+    assert torch.equal(make_loss(cfg(loss="cb", cb_form="bce"), counts, "cpu")(logits, y), cb_bce_softmax(logits, y, w))
     with pytest.raises(ValueError):
-        make_loss("focal", counts, 0.99, "bce", "cpu")
+        make_loss(types.SimpleNamespace(loss="nope", drw_epoch=None, cb_beta=0.9), counts, "cpu")

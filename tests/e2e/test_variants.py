@@ -172,6 +172,7 @@ VARIANTS = ("ce", "ce-wd", "cb-sampler")
 STAGE2 = {"none": 1, "tau-norm": 1, "wb": 2}
 
 
+@pytest.mark.slow  # about 90 s on 2 cores; the default run kills and resumes studies in test_faults
 def test_three_variants_feed_stage2_and_resume_after_kills(tmp_path):
     """The grid study: killed (SIGKILL) mid stage 1 and again mid stage 2, then the same command:
     exact budgets per (variant, method) in trials.csv and optuna.db, no duplicate rows, the killed

@@ -148,7 +148,8 @@ def _trial_error_line(paths: StudyPaths, trial_name: str, exc: BaseException | N
     m = re.search(r"([0-9a-f]+(?:_\d+)?)$", trial_name)
     tdir = next(paths.trials.glob(f"*/trial-*-{m.group(1)}"), None) if m else None
     where = f"{tdir.parent.name}/{tdir.name}" if tdir else trial_name
-    tb = f"; traceback in {tdir / TRACEBACK_FILE}" if tdir and (tdir / TRACEBACK_FILE).exists() else ""
+    # the trainable writes the file as the exception leaves it: name it even if the line comes first
+    tb = f"; traceback in {tdir / TRACEBACK_FILE}" if tdir else ""
     return f"trial {where} raised {what[:300]} (retried from its last checkpoint while search.retries allow){tb}"
 
 

@@ -72,9 +72,9 @@ SPACE_CASES = [
     ("unknown-backbone", _edit("digits-cnn", "resnet33"), [], ["stage1.backbone", "resnet33", "resnet32"]),
     (
         "unknown-loss",
-        _edit("      budget: 2\n", "      loss: focal\n      budget: 2\n"),
+        _edit("      budget: 2\n", "      loss: lmda\n      budget: 2\n"),
         [],
-        ["stage2.methods.wb.loss", "focal", "ce, cb"],
+        ["stage2.methods.wb.loss", "lmda", "ldam", "balanced-softmax"],
     ),
     ("unknown-method", _edit("    wb:", "    wbb:"), [], ["wbb", "did you mean 'wb'"]),
     ("budget-zero", _edit("budget: 2}", "budget: 0}"), [], ["stage1.variants.ce-wd.budget", "at least 1"]),

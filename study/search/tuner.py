@@ -20,7 +20,6 @@ after a hard kill, so ``optuna.db`` is rebuilt from the trial records instead (`
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from study import compat
 from study.config.spaces import Experiment, StudySpace
 from study.fsutil import atomic_write_json
-from study.layout import FAILED, FAILED_FILE, TRACEBACK_FILE, StudyPaths, trial_experiment
+from study.layout import FAILED, FAILED_FILE, TRACEBACK_FILE, StudyPaths, parse_trial_dirname, trial_experiment
 from study.results.records import error_reason, optuna_study_name
 from study.search.ray_runtime import trial_slots
 from study.search.resume import set_aside_orphans, usable_snapshot
@@ -145,8 +144,16 @@ def _trial_error_line(paths: StudyPaths, trial_name: str, exc: BaseException | N
     text = str(exc or "").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     what = lines[-1] if lines else type(exc).__name__
-    m = re.search(r"([0-9a-f]+(?:_\d+)?)$", trial_name)
-    tdir = next(paths.trials.glob(f"*/trial-*-{m.group(1)}"), None) if m else None
+    # the name ends with the trial id (Tune's "<trainable>_<id>"); ids are matched against the folders,
+    # since an id of decimal digits alone would read as part of a longer hex run
+    tdir = next(
+        (
+            d
+            for d in paths.trials.glob("*/trial-*")
+            if (parsed := parse_trial_dirname(d.name)) and trial_name.endswith(f"_{parsed[1]}")
+        ),
+        None,
+    )
     where = f"{tdir.parent.name}/{tdir.name}" if tdir else trial_name
     # the trainable writes the file as the exception leaves it: name it even if the line comes first
     tb = f"; traceback in {tdir / TRACEBACK_FILE}" if tdir else ""

@@ -491,8 +491,12 @@ def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plo
         results = load_results(paths.root, complete=True)
         write_all_tables(results)
         written = plots.wait()
-        # the report embeds the PNGs the plot process has just drawn, instead of drawing them again
-        write_report(results, pngs={p.name: p.read_bytes() for p in written})
+        # the report embeds the PNGs the plot process has just drawn, instead of drawing them again; it
+        # is a view of files already written, so a failure here is reported, not fatal to the study
+        try:
+            write_report(results, pngs={p.name: p.read_bytes() for p in written})
+        except Exception as e:  # noqa: BLE001
+            view_log(f"could not write {paths.report} ({type(e).__name__}: {e}); `study report` retries it")
     finally:
         if own:
             plots.close()

@@ -325,8 +325,11 @@ class TrainConfig:
 
     cb_form: str = "weighted-ce"
     """How the class-balanced weights enter the loss: ``weighted-ce`` (w_y * CE, mean over the
-    batch, as the ICLR'24 code) or ``bce`` (the WB code's binary cross-entropy between softmax and
-    one-hot, rows weighted by w_y, mean over batch x classes)."""
+    batch, as the ICLR'24 code and Cui et al.'s softmax form), ``bce`` (the WB code's binary
+    cross-entropy between softmax and one-hot, rows weighted by w_y, mean over batch x classes), or
+    Cui et al.'s ``sigmoid`` and ``focal`` forms (per-class sigmoid cross-entropy, with the focal
+    modulator of ``focal_gamma`` for ``focal``, rows weighted by w_y, summed over classes, mean over
+    the batch)."""
 
     maxnorm: bool = False
     """Constrain each class's classifier weight row to a norm ball by projected gradient descent.
@@ -413,7 +416,7 @@ class TrainConfig:
                     "with loss: cb the class-balanced weights apply from the start; use loss: ce "
                     "(or focal, ldam, ...) with drw_epoch, or drop drw_epoch",
                 )
-        _choice("cb_form", self.cb_form, ("weighted-ce", "bce"))
+        _choice("cb_form", self.cb_form, ("weighted-ce", "bce", "sigmoid", "focal"))
         _choice("maxnorm_mode", self.maxnorm_mode, ("relative", "absolute"))
         if self.maxnorm_mode == "relative":
             _range(

@@ -50,6 +50,21 @@ def cb_bce_softmax(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.T
     return F.binary_cross_entropy(p, onehot, weight=w)
 
 
+def cb_sigmoid(
+    logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor, gamma: float | None = None
+) -> torch.Tensor:
+    """Cui et al.'s class-balanced sigmoid loss (``gamma`` None) or sigmoid focal loss, as their
+    TensorFlow code computes it: per-entry binary cross-entropy with logits against the one-hot
+    target, times the modulator (1 - p_t)^gamma in its stable form exp(-gamma t z - gamma log(1 +
+    e^-z)), times w_{y_i} on every entry of the row, summed and divided by the batch size."""
+    z = logits.float()
+    onehot = F.one_hot(y, z.shape[1]).float()
+    bce = F.binary_cross_entropy_with_logits(z, onehot, reduction="none")
+    if gamma:
+        bce = torch.exp(-gamma * onehot * z - gamma * torch.log1p(torch.exp(-z))) * bce
+    return (class_weights[y].unsqueeze(1) * bce).sum() / onehot.sum()
+
+
 def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torch.Tensor | None = None):
     """LDAM-DRW's ``FocalLoss`` (the softmax focal loss, no alpha): ce_i = CE(z_i, y_i), scaled by
     w_{y_i} when there are weights, p_i = exp(-ce_i), loss = mean_i (1 - p_i)^gamma * ce_i. With
@@ -111,6 +126,9 @@ def make_loss(cfg, counts: Sequence[int], device) -> Loss:
         w = class_balanced_weights(counts, cfg.cb_beta).to(device)
         if cfg.cb_form == "bce":
             return Loss(lambda z, y, _: cb_bce_softmax(z, y, w))
+        if cfg.cb_form in ("sigmoid", "focal"):
+            gamma = cfg.focal_gamma if cfg.cb_form == "focal" else None
+            return Loss(lambda z, y, _: cb_sigmoid(z, y, w, gamma))
         return Loss(lambda z, y, _: weighted_cross_entropy(z, y, w))
     drw = getattr(cfg, "drw_epoch", None)
     weights = class_balanced_weights(counts, cfg.cb_beta).to(device) if drw is not None else None

@@ -71,6 +71,33 @@ def ref_la_loss(logits, labels, base_probs, tau=1.0):  # logit_adjustment main.p
     return F.cross_entropy(logits + adjustment, labels)
 
 
+def ref_cb_focal(labels, logits, alpha, gamma):  # vandit15/Class-balanced-loss-pytorch focal_loss (= Cui TF)
+    BCLoss = F.binary_cross_entropy_with_logits(input=logits, target=labels, reduction="none")
+    if gamma == 0.0:
+        modulator = 1.0
+    else:
+        modulator = torch.exp(-gamma * labels * logits - gamma * torch.log(1 + torch.exp(-1.0 * logits)))
+    loss = modulator * BCLoss
+    weighted_loss = alpha * loss
+    focal_loss = torch.sum(weighted_loss)
+    focal_loss /= torch.sum(labels)
+    return focal_loss
+
+
+def ref_cb_loss(labels, logits, samples_per_cls, no_of_classes, beta, gamma):  # vandit15 CB_loss, focal branch
+    effective_num = 1.0 - np.power(beta, samples_per_cls)
+    weights = (1.0 - beta) / np.array(effective_num)
+    weights = weights / np.sum(weights) * no_of_classes
+    labels_one_hot = F.one_hot(labels, no_of_classes).float()
+    weights = torch.tensor(weights).float()
+    weights = weights.unsqueeze(0)
+    weights = weights.repeat(labels_one_hot.shape[0], 1) * labels_one_hot
+    weights = weights.sum(1)
+    weights = weights.unsqueeze(1)
+    weights = weights.repeat(1, no_of_classes)
+    return ref_cb_focal(labels_one_hot, logits, weights, gamma)
+
+
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
@@ -173,3 +200,11 @@ def test_stage2_takes_the_same_losses():
     logits, y = _batch(3)
     v = make_loss(cfg, COUNTS, "cpu")(logits, y, 0)
     assert torch.allclose(v, ref_balanced_softmax(y, logits, COUNTS))
+
+
+@pytest.mark.parametrize("form, gamma", [("focal", 1.0), ("focal", 2.0), ("sigmoid", 0.0)])
+def test_cb_sigmoid_and_focal_forms_equal_cuis_code(form, gamma):
+    """Cui et al.'s sigmoid (gamma 0: no modulator) and sigmoid-focal class-balanced losses, as the
+    vandit15 port computes them (measured equal to their TensorFlow original)."""
+    ours = _ours(loss="cb", cb_form=form, cb_beta=0.9999, focal_gamma=gamma)
+    _assert_same(ours, lambda z, y: ref_cb_loss(y, z, COUNTS, C, 0.9999, gamma), atol=1e-5)

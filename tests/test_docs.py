@@ -82,3 +82,11 @@ def test_every_benchmark_row_has_a_date_a_commit_and_a_machine():
         assert machine, row
     table = [ln for ln in (DOCS / "benchmarks.md").read_text().splitlines() if ln.startswith("| ")]
     assert len(table) == len(rows) + 2  # the header, its rule, and only dated rows
+
+
+def test_the_docs_index_links_every_page():
+    index = (DOCS / "README.md").read_text()
+    linked = set(LINK.findall(index))
+    missing = [p.name for p in sorted(DOCS.glob("*.md")) if p.name != "README.md" and p.name not in linked]
+    assert not missing, f"docs/README.md does not link {missing}"
+    assert "docs/README.md" in (ROOT / "README.md").read_text()

@@ -454,10 +454,16 @@ class Stage1Config(TrainConfig):
     the classifier is taken from it only when its shape fits. Nothing is ever downloaded."""
 
     classifier: str = "linear"
-    """``linear`` (a trained linear layer with bias) or ``etf`` (Hasegawa & Sato: the weight rows are
+    """``linear`` (a trained linear layer with bias), ``etf`` (Hasegawa & Sato: the weight rows are
     fixed to a simplex equiangular tight frame — unit norms, pairwise cosine -1/(C-1), seeded by the
-    trial seed — and never train; the bias trains). ``etf`` needs a feature dimension of at least
-    C - 1."""
+    trial seed — and never train; the bias trains; needs a feature dimension of at least C - 1) or
+    ``normed`` (the cosine classifier LDAM-DRW's CIFAR ResNet uses with ``loss: ldam``: logits =
+    ``cosine_scale`` * cos(w_c, f), no bias; usable with any loss)."""
+
+    cosine_scale: float = 30.0
+    """s of ``classifier: normed``: the logits are s times the cosines, for every loss, the post-hoc
+    methods and the test set. ``loss: ldam`` applies its own ``ldam_s`` to the cosines as LDAM-DRW's
+    code does (s (cos - m)), whatever this value; 30 = their s, so the two agree by default."""
 
     feature_reg: float = 0.0
     """Feature regularisation zeta: adds zeta * mean_i ||f_i||^2 / 2 over the batch's penultimate
@@ -473,7 +479,19 @@ class Stage1Config(TrainConfig):
 
         if not known_model(self.backbone):
             raise ConfigError("backbone", unknown("backbone", self.backbone, MODEL_NAMES))
-        _choice("classifier", self.classifier, ("linear", "etf"))
+        _choice("classifier", self.classifier, ("linear", "etf", "normed"))
+        _range("cosine_scale", self.cosine_scale, 0.0, lo_open=True)
+        if self.classifier == "normed":
+            if self.maxnorm:
+                raise ConfigError(
+                    "maxnorm", "classifier: normed has unit-norm rows already; drop maxnorm or use classifier: linear"
+                )
+            if self.feature_reg:
+                raise ConfigError(
+                    "feature_reg",
+                    "classifier: normed sees unit features, whose norm the penalty cannot change; "
+                    "drop feature_reg or use classifier: linear",
+                )
         if self.init_from is not None:
             if self.backbone not in TORCHVISION_BACKBONES:
                 raise ConfigError(

@@ -82,7 +82,14 @@ OLD_FORM_KEYS = {"budget", "baseline", "scheduler"}
 their rewrite."""
 VARIANT_KEYS = {"budget", "scheduler"}
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+]*(-[a-z0-9_.+]+)*$")
-ADDED_FIELDS = {"focal_gamma": 1.0, "ldam_max_m": 0.5, "ldam_s": 30.0, "la_tau": 1.0, "drw_epoch": None}
+ADDED_FIELDS = {
+    "focal_gamma": 1.0,
+    "ldam_max_m": 0.5,
+    "ldam_s": 30.0,
+    "la_tau": 1.0,
+    "drw_epoch": None,
+    "cosine_scale": 30.0,
+}
 """Configuration fields added after 0.2.0, with their defaults: left out of the fingerprint while
 at the default (see :meth:`StudySpace.fingerprint`)."""
 STAGE2_KEYS = {"methods", "train_method"}

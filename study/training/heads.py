@@ -67,9 +67,23 @@ class LinearHead(nn.Linear):
         return AffineHead(self.weight.detach(), self.bias.detach())
 
 
+def cosine_scale(stage1_state: dict) -> float | None:
+    """The scale s of a stage-1 cosine classifier (``classifier: normed``); None for a linear one."""
+    s = stage1_state.get("classifier.cosine_scale")
+    return None if s is None else float(s)
+
+
+def stage1_rows(stage1_state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage-1 classifier's (weight, bias) as a linear map of the backbone's features (for a
+    cosine classifier: s w_c / ||w_c|| on the unit features its backbone gives, bias 0)."""
+    w, b = stage1_state["classifier.weight"], stage1_state["classifier.bias"]
+    s = cosine_scale(stage1_state)
+    return (w if s is None else s * F.normalize(w.float(), dim=1)), b
+
+
 def stage1_head_state(stage1_state: dict) -> dict:
     """The stage-1 classifier as an AffineHead state."""
-    return AffineHead(stage1_state["classifier.weight"], stage1_state["classifier.bias"]).to_state()
+    return AffineHead(*stage1_rows(stage1_state)).to_state()
 
 
 def frozen_model(backbone: str, stage1_state: dict, data, device, buffers: dict | None = None):
@@ -77,7 +91,7 @@ def frozen_model(backbone: str, stage1_state: dict, data, device, buffers: dict 
     (a stage-2 run with batch norm in train mode) its backbone's running statistics replaced."""
     from study.training.models import build_model
 
-    model = build_model(backbone, data.num_classes, data.spec.shape[0])
+    model = build_model(backbone, data.num_classes, data.spec.shape[0], cosine_scale=cosine_scale(stage1_state))
     model.load_state_dict(stage1_state)
     if buffers:
         named = dict(model.backbone.named_buffers())

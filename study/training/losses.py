@@ -139,7 +139,12 @@ def make_loss(cfg, counts: Sequence[int], device) -> Loss:
         fn = lambda z, y, w: focal_loss(z, y, cfg.focal_gamma, w)  # noqa: E731
     elif kind == "ldam":
         m = ldam_margins(counts, cfg.ldam_max_m).to(device)
-        fn = lambda z, y, w: ldam_loss(z, y, m, cfg.ldam_s, w)  # noqa: E731
+        if getattr(cfg, "classifier", "linear") == "normed":
+            # the model's logits are cosine_scale * cos; LDAM's margins and s apply to the cosines
+            scale = cfg.cosine_scale
+            fn = lambda z, y, w: ldam_loss(z / scale, y, m, cfg.ldam_s, w)  # noqa: E731
+        else:
+            fn = lambda z, y, w: ldam_loss(z, y, m, cfg.ldam_s, w)  # noqa: E731
     elif kind in ("balanced-softmax", "la-loss"):
         # Balanced Softmax adds log n_c, the LA loss log(pi_c^tau + 1e-12): at tau = 1 they differ by a
         # constant per row, which softmax cross-entropy ignores

@@ -84,6 +84,48 @@ class LTClassifier(nn.Module):
         return self.classifier(self.backbone(x))
 
 
+def _unit_features(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return F.normalize(output, dim=1)
+
+
+class NormedLinear(nn.Module):
+    """The cosine classifier of LDAM-DRW's CIFAR ResNet (``NormedLinear``): logits = s cos(w_c, f),
+    no bias. The feature's L2 normalisation is a forward hook on the backbone
+    (:func:`make_normed`), so every feature the harness computes (stage-2 caches, NCM, the
+    final evaluation) is the unit feature this classifier sees. Rows start uniform in [-1, 1] and
+    rescaled to unit norm (their init); ``bias`` is a zero buffer and ``cosine_scale`` a buffer too,
+    so the state dict has ``classifier.weight``/``classifier.bias`` like a linear classifier and
+    says by ``classifier.cosine_scale`` that it is a cosine one."""
+
+    def __init__(self, feat_dim: int, num_classes: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.empty(num_classes, feat_dim).uniform_(-1, 1), dim=1))
+        self.register_buffer("bias", torch.zeros(num_classes))
+        self.register_buffer("cosine_scale", torch.tensor(float(scale)))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The rows as a linear classifier on the unit feature: s w_c / ||w_c||."""
+        return self.cosine_scale * F.normalize(self.weight, dim=1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return F.linear(f, self.effective_weight().to(f.dtype))
+
+
+def make_normed(model: LTClassifier, scale: float) -> LTClassifier:
+    """Turn ``model``'s classifier into a :class:`NormedLinear` (drawn from the global RNG, as
+    build_model's other initialisations) and L2-normalise its backbone's output."""
+    model.classifier = NormedLinear(model.feat_dim, model.classifier.out_features, scale)
+    model.backbone.register_forward_hook(_unit_features)
+    return model
+
+
+def classifier_rows(classifier: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier's (weight, bias) as a linear map of the features the backbone gives."""
+    if isinstance(classifier, NormedLinear):
+        return classifier.effective_weight(), classifier.bias
+    return classifier.weight, classifier.bias
+
+
 # --- CIFAR ResNet (option A) ------------------------------------------------------------------------
 
 
@@ -373,9 +415,11 @@ MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
 assert tuple(MODELS) == MODEL_NAMES, "study.config.backbones.MODEL_NAMES lists the registry's names, in order"
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | None = None) -> LTClassifier:
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, seed: int | None = None, cosine_scale: float | None = None
+) -> LTClassifier:
     """Build a registered model; with ``seed`` the initialisation is reproducible and leaves the
-    global RNG untouched."""
+    global RNG untouched; with ``cosine_scale`` its classifier is a :class:`NormedLinear`."""
     if name in MODELS:
         make = MODELS[name]
     elif known_model(name):
@@ -384,11 +428,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, seed: int | N
         from study.errors import UserError, unknown
 
         raise UserError(unknown("backbone", name, MODELS))
+    def built() -> LTClassifier:
+        model = make(num_classes, in_channels)
+        return model if cosine_scale is None else make_normed(model, cosine_scale)
+
     if seed is None:
-        return make(num_classes, in_channels)
+        return built()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return make(num_classes, in_channels)
+        return built()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -31,9 +31,9 @@ from study.data.longtail import FileLTData, LTData
 from study.data.samplers import epoch_order
 from study.training.evaluation import _autocast, accuracy_report, balance_stats, evaluate_head, summarize
 from study.training.features import cached_features
-from study.training.heads import LinearHead, LWSHead, frozen_model
+from study.training.heads import LinearHead, LWSHead, frozen_model, stage1_rows
 from study.training.losses import make_loss
-from study.training.models import build_model
+from study.training.models import build_model, classifier_rows
 from study.training.posthoc import fit_posthoc
 from study.training.regularizers import MaxNorm, feature_penalty, row_norms, weight_decay_penalty
 
@@ -306,7 +306,13 @@ class Stage1Trainer(_Trainer):
     ):
         super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig(), workers)
         self.gen.manual_seed(self.seed)
-        self.model = build_model(cfg.backbone, data.num_classes, data.spec.shape[0], seed=self.seed)
+        self.model = build_model(
+            cfg.backbone,
+            data.num_classes,
+            data.spec.shape[0],
+            seed=self.seed,
+            cosine_scale=cfg.cosine_scale if cfg.classifier == "normed" else None,
+        )
         init = None
         if cfg.init_from:
             from study.fsutil import sha256_file
@@ -358,8 +364,10 @@ class Stage1Trainer(_Trainer):
         order = self._epoch_order()
         w = model.classifier.weight
         loss_sum, lr = self._sgd_epoch(order, self._batch_logits, (w,), w)
+        with torch.no_grad():
+            rows = classifier_rows(model.classifier)[0]  # a cosine classifier's norms are its scale
         return self._close_epoch(
-            self.evaluate_selection(), lambda: _cpu_state(model.state_dict()), loss_sum, len(order), lr, w
+            self.evaluate_selection(), lambda: _cpu_state(model.state_dict()), loss_sum, len(order), lr, rows
         )
 
     def _batch_logits(self, idx, x=None):
@@ -408,7 +416,7 @@ class Stage1Trainer(_Trainer):
     def result(self) -> dict:
         """The selected epoch: its weights, selection-split report and weight-norm balance."""
         assert self.best is not None, "no epoch has run"
-        w = self.best["state"]["classifier.weight"]
+        w = stage1_rows(self.best["state"])[0]
         norms = _to_list(row_norms(w))
         return {
             "stage": "stage1",
@@ -455,8 +463,8 @@ class Stage2Trainer(_Trainer):
             raise ValueError(f"{cfg.method} does not train; use posthoc_result")
         model = frozen_model(backbone, stage1_state, data, self.device)
         self.backbone = model.backbone  # every backbone parameter is frozen; only the head trains
-        self.w0 = model.classifier.weight.detach().clone()
-        self.b0 = model.classifier.bias.detach().clone()
+        w0, b0 = classifier_rows(model.classifier)
+        self.w0, self.b0 = w0.detach().clone(), b0.detach().clone()
         self._train_feats = None
         self._select_feats = None
         self.head: nn.Module
@@ -635,8 +643,7 @@ def posthoc_result(
         method,
         data,
         seed,
-        model.classifier.weight.detach().clone(),
-        model.classifier.bias.detach().clone(),
+        *(t.detach().clone() for t in classifier_rows(model.classifier)),
         select_feats,
         select.y.cpu().numpy(),
         train_feats,

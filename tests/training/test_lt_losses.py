@@ -185,6 +185,9 @@ def test_plain_ce_is_unchanged_bit_for_bit():
         ({"loss": "focal", "focal_gamma": -1.0}, "focal_gamma", ["-1"]),
         ({"loss": "ldam", "ldam_s": 0.0}, "ldam_s", ["0"]),
         ({"loss": "lmda"}, "loss", ["ldam", "balanced-softmax", "la-loss"]),
+        ({"classifier": "normed", "maxnorm": True}, "maxnorm", ["classifier: normed"]),
+        ({"classifier": "normed", "feature_reg": 0.01}, "feature_reg", ["classifier: normed"]),
+        ({"classifier": "normed", "cosine_scale": 0.0}, "cosine_scale", ["0"]),
     ],
 )
 def test_bad_combinations_name_the_keys(kw, key, words):
@@ -208,3 +211,76 @@ def test_cb_sigmoid_and_focal_forms_equal_cuis_code(form, gamma):
     vandit15 port computes them (measured equal to their TensorFlow original)."""
     ours = _ours(loss="cb", cb_form=form, cb_beta=0.9999, focal_gamma=gamma)
     _assert_same(ours, lambda z, y: ref_cb_loss(y, z, COUNTS, C, 0.9999, gamma), atol=1e-5)
+
+
+# --- LDAM's cosine classifier ------------------------------------------------------------------------------------
+
+
+class RefNormedLinear(torch.nn.Module):  # LDAM-DRW models/resnet_cifar.py NormedLinear
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.Tensor(in_features, out_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x):
+        return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+
+
+def _normed_model(**kw):
+    from study.training.models import build_model
+
+    cfg = Stage1Config(backbone="digits-cnn", epochs=200, classifier="normed", **kw)
+    return cfg, build_model(cfg.backbone, C, 1, seed=0, cosine_scale=cfg.cosine_scale)
+
+
+@pytest.mark.parametrize("drw", [False, True])
+def test_ldam_with_the_normed_classifier_equals_ldam_drw(drw):
+    """LDAM-DRW's head and loss on the same features and the same (transposed) weights: the loss,
+    its gradient with respect to the classifier rows and to the backbone's raw features."""
+    cfg, model = _normed_model(loss="ldam", drw_epoch=160 if drw else None)
+    ref = RefNormedLinear(model.feat_dim, C)
+    with torch.no_grad():
+        ref.weight.copy_(3 * model.classifier.weight.t())  # the norm of a row must not matter
+        model.classifier.weight.mul_(3)
+    loss = make_loss(cfg, COUNTS, "cpu")
+    w = ref_drw_weights(COUNTS, 170) if drw else None
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        raw = 4 * torch.randn(32, model.feat_dim, generator=g)
+        y = torch.randint(0, C, (32,), generator=g)
+        f1, f2 = raw.clone().requires_grad_(True), raw.clone().requires_grad_(True)
+        ours = loss(model.classifier(F.normalize(f1, dim=1)), y, 170)  # the backbone's hook normalises
+        theirs = ref_ldam(ref(f2), y, COUNTS, weight=w)
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        gw1, gf1 = torch.autograd.grad(ours, [model.classifier.weight, f1])
+        gw2, gf2 = torch.autograd.grad(theirs, [ref.weight, f2])
+        assert torch.allclose(gw1, gw2.t(), rtol=1e-4, atol=1e-6)
+        assert torch.allclose(gf1, gf2, rtol=1e-4, atol=1e-6)
+
+
+def test_normed_model_gives_scaled_cosines_and_its_affine_form_agrees():
+    from study.training.heads import AffineHead, frozen_model, stage1_head_state
+
+    cfg, model = _normed_model(loss="ce", cosine_scale=16.0)
+    model.eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        f = model.backbone(x)
+        z = model(x)
+    assert torch.allclose(f.norm(dim=1), torch.ones(5), atol=1e-5)  # unit features
+    assert z.abs().max() <= 16.0 + 1e-4
+    state = model.state_dict()
+    assert float(state["classifier.cosine_scale"]) == 16.0
+    head = AffineHead.from_state(stage1_head_state(state))  # what stage 2 and the final evaluation use
+    assert torch.allclose(head(f), z, atol=1e-5)
+    assert torch.allclose(head.weight.norm(dim=1), torch.full((C,), 16.0))
+
+    class _Data:  # frozen_model needs num_classes and the image shape
+        num_classes = C
+
+        class spec:
+            shape = (1, 28, 28)
+
+    again = frozen_model("digits-cnn", state, _Data, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(again(x), z, atol=1e-6)

@@ -466,3 +466,19 @@ def test_stage1_starts_from_init_from_weights_and_records_them(tmp_path, digits_
     assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and rec["classifier"] == "loaded"
     with pytest.raises(Exception, match="init_from"):
         Stage1Config(backbone="resnet10", init_from=str(tmp_path / "missing.pth"))
+
+
+def test_ldam_drw_with_the_cosine_classifier_trains_and_feeds_every_stage2_kind(digits_data):
+    """LDAM-DRW's stage 1 (cosine classifier, LDAM loss, re-weighting from the last epoch) and the
+    stage-2 kinds on top of it: the unchanged stage-1 head scores what stage 1 selected, the trained
+    and post-hoc methods run on its unit features."""
+    res = train_stage1(s1_config(classifier="normed", loss="ldam", drw_epoch=2, weight_decay=2e-4), digits_data, seed=0)
+    state = res["state"]
+    assert float(state["classifier.cosine_scale"]) == 30.0
+    assert res["weight_norms"] == pytest.approx([30.0] * digits_data.num_classes, rel=1e-5)
+    assert res["selection"]["all"] > 0.2  # above chance (0.1)
+    none = train_stage2(Stage2Config(method="none"), digits_data, 0, state, BACKBONE)
+    assert none["selection"]["all"] == pytest.approx(res["selection"]["all"])
+    for cfg in (wb_config(), Stage2Config(method="crt", epochs=2), Stage2Config(method="tau-norm")):
+        out = train_stage2(cfg, digits_data, 0, state, BACKBONE)
+        assert out["selection"]["all"] > 0.2, cfg.method

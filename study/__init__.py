@@ -16,3 +16,9 @@ fault-injection hooks of the tests, and ``study.cli``, the command line.
 """
 
 __version__ = "0.2.0"
+
+# The public doors for plug-ins (docs/plugins.md); torch-free, so `import study` stays light.
+from study.config.methods import MethodInputs  # noqa: E402
+from study.config.registry import register_backbone, register_dataset, register_loss, register_method  # noqa: E402
+
+__all__ = ["MethodInputs", "register_backbone", "register_dataset", "register_loss", "register_method"]

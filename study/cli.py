@@ -217,6 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from study.training.single_run import summary_rows, train_once
 
     space = load_space(args.space, args.set, seeds=args.seeds)
+    if space.plugins:
+        from study.training.plugin_check import check_plugins
+
+        check_plugins(space)
     out = Path(args.out or Path(args.results_dir) / f"{space.name}-train")
     metrics = train_once(
         space,
@@ -256,6 +260,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study.config.spaces import load_space
 
     space = load_space(args.space, args.set, seeds=args.seeds, num_samples=args.num_samples)
+    if space.plugins:  # before anything is written
+        from study.training.plugin_check import check_plugins
+
+        check_plugins(space)
     address = args.address or ""
     set_mode = (
         address

@@ -201,6 +201,8 @@ class StudyPaths:
         self.plots = self.root / "plots"
         self.report = self.root / "report.html"
         """The one-page HTML report (``study report``; also written when the study finishes)."""
+        self.plugins = self.root / "plugins"
+        """Copies of the space's file plug-ins, made when the study starts; the trials import these."""
 
     def trial_dir(self, experiment: str, index: int, trial_id: str) -> Path:
         return self.trials / experiment / trial_dirname(index, trial_id)

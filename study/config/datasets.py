@@ -10,41 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from study.config.registry import DATASETS as _REGISTRY_DATASETS
+from study.config.registry import DatasetSpec, register_dataset  # noqa: F401  (DatasetSpec: re-exported)
 from study.errors import UserError, unknown
 
 DEFAULT_DATA_DIR = "data"
 """Where ``--data-dir`` points when it is not given (``$STUDY_DATA_DIR`` overrides it)."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What is fixed about a dataset (its per-class sizes, statistics and the group thresholds)."""
-
-    name: str
-    num_classes: int
-    train_per_class: int
-    """Images per class in the balanced pool the long-tailed subset is drawn from."""
-    test_per_class: int
-    shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    default_imbalance_factor: float
-    many_threshold: int
-    few_threshold: int
-    crop_padding: int
-    flip: bool
-    """Whether a horizontal flip preserves the class (not for digits)."""
-    max_per_class: int | None = None
-    """Cap on n_max (digits: keep n_max a round 100)."""
-    needs_files: bool = True
-    note: str = ""
-    kind: str = "memory"
-    """``memory``: images held as uint8 arrays and augmented on the device; ``files``: image files
-    named by Kang et al.-format split lists, decoded and augmented in DataLoader workers
-    (``study.data.filelists``, ``study.data.streaming``)."""
-    color_jitter: bool = False
-    """File datasets: Kang et al.'s ColorJitter(0.4, 0.4, 0.4, 0) in the training transform (not for
-    iNaturalist)."""
 
 
 # --- counts -----------------------------------------------------------------------------------------
@@ -92,7 +63,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 # The WB and LDAM code normalise CIFAR-100 with these CIFAR-10 statistics too (docs/reference.md §1.1).
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
-DATASETS: dict[str, DatasetSpec] = {
+_BUILTIN_SPECS: dict[str, DatasetSpec] = {
     "cifar10-lt": DatasetSpec(
         name="cifar10-lt",
         num_classes=10,
@@ -317,7 +288,14 @@ def _file_spec(fs, imbalance: float) -> DatasetSpec:
 # The published lists' largest / smallest class (ImageNet-LT 1280 / 5, Places-LT 4980 / 5, iNat 1000 / 2);
 # a study records the ratio of the lists it actually read (FileLTData.imbalance_factor).
 _PUBLISHED_IMBALANCE = {"imagenet-lt": 256.0, "places-lt": 996.0, "inat2018": 500.0, "split-files": 0.0}
-DATASETS.update({name: _file_spec(fs, _PUBLISHED_IMBALANCE[name]) for name, fs in FILE_DATASETS.items()})
+_BUILTIN_SPECS.update({name: _file_spec(fs, _PUBLISHED_IMBALANCE[name]) for name, fs in FILE_DATASETS.items()})
+for _name, _spec in _BUILTIN_SPECS.items():
+    # the built-ins go through the public door a plug-in uses (study.register_dataset); the file
+    # datasets are read by study.data.filelists, not by a loader
+    register_dataset(_name, f"study.data.sources:LOADERS.{_name}" if _spec.kind == "memory" else None, spec=_spec)
+
+DATASETS = _REGISTRY_DATASETS
+"""Name -> :class:`DatasetSpec`: the built-ins above, then any plug-in's (``study.register_dataset``)."""
 
 
 def get_spec(name: str) -> DatasetSpec:

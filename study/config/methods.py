@@ -17,32 +17,14 @@ Kinds:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from study.config.registry import METHODS as _REGISTRY_METHODS
+from study.config.registry import Method, MethodInputs  # noqa: F401  (defined with the registry)
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    label: str
-    """Row label in tables."""
-    kind: str
-    preset: dict[str, Any] = field(default_factory=dict)
-    head: str = "linear"
-    """Trained parameters: ``linear`` (weight and bias) or ``lws`` (per-class scales only)."""
-    transform: str = ""
-    """Post-hoc transform: ``tau-norm``, ``la-add`` or ``la-mul``."""
-    description: str = ""
+def _register_builtins() -> None:
+    # the built-ins go through the public door a plug-in uses (study.register_method)
+    from study.config.registry import register_method
 
-    @property
-    def trains(self) -> bool:
-        """A classifier (or LWS scales) is trained by SGD; the other kinds are closed-form functions
-        of the stage-1 classifier and cached features (``study.training.posthoc``)."""
-        return self.kind == "trained"
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
     for m in [
         Method("none", "Stage-1 classifier", "identity", description="the stage-1 classifier unchanged"),
         Method(
@@ -128,8 +110,22 @@ METHODS: dict[str, Method] = {
             transform="la-mul",
             description="z_c * pi_c^(-tau), tau picked on the selection split (Hasegawa & Sato)",
         ),
-    ]
-}
+    ]:
+        register_method(
+            m.name,
+            label=m.label,
+            description=m.description,
+            preset=m.preset,
+            kind=m.kind,
+            head=m.head,
+            transform=m.transform,
+        )
+
+
+METHODS = _REGISTRY_METHODS
+"""Name -> :class:`Method`: the built-ins below, then any plug-in's (``study.register_method``)."""
+
+_register_builtins()
 
 ABLATION_ORDER = [
     "none",

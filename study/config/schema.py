@@ -25,10 +25,24 @@ from typing import Any
 from study.config.backbones import MODEL_NAMES, TORCHVISION_BACKBONES, known_model
 from study.config.datasets import DATASETS, SAMPLERS, n_max_for
 from study.config.methods import METHODS
+from study.config.registry import LOSSES as _REGISTRY_LOSSES
+from study.config.registry import register_loss
 from study.errors import ConfigError, unknown
 
-LOSSES = ("ce", "cb", "focal", "ldam", "balanced-softmax", "la-loss")
-"""The training losses by name (``loss:`` of either stage; ``study.training.losses.make_loss``)."""
+for _name, _what in [
+    ("ce", "cross-entropy"),
+    ("cb", "class-balanced loss (Cui et al.) in the form cb_form names"),
+    ("focal", "LDAM-DRW's softmax focal loss"),
+    ("ldam", "label-distribution-aware margins (Cao et al.)"),
+    ("balanced-softmax", "CE on z + log n_c (Ren et al.)"),
+    ("la-loss", "logit-adjusted loss, CE on z + tau log pi_c (Menon et al.)"),
+]:
+    # the built-ins go through the public door a plug-in uses (study.register_loss)
+    register_loss(_name, f"study.training.losses:make_{_name.replace('-', '_')}", description=_what)
+
+LOSSES = _REGISTRY_LOSSES
+"""The training losses by name (``loss:`` of either stage; ``study.training.losses.make_loss``):
+the built-ins above, then any plug-in's."""
 
 PROTOCOLS = ("honest", "wb-parity", "test-selection")
 """``honest``: hyperparameters and best epochs are selected on a validation split carved from the
@@ -398,7 +412,8 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", f"{self.warmup_epochs} must be smaller than epochs ({self.epochs})")
         _choice("schedule", self.schedule, ("cosine", "constant"))
         _choice("schedule_step", self.schedule_step, ("step", "epoch-start"))
-        _choice("loss", self.loss, LOSSES)
+        if self.loss not in LOSSES:
+            raise ConfigError("loss", unknown("loss", self.loss, LOSSES))
         _range("cb_beta", self.cb_beta, 0.0, 1.0)
         _range("focal_gamma", self.focal_gamma, 0.0)
         _range("ldam_max_m", self.ldam_max_m, 0.0, lo_open=True)

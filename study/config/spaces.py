@@ -48,6 +48,7 @@ from study.config.backbones import MODEL_NAMES as MODELS
 from study.config.backbones import feature_dim
 from study.config.datasets import DATASETS
 from study.config.methods import METHODS
+from study.config.plugins import PLUGINS_KEY, Plugin, load_plugins
 from study.config.schema import (
     PROTOCOL_PRESETS,
     PROTOCOLS,
@@ -75,6 +76,7 @@ TOP_KEYS = {
     "search": "",
     "stage1": "",
     "stage2": "",
+    "plugins": "",
 }
 STAGE1_KEYS = {"variants", "feeds_stage2"}
 OLD_FORM_KEYS = {"budget", "baseline", "scheduler"}
@@ -211,6 +213,8 @@ class StudySpace:
     stage2_scheduler: dict[str, Scheduler | None]
     train_method: str
     description: str = ""
+    plugins: tuple[Plugin, ...] = ()
+    """The plug-ins the space imports (``plugins:``), in order."""
 
     # -- derived
     @property
@@ -285,6 +289,8 @@ class StudySpace:
                 for m in self.stage2
             },
             "train_method": self.train_method,
+            # only when there are any, so the fingerprints of spaces without plug-ins stay the same
+            **({"plugins": {p.spec: p.record() for p in self.plugins}} if self.plugins else {}),
         }
 
     def fingerprint(self) -> str:
@@ -729,6 +735,8 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
     for key in raw:
         if key not in TOP_KEYS:
             raise ConfigError(key, unknown("key", key, TOP_KEYS))
+    # first: the names the plug-ins register must be known when the rest is validated
+    plugins = tuple(load_plugins(raw.get(PLUGINS_KEY), Path(source).parent if source else None))
     protocol = coerce("protocol", raw.get("protocol", "honest"), str)
     if protocol not in PROTOCOLS:
         raise ConfigError("protocol", unknown("protocol", protocol, PROTOCOLS))
@@ -794,7 +802,7 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         fixed, params, extra = _split_values(body, Stage2Config, METHOD_KEYS, where, forbid={"method"})
         values = {**_presets(protocol, "stage2"), **common, **METHODS[m].preset, **fixed, "method": m}
         cfg = _check_searchable(Stage2Config, values, params, where)
-        if METHODS[m].kind != "trained" and params and set(params) - {"tau"}:
+        if METHODS[m].kind not in ("trained", "custom") and params and set(params) - {"tau"}:
             bad = sorted(set(params) - {"tau"})[0]
             raise ConfigError(
                 f"{where}.{bad}",
@@ -829,6 +837,7 @@ def parse_space(raw: dict, name: str = "space", source: str = "") -> StudySpace:
         stage2_scheduler=sched2,
         train_method=train_method,
         description=str(raw.get("description", "")).strip(),
+        plugins=plugins,
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from study.config.datasets import DatasetSpec, get_spec, lt_counts, n_max_for
 from study.config.groups import shot_groups
-from study.data.sources import LOADERS, RawData
+from study.data.sources import RawData
 from study.errors import UserError
 
 
@@ -159,7 +159,9 @@ def load_data(cfg, data_dir: str | os.PathLike | None = None, download: bool = T
     spec = get_spec(cfg.dataset)
     if spec.kind == "files":
         return load_file_data(cfg, data_dir)
-    return build_lt(LOADERS[spec.name](data_dir, download), cfg, spec)
+    from study.config.registry import DATASET_LOADERS, resolve
+
+    return build_lt(resolve(DATASET_LOADERS[spec.name])(data_dir, download), cfg, spec)
 
 
 @dataclass

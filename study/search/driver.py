@@ -187,6 +187,17 @@ def study_header(space: StudySpace, name: str, data) -> StudyHeader:
     )
 
 
+def copy_plugins(space: StudySpace, paths: StudyPaths) -> None:
+    """The space's file plug-ins into the study folder, where every trial imports them from
+    (``study.config.plugins``)."""
+    from study.fsutil import atomic_write_bytes
+
+    for p in space.plugins:
+        if p.path:
+            paths.plugins.mkdir(exist_ok=True)
+            atomic_write_bytes(paths.plugins / Path(p.path).name, Path(p.path).read_bytes())
+
+
 def prepare_study_dir(space: StudySpace, paths: StudyPaths, fresh: bool, log: Callable[[str], None]) -> str:
     """'new', 'resume' or 'done'. Refuses a changed space, and an unfinished study written by an older
     layout version, unless ``fresh``, which moves the old folder aside (never deleting it)."""
@@ -296,6 +307,7 @@ def run_study(
             paths.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(" ".join(sys.argv))
             if state == "new":
+                copy_plugins(space, paths)
                 study_header(space, name, data).write(paths.study_yaml)
             log(
                 f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "

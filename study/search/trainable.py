@@ -64,6 +64,7 @@ def study_trainable(config: dict, data=None) -> None:
     method = config["method"]
     params = searched_params(config)
     cls = Stage1Config if st.stage == "stage1" else Stage2Config
+    load_study_plugins(paths)  # before the names they register are validated
     cfg = build(cls, {**st.config, **params})
     torch.set_num_threads(max(1, int(st.cpus_per_trial or 1)))
     tdir = paths.trial_dir(st.experiment, st.index, trial_id)
@@ -106,6 +107,16 @@ def study_trainable(config: dict, data=None) -> None:
         with open(tdir / TRACEBACK_FILE, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} trial {trial_id}\n{traceback.format_exc()}\n")
         raise
+
+
+def load_study_plugins(paths: StudyPaths) -> None:
+    """Import the plug-ins the study recorded (``study.config.plugins``), in this worker."""
+    from study.config.plugins import PLUGINS_KEY, load_recorded
+    from study.layout import read_yaml_file
+
+    records = (read_yaml_file(paths.study_yaml).get("space") or {}).get(PLUGINS_KEY)
+    if records:
+        load_recorded(records, paths.plugins)
 
 
 def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.05) -> ExperimentOpened:

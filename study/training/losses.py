@@ -118,41 +118,57 @@ class Loss:
         return self.fn(logits, y, self.drw_weights if deferred else None)
 
 
+# --- the built-in losses' factories (registered by name in study.config.schema) -------------------------------
+# Each is make(cfg, counts, device) -> fn(logits, y, weights), the protocol of study.register_loss.
+
+
+def make_ce(cfg, counts, device):
+    # plain CE exactly as before; with DRW's weights, PyTorch's weighted mean as LDAM-DRW's code
+    return lambda z, y, w: weighted_cross_entropy(z, y) if w is None else F.cross_entropy(z.float(), y, weight=w)
+
+
+def make_cb(cfg, counts, device):
+    w = class_balanced_weights(counts, cfg.cb_beta).to(device)
+    if cfg.cb_form == "bce":
+        return lambda z, y, _: cb_bce_softmax(z, y, w)
+    if cfg.cb_form in ("sigmoid", "focal"):
+        gamma = cfg.focal_gamma if cfg.cb_form == "focal" else None
+        return lambda z, y, _: cb_sigmoid(z, y, w, gamma)
+    return lambda z, y, _: weighted_cross_entropy(z, y, w)
+
+
+def make_focal(cfg, counts, device):
+    return lambda z, y, w: focal_loss(z, y, cfg.focal_gamma, w)
+
+
+def make_ldam(cfg, counts, device):
+    m = ldam_margins(counts, cfg.ldam_max_m).to(device)
+    if getattr(cfg, "classifier", "linear") == "normed":
+        # the model's logits are cosine_scale * cos; LDAM's margins and s apply to the cosines
+        scale = cfg.cosine_scale
+        return lambda z, y, w: ldam_loss(z / scale, y, m, cfg.ldam_s, w)
+    return lambda z, y, w: ldam_loss(z, y, m, cfg.ldam_s, w)
+
+
+def make_balanced_softmax(cfg, counts, device):
+    # log n_c; the LA loss's log(pi_c^tau + 1e-12) at tau = 1 differs by a constant per row, which
+    # softmax cross-entropy ignores
+    shift = torch.log(torch.as_tensor(list(counts), dtype=torch.float32)).to(device)
+    return lambda z, y, w: F.cross_entropy(z.float() + shift, y, weight=w)
+
+
+def make_la_loss(cfg, counts, device):
+    shift = log_prior_shift(counts, cfg.la_tau).to(device)
+    return lambda z, y, w: F.cross_entropy(z.float() + shift, y, weight=w)
+
+
 def make_loss(cfg, counts: Sequence[int], device) -> Loss:
-    """The training loss a stage's configuration names (``loss``, with ``cb_beta``/``cb_form``,
-    ``focal_gamma``, ``ldam_max_m``/``ldam_s``, ``la_tau``, ``drw_epoch``)."""
-    kind = cfg.loss
-    if kind == "cb":
-        w = class_balanced_weights(counts, cfg.cb_beta).to(device)
-        if cfg.cb_form == "bce":
-            return Loss(lambda z, y, _: cb_bce_softmax(z, y, w))
-        if cfg.cb_form in ("sigmoid", "focal"):
-            gamma = cfg.focal_gamma if cfg.cb_form == "focal" else None
-            return Loss(lambda z, y, _: cb_sigmoid(z, y, w, gamma))
-        return Loss(lambda z, y, _: weighted_cross_entropy(z, y, w))
+    """The training loss a stage's configuration names (``loss``, built-in or a plug-in's; the
+    built-ins read ``cb_beta``/``cb_form``, ``focal_gamma``, ``ldam_max_m``/``ldam_s``, ``la_tau``),
+    with deferred re-weighting from ``drw_epoch`` on."""
+    from study.config.registry import LOSSES, resolve
+
+    fn = resolve(LOSSES[cfg.loss].make)(cfg, list(counts), device)
     drw = getattr(cfg, "drw_epoch", None)
     weights = class_balanced_weights(counts, cfg.cb_beta).to(device) if drw is not None else None
-    if kind == "ce":
-        # plain CE exactly as before; with DRW's weights, PyTorch's weighted mean as LDAM-DRW's code
-        fn = lambda z, y, w: weighted_cross_entropy(z, y) if w is None else F.cross_entropy(z.float(), y, weight=w)  # noqa: E731
-    elif kind == "focal":
-        fn = lambda z, y, w: focal_loss(z, y, cfg.focal_gamma, w)  # noqa: E731
-    elif kind == "ldam":
-        m = ldam_margins(counts, cfg.ldam_max_m).to(device)
-        if getattr(cfg, "classifier", "linear") == "normed":
-            # the model's logits are cosine_scale * cos; LDAM's margins and s apply to the cosines
-            scale = cfg.cosine_scale
-            fn = lambda z, y, w: ldam_loss(z / scale, y, m, cfg.ldam_s, w)  # noqa: E731
-        else:
-            fn = lambda z, y, w: ldam_loss(z, y, m, cfg.ldam_s, w)  # noqa: E731
-    elif kind in ("balanced-softmax", "la-loss"):
-        # Balanced Softmax adds log n_c, the LA loss log(pi_c^tau + 1e-12): at tau = 1 they differ by a
-        # constant per row, which softmax cross-entropy ignores
-        if kind == "balanced-softmax":
-            shift = torch.log(torch.as_tensor(list(counts), dtype=torch.float32)).to(device)
-        else:
-            shift = log_prior_shift(counts, cfg.la_tau).to(device)
-        fn = lambda z, y, w: F.cross_entropy(z.float() + shift, y, weight=w)  # noqa: E731
-    else:
-        raise ValueError(f"unknown loss {kind!r}")
     return Loss(fn, weights, drw)

@@ -412,7 +412,9 @@ MODELS: dict[str, Callable[[int, int], LTClassifier]] = {
     # ResNet-(6n+2) rule below, which would otherwise also match those two names
     **{name: _torchvision_resnet(name) for name in TORCHVISION_RESNETS},
 }
-assert tuple(MODELS) == MODEL_NAMES, "study.config.backbones.MODEL_NAMES lists the registry's names, in order"
+assert tuple(MODELS) == tuple(n for n in MODEL_NAMES if MODEL_NAMES.origin(n) == "builtin"), (
+    "study.config.backbones registers these names, in this order"
+)
 
 
 def build_model(
@@ -420,16 +422,20 @@ def build_model(
 ) -> LTClassifier:
     """Build a registered model; with ``seed`` the initialisation is reproducible and leaves the
     global RNG untouched; with ``cosine_scale`` its classifier is a :class:`NormedLinear`."""
-    if name in MODELS:
-        make = MODELS[name]
-    elif known_model(name):
-        make = _cifar_resnet(int(name[len("resnet") :]))
-    else:
-        from study.errors import UserError, unknown
+    from study.config.registry import BACKBONES, resolve
 
-        raise UserError(unknown("backbone", name, MODELS))
+    if name in BACKBONES:
+        entry = BACKBONES[name]
+        make = resolve(entry.make)
+    elif known_model(name):
+        entry, make = None, _cifar_resnet(int(name[len("resnet") :]))
+    else:
+        BACKBONES[name]  # raises the unknown-name error with the valid choices
+
     def built() -> LTClassifier:
         model = make(num_classes, in_channels)
+        if not isinstance(model, LTClassifier):  # a plug-in's feature extractor gets the linear classifier
+            model = LTClassifier(model, entry.feature_dim, num_classes)
         return model if cosine_scale is None else make_normed(model, cosine_scale)
 
     if seed is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from study.config.methods import Method
+from study.config.methods import Method, MethodInputs
 from study.training.evaluation import accuracy_report, balance_stats, summarize
 from study.training.heads import AffineHead
 from study.training.regularizers import row_norms, tau_normalize
@@ -36,11 +36,15 @@ def candidate_heads(
     train_feats: torch.Tensor | None = None,
     train_y: torch.Tensor | None = None,
     num_classes: int = 0,
+    counts=(),
+    seed: int = 0,
 ) -> list[tuple[float | None, AffineHead]]:
     """(tau, head) for every tau the method tries (tau None for methods without one)."""
     W, b = W.float(), b.float()
     if method.kind == "identity":
         return [(None, AffineHead(W, b))]
+    if method.kind == "custom":
+        return [(None, custom_head(method, cfg, W, b, train_feats, train_y, counts, seed))]
     if method.kind == "ncm":
         mu = train_feats.mean(0)
         z = F.normalize(train_feats - mu, dim=1)
@@ -61,6 +65,28 @@ def candidate_heads(
             raise ValueError(f"unknown post-hoc transform {method.transform!r}")
         out.append((tau, head))
     return out
+
+
+def custom_head(method: Method, cfg, W, b, train_feats, train_y, counts, seed: int) -> AffineHead:
+    """The head a plug-in method's ``fit`` returns, checked: (weight C x D, bias C), finite."""
+    from study.config.registry import resolve
+
+    inputs = MethodInputs(W, b, train_feats, train_y, tuple(int(c) for c in counts), cfg, int(seed))
+    out = resolve(method.fit)(inputs)
+    ok = isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+    if not ok or tuple(out[0].shape) != tuple(W.shape) or tuple(out[1].shape) != tuple(b.shape):
+        if isinstance(out, (tuple, list)):
+            got = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out)
+        else:
+            got = type(out).__name__
+        raise TypeError(
+            f"stage-2 method '{method.name}': fit must return (weight {tuple(W.shape)}, bias {tuple(b.shape)}) "
+            f"tensors, got {got}"
+        )
+    w, bias = (t.detach().float().to(W.device) for t in out)
+    if not (torch.isfinite(w).all() and torch.isfinite(bias).all()):
+        raise FloatingPointError(f"stage-2 method '{method.name}': fit returned non-finite values")
+    return AffineHead(w, bias)
 
 
 def choose(candidates: list[tuple[float | None, AffineHead]], feats: torch.Tensor, labels, report_of):
@@ -97,7 +123,9 @@ def fit_posthoc(
     def report_of(preds, labels):
         return accuracy_report(preds, labels, data.train_counts, data.many_threshold, data.few_threshold)
 
-    cands = candidate_heads(method, cfg, W, b, data.priors(), train_feats, train_y, data.num_classes)
+    cands = candidate_heads(
+        method, cfg, W, b, data.priors(), train_feats, train_y, data.num_classes, data.train_counts, seed
+    )
     tau, head, report, curve = choose(cands, select_feats, select_y, report_of)
     state = {"head": head.to_state()}
     norms = [float(v) for v in row_norms(state["head"]["weight"]).flatten()]

@@ -634,7 +634,7 @@ def posthoc_result(
         model.backbone, select, plain, batch, amp, feature_cache, f"{data.selection_split}-seed{seed}"
     ).float()
     train_feats = train_y = None
-    if method.kind == "ncm":
+    if method.kind in ("ncm", "custom"):
         train = make_split(data, "train", device, workers=workers)
         train_feats = cached_features(model.backbone, train, plain, batch, amp, feature_cache, f"train-seed{seed}")
         train_feats, train_y = train_feats.float(), train.y

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from study.config.datasets import lt_counts
+from study.errors import UserError
 from study.training.losses import cb_bce_softmax, class_balanced_weights, make_loss, weighted_cross_entropy
 
 
@@ -100,5 +101,5 @@ def test_make_loss_dispatch():
     assert torch.equal(make_loss(cfg(loss="ce"), counts, "cpu")(logits, y), weighted_cross_entropy(logits, y))
     assert torch.equal(make_loss(cfg(loss="cb"), counts, "cpu")(logits, y), weighted_cross_entropy(logits, y, w))
     assert torch.equal(make_loss(cfg(loss="cb", cb_form="bce"), counts, "cpu")(logits, y), cb_bce_softmax(logits, y, w))
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="unknown loss 'nope'.*balanced-softmax"):
         make_loss(types.SimpleNamespace(loss="nope", drw_epoch=None, cb_beta=0.9), counts, "cpu")

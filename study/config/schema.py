@@ -302,7 +302,15 @@ class TrainConfig:
     """Linear learning-rate warm-up over this many epochs (LDAM-DRW uses 5; the WB recipe 0)."""
 
     schedule: str = "cosine"
-    """Learning-rate schedule after warm-up: ``cosine`` (to 0) or ``constant``."""
+    """Learning-rate schedule after warm-up: ``cosine`` (to 0), ``constant``, or ``step`` (multiplied
+    by ``lr_decay`` at each epoch of ``lr_milestones``, as LDAM-DRW's and Cui et al.'s CIFAR scripts)."""
+
+    lr_milestones: tuple[int, ...] = ()
+    """``schedule: step``: the 0-based epochs from which the learning rate is multiplied by
+    ``lr_decay`` once more (LDAM-DRW: 160, 180). A YAML list, or ``160,180`` in ``--set``."""
+
+    lr_decay: float = 0.1
+    """``schedule: step``: the factor at each milestone (LDAM-DRW and Cui et al.: 0.01)."""
 
     schedule_step: str = "step"
     """When the schedule advances: ``step`` (every SGD step, smooth) or ``epoch-start`` (once per
@@ -410,7 +418,22 @@ class TrainConfig:
         _range("warmup_epochs", self.warmup_epochs, 0)
         if self.warmup_epochs >= self.epochs:
             raise ConfigError("warmup_epochs", f"{self.warmup_epochs} must be smaller than epochs ({self.epochs})")
-        _choice("schedule", self.schedule, ("cosine", "constant"))
+        _choice("schedule", self.schedule, ("cosine", "constant", "step"))
+        _range("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        if self.schedule == "step":
+            ms = list(self.lr_milestones)
+            if not ms:
+                raise ConfigError(
+                    "lr_milestones", "schedule: step needs the epochs where the rate drops, e.g. [160, 180]"
+                )
+            if ms != sorted(set(ms)) or ms[0] <= self.warmup_epochs or ms[-1] >= self.epochs:
+                raise ConfigError(
+                    "lr_milestones",
+                    f"{ms} must increase strictly, after the warm-up ({self.warmup_epochs} epochs) and "
+                    f"before epochs ({self.epochs})",
+                )
+        elif self.lr_milestones:
+            raise ConfigError("lr_milestones", f"only schedule: step reads them (schedule is {self.schedule})")
         _choice("schedule_step", self.schedule_step, ("step", "epoch-start"))
         if self.loss not in LOSSES:
             raise ConfigError("loss", unknown("loss", self.loss, LOSSES))
@@ -658,6 +681,13 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(key, f"expected a string, got {value!r}")
+    if typing.get_origin(tp) is tuple:  # tuple[X, ...]: a YAML list, or "a,b" from --set
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return tuple(coerce(key, v.strip() if isinstance(v, str) else v, item) for v in value)
     return value
 
 

@@ -91,6 +91,8 @@ ADDED_FIELDS = {
     "la_tau": 1.0,
     "drw_epoch": None,
     "cosine_scale": 30.0,
+    "lr_milestones": (),
+    "lr_decay": 0.1,
 }
 """Configuration fields added after 0.2.0, with their defaults: left out of the fingerprint while
 at the default (see :meth:`StudySpace.fingerprint`)."""

@@ -79,11 +79,20 @@ def lr_at(cfg, step: int, steps_per_epoch: int) -> float:
     """Learning rate for SGD step ``step`` (0-based).
 
     ``schedule_step: step``: warm-up then cosine evaluated at every step.
+    ``schedule: step``: warm-up (per step or per epoch, as ``schedule_step`` says), then ``lr`` times
+    ``lr_decay`` to the number of milestones reached (LDAM-DRW's ``adjust_learning_rate``).
     ``schedule_step: epoch-start``: the WB code's ``CosineAnnealingLR.step()`` called at the start
     of each epoch, so epoch e (0-based) runs at lr * (1 + cos(pi (e + 1) / E)) / 2 and the last
     epoch at lr = 0.
     """
     E, W = cfg.epochs, cfg.warmup_epochs
+    if cfg.schedule == "step":
+        e = step // steps_per_epoch
+        if cfg.schedule_step == "step" and step < W * steps_per_epoch:
+            return cfg.lr * (step + 1) / (W * steps_per_epoch)
+        if e < W:
+            return cfg.lr * (e + 1) / W
+        return cfg.lr * cfg.lr_decay ** sum(e >= m for m in cfg.lr_milestones)
     if cfg.schedule_step == "epoch-start":
         e = step // steps_per_epoch
         if e < W:

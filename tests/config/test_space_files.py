@@ -73,3 +73,19 @@ def test_fields_added_after_0_2_keep_the_fingerprints_of_its_studies():
     assert seen == set(ADDED_FIELDS)  # each is a field of one of the stages
     changed = load_space("digits-lt", ["stage1.variants.ce-wd.focal_gamma=2"]).fingerprint()
     assert changed != "813049ecfbe57dea"
+
+
+def test_every_shipped_space_loads_and_its_published_rows_name_its_experiments():
+    import yaml
+
+    from study.config.spaces import SPACES_DIR, available_spaces, load_space
+
+    names = available_spaces()
+    assert {"fashion-mnist-lt-losses", "cifar100-lt-losses", "digits-lt"} <= set(names)
+    for name in names:
+        space = load_space(name)
+        published = SPACES_DIR / "published" / f"{name}.yaml"
+        if published.is_file():
+            plans = {e.name: {p.method for p in e.plans} for e in space.experiments()}
+            for row in yaml.safe_load(published.read_text())["rows"]:
+                assert row["method"] in plans.get(row["experiment"], set()), (name, row)

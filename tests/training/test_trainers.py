@@ -76,6 +76,58 @@ def test_lr_epoch_start_mode_follows_the_wb_code():
     assert lr_at(cfg, 0, spe) < 0.1  # the first just below the peak
 
 
+def ref_ldam_drw_lr(epoch, lr=0.1):  # kaidic/LDAM-DRW @ 2536330 cifar_train.py adjust_learning_rate
+    epoch = epoch + 1
+    if epoch <= 5:
+        return lr * epoch / 5
+    elif epoch > 180:
+        return lr * 0.0001
+    elif epoch > 160:
+        return lr * 0.01
+    return lr
+
+
+def test_step_schedule_is_ldam_drws_adjust_learning_rate():
+    cfg = s1_config(
+        epochs=200,
+        lr=0.1,
+        warmup_epochs=5,
+        schedule="step",
+        lr_milestones=(160, 180),
+        lr_decay=0.01,
+        schedule_step="epoch-start",
+    )
+    spe = 3
+    for e in range(200):
+        for k in range(spe):
+            assert lr_at(cfg, e * spe + k, spe) == pytest.approx(ref_ldam_drw_lr(e), rel=1e-12), e
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"schedule": "step"}, "needs the epochs"),
+        ({"schedule": "step", "lr_milestones": (8, 4)}, "increase strictly"),
+        ({"schedule": "step", "lr_milestones": (10,)}, "before epochs (10)"),
+        ({"lr_milestones": (4,)}, "only schedule: step"),
+    ],
+)
+def test_step_schedule_errors_name_lr_milestones(kw, words):
+    from study.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="") as e:
+        s1_config(epochs=10, **kw)
+    assert e.value.key == "lr_milestones" and words in str(e.value)
+
+
+def test_lr_milestones_come_from_yaml_lists_and_set_strings():
+    from study.config.schema import build
+
+    for value in ([160, 180], "160,180", "[160, 180]"):
+        cfg = build(Stage1Config, {"backbone": BACKBONE, "schedule": "step", "lr_milestones": value})
+        assert cfg.lr_milestones == (160, 180)
+
+
 def test_lr_step_mode_is_cosine_per_step():
     cfg = s1_config(epochs=4, lr=0.2)
     spe, total = 5, 20

@@ -4,6 +4,7 @@ checkpoints that fall back to the previous good one."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -16,6 +17,34 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import UserError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def disk_full(exc: BaseException | None) -> OSError | bool | None:
+    """The OSError saying the disk (or the user's quota) is full somewhere in ``exc``'s chain —
+    also when it crossed a process boundary as text (True then) — or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        if any(t in str(exc) for t in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_line(exc: BaseException | None, who: str) -> str:
+    """One line for a full disk: who stopped, where, and what to do."""
+    found = disk_full(exc)
+    where = getattr(found, "filename", None) if isinstance(found, OSError) else None
+    at = f" writing {where}" if where else ""
+    return (
+        f"{who}: the disk is full{at}; the study stopped (nothing half-written is kept); free space, "
+        "then run the same command again to resume"
+    )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from study.config.spaces import StudySpace, diff_dicts
 from study.errors import StudyInterrupted, UserError
 from study.faults import pause_point
-from study.fsutil import StudyLock, atomic_write_json, check_writable, json_plain
+from study.fsutil import StudyLock, atomic_write_json, check_writable, disk_full, disk_full_line, json_plain
 from study.layout import (
     ENDED_STATUSES,
     FORMAT_VERSION,
@@ -53,9 +53,11 @@ from study.layout import (
 from study.results.records import experiment_trials
 from study.search.ray_runtime import (
     check_address,
+    check_nodes,
     check_stop,
     import_ray,
     init_ray,
+    stop_reason,
     stop_signals,
     trial_resources,
     wait_unless_stopped,
@@ -306,6 +308,8 @@ def run_study(
             gpus, cpus = trial_resources(gpus_per_trial, cpus_per_trial)
             paths.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(" ".join(sys.argv))
+            if address:
+                check_nodes(paths.root, _files_trials_read(data))
             if state == "new":
                 copy_plugins(space, paths)
                 study_header(space, name, data).write(paths.study_yaml)
@@ -348,7 +352,16 @@ def run_study(
             )
             return paths.root
     except KeyboardInterrupt:
-        raise StudyInterrupted("interrupted; run the same command again to resume the study") from None
+        _after_full_disk(paths, log)
+        raise StudyInterrupted(stop_reason() or "interrupted; run the same command again to resume the study") from None
+    except StudyInterrupted as e:
+        _after_full_disk(paths, log)
+        raise StudyInterrupted(stop_reason() or str(e)) from None
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        _after_full_disk(paths, log, force=True)
+        raise StudyInterrupted(disk_full_line(e, "study run")) from None
     finally:
         if finishing is not None:
             finishing.close()
@@ -358,6 +371,30 @@ def run_study(
             stopping.join()
         elif not address:  # also after a ray.init interrupted half-way: it stops what was started
             _shutdown_ray()
+
+
+def _after_full_disk(paths: StudyPaths, log: Callable[[str], None], force: bool = False) -> None:
+    """After a stop for a full disk: Ray Tune copies its snapshot files without a temporary file, so
+    the newest may be torn; set it aside now (the next run would too), so that no half-written file
+    stays where a reader would take it for a whole one. Best effort: the disk is still full."""
+    if not (force or "the disk is full" in (stop_reason() or "")):
+        return
+    from study.search.resume import usable_snapshot
+
+    try:
+        if paths.tune_experiment.is_dir():
+            usable_snapshot(paths.tune_experiment, log)
+    except OSError:
+        pass
+
+
+def _files_trials_read(data) -> list[str]:
+    """Files the trials of a file dataset read on whatever node they run (a memory dataset's images
+    travel with the trial): the first training and test image, as a sample."""
+    root = getattr(data, "root", "")
+    if not root:
+        return []
+    return [os.path.join(root, str(split[0])) for split in (data.train_x, data.test_x) if len(split)]
 
 
 def _load_for_search(data_cfg, data_dir):

@@ -54,6 +54,18 @@ def import_ray() -> None:
     del ray
 
 
+def _full_disk_filter(record) -> bool:
+    """Ray Tune logs a traceback when it cannot save its experiment state; on a full disk the study
+    stops with one line instead (:func:`request_stop`), so that record is dropped."""
+    from study.fsutil import disk_full, disk_full_line
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if not (disk_full(exc) or disk_full(Exception(record.getMessage()))):
+        return True
+    request_stop(disk_full_line(exc, "study run"))
+    return False
+
+
 def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) -> None:
     """Join the Ray cluster at ``address``, or start a local one (one CPU per core, no dashboard)."""
     import logging
@@ -87,6 +99,8 @@ def init_ray(address: str | None, verbose: bool, temp_dir: str | None = None) ->
         if not verbose:
             for name in ("ray", "ray.tune", "ray.train", "ray.data"):
                 logging.getLogger(name).setLevel(logging.ERROR)
+        for handler in logging.getLogger("ray").handlers + logging.getLogger().handlers:
+            handler.addFilter(_full_disk_filter)
     # Optuna is set up after ray.init, not before: its import would only delay Ray's start.
     import optuna
 
@@ -157,6 +171,24 @@ def _on_stop_signal(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+_STOP_REASON: list[str] = []
+
+
+def request_stop(reason: str) -> None:
+    """Stop the study as Ctrl-C would (inside Tune's loop: its graceful stop), and say ``reason``
+    instead of "interrupted" at the end; once."""
+    if _STOP_REASON:
+        return
+    _STOP_REASON.append(reason)
+    _STOP.set()
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def stop_reason() -> str | None:
+    """The reason given to :func:`request_stop`, if any."""
+    return _STOP_REASON[0] if _STOP_REASON else None
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop was requested, even if its exception was swallowed."""
     if _STOP.is_set():
@@ -221,3 +253,86 @@ def stop_signals():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+# --- what every node of a cluster must see ----------------------------------------------------------------
+
+NODE_CHECK_TIMEOUT_S = 60.0
+"""How long the per-node check waits for a node's answer (a node busy with another job's tasks may
+take a while to start one more)."""
+
+
+def _node_sees(nonce_file: str, nonce: str, data_files: list[str]) -> dict:
+    """Runs on one node: does it see the driver's nonce file, and the dataset's files?"""
+    import os as _os
+
+    import ray as _ray
+
+    try:
+        with open(nonce_file) as f:
+            results = "ok" if f.read().strip() == nonce else "another folder at the same path (its check file differs)"
+    except OSError as e:
+        results = e.strerror or str(e)
+    missing = [p for p in data_files if not _os.path.exists(p)]
+    return {"node": _ray.get_runtime_context().get_node_id(), "results": results, "missing": missing}
+
+
+def check_nodes(results_root, data_files: list[str], timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
+    """Under ``--address``, before any trial: one tiny task pinned to every alive node (Ray's
+    node-affinity strategy) reads a nonce file the driver has just written into the study's
+    folder, and checks that ``data_files`` (what trials read from ``--data-dir``) exist. A node that
+    cannot see them raises a :class:`UserError` naming the node (its IP and Ray node id) and what to
+    do. Trials write their checkpoints and records into the study folder, so on a node that does not
+    share it they would "complete" onto that node's own disk."""
+    import secrets
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nonce = secrets.token_hex(16)
+    nonce_file = Path(results_root) / f".node-check-{nonce[:8]}"
+    nonce_file.write_text(nonce)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        task = ray.remote(num_cpus=0)(_node_sees)
+        refs = {
+            task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(nonce_file), nonce, data_files
+            ): n
+            for n in nodes
+        }
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        problems = []
+        for ref in ready:
+            node = refs[ref]
+            try:
+                seen = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the node died meanwhile, or the task could not run
+                problems.append(
+                    f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): the check failed ({type(e).__name__})"
+                )
+                continue
+            where = f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]})"
+            if seen["results"] != "ok":
+                problems.append(
+                    f"{where} cannot see the results folder {results_root} ({seen['results']}); mount it "
+                    "at the same path on every node (trials write their checkpoints and records there)"
+                )
+            elif seen["missing"]:
+                problems.append(
+                    f"{where} lacks the dataset's files under --data-dir (e.g. {seen['missing'][0]}); "
+                    "put them at the same path on every node"
+                )
+        for ref in pending:
+            ray.cancel(ref, force=False)
+            node = refs[ref]
+            problems.append(
+                f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]}) did not answer the "
+                f"folder check within {timeout:.0f} s"
+            )
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(problems[0] + more)
+    finally:
+        nonce_file.unlink(missing_ok=True)

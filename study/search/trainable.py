@@ -6,9 +6,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import ray
 from ray import tune
 
-from study.fsutil import append_jsonl
+from study.fsutil import append_jsonl, disk_full, disk_full_line
 from study.layout import (
     EVENTS_FILE,
     TRACEBACK_FILE,
@@ -95,18 +96,47 @@ def study_trainable(config: dict, data=None) -> None:
         params=params,
         method=method,
         workers=loader_workers(data, st.cpus_per_trial or 1),
+        node=ray.get_runtime_context().get_node_id(),
     )
     # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none,
     # and an older snapshot can never name a Tune checkpoint that no longer exists.
     try:
         run_trial(spec, data, report=tune.report)
+    except OSError as e:
+        if not disk_full(e):
+            _keep_traceback(tdir, trial_id)
+            raise
+        _stop_for_full_disk(disk_full_line(e, f"trial {st.experiment}/{tdir.name}"))
     except Exception:
-        # the whole traceback stays with the trial; the driver's terminal gets one line (study.compat)
-        import traceback
+        _keep_traceback(tdir, trial_id)
+        raise
 
+
+DISK_FULL_KEY = "disk_full"
+"""A report with this key asks the driver to stop the study (the disk is full): the trial is then
+stopped by Tune's graceful stop like on Ctrl-C, neither failed nor retried, and resumes later."""
+
+
+def _stop_for_full_disk(line: str, wait_s: float = 300.0) -> None:
+    """Ask the driver to stop (a report it acts on), and wait here to be stopped with the others;
+    a driver that does not stop within ``wait_s`` gets the error after all."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+    tune.report({DISK_FULL_KEY: line})
+    time.sleep(wait_s)
+    raise OSError(28, line)
+
+
+def _keep_traceback(tdir: Path, trial_id: str) -> None:
+    """The whole traceback stays with the trial; the driver's terminal gets one line (study.compat)."""
+    import traceback
+
+    try:
         with open(tdir / TRACEBACK_FILE, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} trial {trial_id}\n{traceback.format_exc()}\n")
-        raise
+    except OSError:  # the traceback is a convenience: the error itself still reaches the driver
+        pass
 
 
 def load_study_plugins(paths: StudyPaths) -> None:

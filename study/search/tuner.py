@@ -35,10 +35,10 @@ from study.config.spaces import Experiment, StudySpace
 from study.fsutil import atomic_write_json
 from study.layout import FAILED, FAILED_FILE, TRACEBACK_FILE, StudyPaths, parse_trial_dirname, trial_experiment
 from study.results.records import error_reason, optuna_study_name
-from study.search.ray_runtime import trial_slots
+from study.search.ray_runtime import request_stop, trial_slots
 from study.search.resume import set_aside_orphans, usable_snapshot
 from study.search.searchers import OBJECTIVE, MethodSearcher, OptunaSearcher, RunSettings, StudySearcher
-from study.search.trainable import _index_of, study_trainable, tune_trial_dirname
+from study.search.trainable import DISK_FULL_KEY, _index_of, study_trainable, tune_trial_dirname
 
 _USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
 
@@ -113,6 +113,15 @@ class MethodScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "MethodScheduler(" + ", ".join(self.schedulers) + ")"
+
+
+class DiskFullStop(tune.Callback):
+    """Stops the study when a trial reports that the disk is full (``trainable.DISK_FULL_KEY``)."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        line = result.get(DISK_FULL_KEY)
+        if line:
+            request_stop(str(line))
 
 
 class FailureRecorder(tune.Callback):
@@ -224,7 +233,7 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
         storage_path=str(paths.tune),
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=space.search.retries),
-        callbacks=[FailureRecorder(str(paths.root))],
+        callbacks=[FailureRecorder(str(paths.root)), DiskFullStop()],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

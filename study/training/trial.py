@@ -70,6 +70,24 @@ class TrialSpec:
     workers: int = 0
     """DataLoader worker processes that decode a file dataset's images (0: in this process; the
     in-memory datasets need none)."""
+    node: str = ""
+    """The Ray node id the trial runs on (recorded in its start events: every node of a cluster on one
+    machine has the same host name); empty outside Ray."""
+
+
+def _start_event(spec: TrialSpec, start_epoch: int, attempt: int, device) -> dict:
+    event = {
+        "t": time.time(),
+        "event": "start",
+        "start_epoch": start_epoch,
+        "attempt": attempt,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": str(device),
+    }
+    if spec.node:
+        event["node"] = spec.node
+    return event
 
 
 def _make_trainer(spec: TrialSpec, data, seed: int, device):
@@ -170,18 +188,7 @@ def run_trial(
         # Closed-form methods: nothing to checkpoint or report per epoch.
         from study.training.trainers import posthoc_result
 
-        append_jsonl(
-            events,
-            {
-                "t": time.time(),
-                "event": "start",
-                "start_epoch": 0,
-                "attempt": 1,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "device": str(device),
-            },
-        )
+        append_jsonl(events, _start_event(spec, 0, 1, device))
         maybe_raise(spec.experiment, spec.trial_index, method, 1, tdir)
         results = {
             s: posthoc_result(
@@ -216,18 +223,7 @@ def run_trial(
         log(f"{spec.experiment} trial {spec.trial_index}: {msg}")
         append_jsonl(events, {"t": time.time(), "event": "fallback", "note": msg})
     attempt = sum(1 for e in read_jsonl(events) if e.get("event") == "start") + 1
-    append_jsonl(
-        events,
-        {
-            "t": time.time(),
-            "event": "start",
-            "start_epoch": start_epoch,
-            "attempt": attempt,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "device": str(device),
-        },
-    )
+    append_jsonl(events, _start_event(spec, start_epoch, attempt, device))
     if start_epoch:
         log(f"{spec.experiment} trial {spec.trial_index}: resumed from epoch {start_epoch}")
 

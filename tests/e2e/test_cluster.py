@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -75,3 +78,89 @@ def test_study_runs_on_an_existing_cluster(tmp_path, ray_head):
     host, port = ray_head.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=3):
         pass
+
+
+def _ray_env() -> dict:
+    """Token auth where this machine has a token (the driver's CLI switches it on then too)."""
+    env = dict(os.environ, RAY_ADDRESS="")
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    code = (
+        f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else 0
+
+
+@pytest.fixture
+def cluster_without_shared_disk(tmp_path):
+    """A head without CPUs and a worker node (2 CPUs) in its own mount namespace, where an empty
+    tmpfs covers ``tmp_path/res``: the worker cannot see what the driver writes there. Stopped by
+    killing the processes the fixture started, by PID."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (needs root or user namespaces)")
+    res = tmp_path / "res"
+    res.mkdir()
+    port = _free_port()
+    ray = Path(sys.executable).with_name("ray")
+    env = _ray_env()
+    before = {p.pid for p in psutil.process_iter()}
+    common = ["--include-dashboard=false", "--disable-usage-stats", "--num-gpus=0"]
+    head = subprocess.run(
+        [str(ray), "start", "--head", f"--port={port}", "--num-cpus=0", f"--temp-dir=/tmp/rayh{port}", *common],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert head.returncode == 0, head.stdout + head.stderr
+    address = f"127.0.0.1:{port}"
+    worker_cmd = (
+        f"mount -t tmpfs none {res} && exec {ray} start --address={address} --num-cpus=2 "
+        f"--temp-dir=/tmp/rayw{port} --block {' '.join(c for c in common if c != '--include-dashboard=false')}"
+    )
+    worker = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", worker_cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        t0 = time.time()
+        while _alive_nodes(address, env) < 2:
+            assert worker.poll() is None, "the worker node exited"
+            assert time.time() - t0 < 90, "the worker node did not join within 90 s"
+            time.sleep(1)
+        yield address, res
+    finally:
+        cleanup([p for p in psutil.process_iter() if p.pid not in before])
+
+
+def test_a_node_without_the_results_folder_is_named_within_seconds(tmp_path, cluster_without_shared_disk):
+    address, res = cluster_without_shared_disk
+    space = toy_space(tmp_path, e1=2, b1=1, e2=1, b2=1)
+    t0 = time.time()
+    r = study(
+        "run",
+        str(space),
+        "--results-dir",
+        str(res),
+        "--name",
+        "c",
+        "--address",
+        address,
+        timeout=300,
+        env_extra={"RAY_ADDRESS": ""},
+    )
+    took = time.time() - t0
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "cannot see the results folder" in lines[0] and "Ray node" in lines[0], lines[0]
+    assert "mount it at the same path on every node" in lines[0]
+    assert "all diverged or failed" not in r.stdout + r.stderr  # the old, misleading end
+    assert took < 60, took
+    # nothing written but the study's own folder, which holds no study
+    assert [p.name for p in res.iterdir()] == ["c"]
+    assert not (res / "c" / "study.yaml").exists() and not (res / "c" / "trials").exists()

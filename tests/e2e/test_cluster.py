@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -164,3 +165,125 @@ def test_a_node_without_the_results_folder_is_named_within_seconds(tmp_path, clu
     # nothing written but the study's own folder, which holds no study
     assert [p.name for p in res.iterdir()] == ["c"]
     assert not (res / "c" / "study.yaml").exists() and not (res / "c" / "trials").exists()
+
+
+def _start_node(address: str, name: str, env: dict, cpus: int = 2) -> subprocess.Popen:
+    ray = Path(sys.executable).with_name("ray")
+    return subprocess.Popen(
+        [
+            str(ray),
+            "start",
+            f"--address={address}",
+            f"--num-cpus={cpus}",
+            "--num-gpus=0",
+            f"--temp-dir=/tmp/{name}",
+            "--disable-usage-stats",
+            "--block",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _processes_of(temp_dir: str) -> list:
+    """A node's processes: every raylet, worker and agent names its --temp-dir (or session folder) on
+    its command line."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_a_worker_node_killed_mid_stage1_loses_at_most_the_epoch_in_flight(tmp_path):
+    """Head without CPUs, worker node B (2 CPUs) on the shared results folder; with a stage-1 trial
+    a few epochs in on B, node C joins and B is SIGKILLed (every process of it): the study completes
+    with exact budgets, no failed trial, and the trial resumes on C from an epoch at least the last
+    one it reported on B (its checkpoints are in the shared folder)."""
+    from study.testing.studyrun import assert_complete, start, trial_in_flight
+
+    port = _free_port()
+    env = _ray_env()
+    ray = Path(sys.executable).with_name("ray")
+    before = {p.pid for p in psutil.process_iter()}
+    head = subprocess.run(
+        [
+            str(ray),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            f"--temp-dir=/tmp/rayh{port}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            '--system-config={"health_check_initial_delay_ms":0,"health_check_period_ms":1000,"health_check_failure_threshold":3}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert head.returncode == 0, head.stdout + head.stderr
+    address = f"127.0.0.1:{port}"
+    try:
+        _start_node(address, f"rayb{port}", env)
+        t0 = time.time()
+        while _alive_nodes(address, env) < 2:
+            assert time.time() - t0 < 90, "node B did not join"
+            time.sleep(1)
+        space = toy_space(tmp_path, e1=30, b1=2, e2=1, b2=1)
+        root = tmp_path / "res" / "k"
+        log = tmp_path / "run.log"
+        proc = start(
+            "run",
+            str(space),
+            "--results-dir",
+            str(tmp_path / "res"),
+            "--name",
+            "k",
+            "--address",
+            address,
+            log=log,
+            env_extra={"RAY_ADDRESS": ""},
+        )
+        t0 = time.time()
+        while (victim := trial_in_flight(root, "stage1", 4)) is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < 240, "no stage-1 trial reached epoch 4"
+            time.sleep(0.3)
+        _start_node(address, f"rayc{port}", env)
+        reported = max(e["epoch"] for e in _events(victim) if e.get("event") == "epoch")
+        node_b = _processes_of(f"/tmp/rayb{port}")
+        assert node_b, "node B's processes not found"
+        for p in node_b:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+        rows = assert_complete(root, toy_budgets(b1=2, b2=1))
+        assert {r["status"] for r in rows} == {"completed"}
+        assert not list(root.rglob("failed.json"))
+        starts = [e for e in _events(victim) if e.get("event") == "start"]
+        assert len(starts) >= 2 and starts[0]["node"] != starts[-1]["node"], starts
+        resumed = starts[-1]["start_epoch"]
+        # the epochs node B reported before it died (it may run on a moment after the kill is sent)
+        on_b = max(e["epoch"] for e in _events(victim) if e.get("event") == "epoch" and e["t"] < starts[-1]["t"])
+        assert resumed >= max(reported, on_b), (resumed, reported, on_b)
+        epochs = [e["epoch"] for e in _events(victim) if e.get("event") == "epoch" and e["t"] > starts[-1]["t"]]
+        assert epochs and epochs[0] == resumed + 1, (resumed, epochs[:3])
+        print(
+            f"node loss: epoch {reported} reported when the kill was sent, {on_b} the last on B, resumed from {resumed}"
+        )
+    finally:
+        cleanup([p for p in psutil.process_iter() if p.pid not in before])
+
+
+def _events(tdir: Path) -> list[dict]:
+    from study.testing.studyrun import events
+
+    return events(tdir)

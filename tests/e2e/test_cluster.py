@@ -25,31 +25,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A local Ray head with 2 CPUs; stopped by killing the processes it started (never `ray stop`,
-    which would kill every Ray process on the machine)."""
-    port = _free_port()
+def _start_head(port: int, cpus: int, env: dict | None = None, *extra: str) -> None:
+    """``ray start --head`` on ``port`` with its own short --temp-dir (Ray's socket paths must stay
+    short), no dashboard, no GPUs."""
     ray = Path(sys.executable).with_name("ray")
-    temp = Path("/tmp") / f"rayh{port}"  # Ray's socket paths must stay short
-    before = {p.pid for p in psutil.process_iter()}
     r = subprocess.run(
         [
             str(ray),
             "start",
             "--head",
             f"--port={port}",
-            "--num-cpus=2",
+            f"--num-cpus={cpus}",
             "--num-gpus=0",
             "--include-dashboard=false",
-            f"--temp-dir={temp}",
+            f"--temp-dir=/tmp/rayh{port}",
             "--disable-usage-stats",
+            *extra,
         ],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local Ray head with 2 CPUs; stopped by killing the processes it started (never `ray stop`,
+    which would kill every Ray process on the machine)."""
+    port = _free_port()
+    before = {p.pid for p in psutil.process_iter()}
+    _start_head(port, 2)
     started = [p for p in psutil.process_iter() if p.pid not in before]
     try:
         yield f"127.0.0.1:{port}"
@@ -110,19 +117,11 @@ def cluster_without_shared_disk(tmp_path):
     ray = Path(sys.executable).with_name("ray")
     env = _ray_env()
     before = {p.pid for p in psutil.process_iter()}
-    common = ["--include-dashboard=false", "--disable-usage-stats", "--num-gpus=0"]
-    head = subprocess.run(
-        [str(ray), "start", "--head", f"--port={port}", "--num-cpus=0", f"--temp-dir=/tmp/rayh{port}", *common],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert head.returncode == 0, head.stdout + head.stderr
+    _start_head(port, 0, env)
     address = f"127.0.0.1:{port}"
     worker_cmd = (
         f"mount -t tmpfs none {res} && exec {ray} start --address={address} --num-cpus=2 "
-        f"--temp-dir=/tmp/rayw{port} --block {' '.join(c for c in common if c != '--include-dashboard=false')}"
+        f"--temp-dir=/tmp/rayw{port} --block --disable-usage-stats --num-gpus=0"
     )
     worker = subprocess.Popen(
         ["unshare", "-m", "sh", "-c", worker_cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -209,27 +208,9 @@ def test_a_worker_node_killed_mid_stage1_loses_at_most_the_epoch_in_flight(tmp_p
 
     port = _free_port()
     env = _ray_env()
-    ray = Path(sys.executable).with_name("ray")
     before = {p.pid for p in psutil.process_iter()}
-    head = subprocess.run(
-        [
-            str(ray),
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=0",
-            "--num-gpus=0",
-            f"--temp-dir=/tmp/rayh{port}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            '--system-config={"health_check_initial_delay_ms":0,"health_check_period_ms":1000,"health_check_failure_threshold":3}',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert head.returncode == 0, head.stdout + head.stderr
+    health = '{"health_check_initial_delay_ms":0,"health_check_period_ms":1000,"health_check_failure_threshold":3}'
+    _start_head(port, 0, env, f"--system-config={health}")
     address = f"127.0.0.1:{port}"
     try:
         _start_node(address, f"rayb{port}", env)

@@ -299,8 +299,7 @@ DATASETS = _REGISTRY_DATASETS
 
 
 def get_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise UserError(unknown("dataset", name, DATASETS))
+    """The registered dataset ``name`` (an unknown name is a UserError listing the valid ones)."""
     return DATASETS[name]
 
 

@@ -146,8 +146,5 @@ ABLATION_ORDER = [
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        from study.errors import UserError, unknown
-
-        raise UserError(unknown("stage-2 method", name, METHODS))
+    """The registered method ``name`` (an unknown name is a UserError listing the valid ones)."""
     return METHODS[name]

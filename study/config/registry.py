@@ -70,6 +70,9 @@ class Registry(Mapping[str, T], Generic[T]):
         except KeyError:
             raise UserError(unknown(self.kind, name, self._items)) from None
 
+    def get(self, name: str, default=None):  # Mapping.get expects a KeyError, not the UserError above
+        return self._items.get(name, default)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -139,14 +139,21 @@ def _keep_traceback(tdir: Path, trial_id: str) -> None:
         pass
 
 
+_PLUGINS_LOADED: set[Path] = set()
+
+
 def load_study_plugins(paths: StudyPaths) -> None:
-    """Import the plug-ins the study recorded (``study.config.plugins``), in this worker."""
+    """Import the plug-ins the study recorded (``study.config.plugins``), once per worker process
+    (a worker runs many trials of the same study)."""
+    if paths.root in _PLUGINS_LOADED:
+        return
     from study.config.plugins import PLUGINS_KEY, load_recorded
     from study.layout import read_yaml_file
 
     records = (read_yaml_file(paths.study_yaml).get("space") or {}).get(PLUGINS_KEY)
     if records:
         load_recorded(records, paths.plugins)
+    _PLUGINS_LOADED.add(paths.root)  # only once they imported: a failure is retried by the next trial
 
 
 def _wait_opened(paths: StudyPaths, experiment: str, poll: float = 0.05) -> ExperimentOpened:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from study.config.backbones import feature_dim as dim_of
 from study.config.datasets import DATASETS
 from study.config.methods import METHODS
 from study.config.plugins import one_line
@@ -90,17 +91,14 @@ def check_plugins(space) -> None:
     seen = set()
     for plan in space.variants.values():
         cfg = plan.config
-        if BACKBONES.get(cfg.backbone) is not None and BACKBONES.origin(cfg.backbone) != "builtin":
+        if cfg.backbone in BACKBONES and BACKBONES.origin(cfg.backbone) != "builtin":
             if ("backbone", cfg.backbone) not in seen:
                 check_backbone(cfg.backbone, num_classes, shape)
                 seen.add(("backbone", cfg.backbone))
         if LOSSES.origin(cfg.loss) != "builtin" and ("loss", cfg.loss) not in seen:
             check_loss(cfg.loss, cfg, num_classes)
             seen.add(("loss", cfg.loss))
-    feature_dim = space.variants[space.train_variant].config.backbone
-    from study.config.backbones import feature_dim as dim_of
-
-    feature_dim = dim_of(feature_dim)
+    feature_dim = dim_of(space.variants[space.train_variant].config.backbone)
     for m, cfg in space.stage2.items():
         if LOSSES.origin(cfg.loss) != "builtin" and ("loss", cfg.loss) not in seen:
             check_loss(cfg.loss, cfg, num_classes)

@@ -62,3 +62,8 @@ def test_import_study_stays_torch_free():
     code = "import sys, study; study.register_loss; print('torch' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_get_of_an_unknown_name_is_the_default_not_an_error():
+    assert BACKBONES.get("resnet20") is None  # a CIFAR ResNet by rule, not a registered name
+    assert LOSSES.get("focal").name == "focal"

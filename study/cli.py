@@ -293,6 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             fresh=args.fresh,
             verbose=args.verbose,
             log=lambda s: print(s, flush=True),
+            store=args.store,
         )
     finally:
         if set_mode:
@@ -477,8 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--address",
-        help="join an existing Ray cluster (HOST:PORT or 'auto'); RESULTS_DIR must "
-        "then be on storage shared by every node",
+        help="join an existing Ray cluster (HOST:PORT or 'auto'); RESULTS_DIR must then be on storage "
+        "shared by every node, unless --store is given",
+    )
+    r.add_argument(
+        "--store",
+        metavar="URI",
+        help="where trials keep their checkpoints and weights, for clusters without a shared disk: "
+        "s3://BUCKET/PREFIX (S3-compatible servers: add ?endpoint_override=HOST:PORT&scheme=http), "
+        "gs://BUCKET/PREFIX or a folder every node mounts; credentials from the environment "
+        "(default: the results folder itself)",
     )
     r.add_argument(
         "--gpus-per-trial",

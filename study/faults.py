@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from study.layout import FAULT_COUNT_FILE
 
@@ -30,8 +29,9 @@ def _specs(kind: str) -> list[list[str]]:
     return out
 
 
-def maybe_raise(experiment: str, trial_index: int, method: str, epoch: int, trial_dir: Path) -> None:
-    """Raise inside a trial when a ``raise`` spec matches it (see module docstring)."""
+def maybe_raise(experiment: str, trial_index: int, method: str, epoch: int, files) -> None:
+    """Raise inside a trial when a ``raise`` spec matches it (see module docstring); ``files`` is the
+    trial's :class:`~study.store.Store`, which holds the count, so it holds across nodes too."""
     for spec in _specs("raise"):
         try:
             st, who, ep, times = spec
@@ -39,10 +39,9 @@ def maybe_raise(experiment: str, trial_index: int, method: str, epoch: int, tria
             continue
         if st != experiment or int(ep) != epoch or who not in (str(trial_index), method):
             continue
-        counter = Path(trial_dir) / FAULT_COUNT_FILE
-        n = int(counter.read_text()) if counter.exists() else 0
+        n = int((files.get(FAULT_COUNT_FILE) or b"0").decode() or 0)
         if n < int(times):
-            counter.write_text(str(n + 1))
+            files.put(FAULT_COUNT_FILE, str(n + 1).encode())
             raise RuntimeError(f"injected fault at epoch {epoch} (STUDY_FAULT)")
 
 

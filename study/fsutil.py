@@ -1,5 +1,5 @@
-"""Files that survive crashes: atomic writes, JSON without NaN, the study lock, checksummed
-checkpoints that fall back to the previous good one."""
+"""Files that survive crashes: atomic writes, JSON without NaN, the study lock. (Checkpoints, which
+may live elsewhere than the results folder, are ``study.store``'s.)"""
 
 from __future__ import annotations
 
@@ -136,8 +136,13 @@ def json_plain(obj: Any) -> Any:
     return json.loads(json.dumps(clean_json(obj), default=str))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the study's JSON files hold it (indented, NaN as null)."""
+    return (json.dumps(clean_json(obj), indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(clean_json(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -302,53 +307,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def save_checkpoint(folder: str | os.PathLike, epoch: int, state: dict, keep: int = 2) -> Path:
-    """Save ``state`` as ``epoch-NNNN.pt`` with a sha256 sidecar; keep the newest ``keep``."""
-    import io
-
-    import torch
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    path = folder / f"epoch-{epoch:04d}.pt"
-    atomic_write_bytes(path, data)
-    atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
-    for old in sorted(folder.glob("epoch-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".sha256").unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[dict | None, list[str]]:
-    """The newest checkpoint in ``folder`` whose checksum matches and which loads, with notes on
-    any newer ones that were skipped as corrupt. Loads with ``weights_only=True`` (no pickled code)."""
-    import torch
-
-    folder = Path(folder)
-    notes: list[str] = []
-    for path in sorted(folder.glob("epoch-*.pt"), reverse=True):
-        side = path.with_suffix(".sha256")
-        try:
-            expected = side.read_text().strip() if side.exists() else None
-            if expected is not None and sha256_file(path) != expected:
-                raise ValueError("checksum mismatch (truncated or modified)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError("not a checkpoint dictionary")
-            return state, notes
-        except Exception as e:  # noqa: BLE001 - a bad file must never stop the study: fall back and say so
-            notes.append(f"checkpoint {path.name} is unusable ({type(e).__name__}: {str(e)[:100]})")
-            bad = path.with_name(path.name + ".corrupt")
-            try:
-                path.rename(bad)
-            except OSError:
-                pass
-    return None, notes
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:

@@ -35,6 +35,7 @@ Reads files only: no Ray, no torch, no GPU.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import UserError
-from study.fsutil import atomic_write_json, read_json_or_none
+from study.fsutil import atomic_write_json, json_bytes, read_json_or_none
 
 # --- trial statuses ---------------------------------------------------------------------------------------
 
@@ -92,6 +93,12 @@ CHECKPOINTS = "ckpt"
 """A trial's per-epoch checkpoint folder."""
 FAULT_COUNT_FILE = ".fault-count"
 """A trial's count of injected faults (``study.faults``, for the tests)."""
+ATTEMPTS_FILE = ".attempts"
+"""With a store apart from the results folder (``study.store``): a trial's count of starts, kept in the
+store (the events that count them in the results folder are the driver's to write)."""
+REPORT_FILES_KEY = "_files"
+"""With a store apart from the results folder: the key of a trial's Tune report that carries what the
+driver writes into the trial's folder for it (events, trial.json, record.json; ``study.search.mirror``)."""
 ADOPT_POOL = ".adopt"
 """Inside a stage's trial folder: trials missing from Tune's last snapshot, waiting for their
 method's next trial to continue them (``study.search.resume``)."""
@@ -275,6 +282,18 @@ class _View:
     def write(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
 
+    def to_bytes(self) -> bytes:
+        """The file's bytes (what :meth:`write` writes)."""
+        return json_bytes(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None):
+        """The view of a file's bytes, or None (missing or unreadable)."""
+        try:
+            return cls.from_dict(json.loads(data)) if data is not None else None
+        except ValueError:
+            return None
+
 
 @dataclass(frozen=True)
 class TrialInfo(_View):
@@ -428,6 +447,12 @@ class TrialContext(_View):
     """Stage 2: the selected stage-1 trial's folder (None while the experiment has not opened)."""
     after: str | None = None
     """The experiment this trial's waits for (``stage1`` for stage 2, else None)."""
+    store: str = ""
+    """Where the trial keeps its checkpoints and weights (``study.store``): empty for the results folder
+    itself, else the study's store URI (no secrets), and the trial writes nothing into the results folder."""
+    adopt: str = ""
+    """With a store apart from the results folder: the folder name of the orphaned trial this one
+    continues (``study.search.resume``), whose files in the store it takes over."""
 
     KEY = CONTEXT_KEY
 

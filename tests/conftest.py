@@ -69,3 +69,23 @@ def toy_study(tmp_path_factory):
     r = study("run", str(toy_space(tmp)), "--results-dir", str(tmp / "res"), "--name", "toy")
     assert r.returncode == 0, r.stdout + r.stderr
     return tmp / "res" / "toy"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (moto) on 127.0.0.1 with a bucket ``study-test``; a ``study.testing.s3.S3Server``.
+    Tests that use it pass ``S3_ENV`` (test keys, no instance metadata) to what they start."""
+    from study.testing.s3 import s3_server
+
+    with s3_server() as server:
+        server.create_bucket("study-test")
+        yield server
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """This process's environment with the test server's keys (``study.testing.s3.S3_ENV``)."""
+    from study.testing.s3 import S3_ENV
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)

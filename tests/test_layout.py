@@ -57,12 +57,13 @@ def test_long_study_names_are_refused():
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
 def test_written_files_get_the_umask_mode(tmp_path, umask):
-    from study.fsutil import atomic_write_json, save_checkpoint
+    from study.fsutil import atomic_write_json
+    from study.store import LocalStore, save_checkpoint
 
     old = os.umask(umask)
     try:
         atomic_write_json(tmp_path / "a.json", {"x": 1})
-        ckpt = save_checkpoint(tmp_path / "ckpt", 1, {"w": [1.0]})
+        ckpt = tmp_path / "ckpt" / save_checkpoint(LocalStore(tmp_path / "ckpt"), 1, {"w": [1.0]})
     finally:
         os.umask(old)
     for p in (tmp_path / "a.json", ckpt, ckpt.with_suffix(".sha256")):

@@ -9,7 +9,7 @@ import pickle
 import torch
 
 from study.cli import main
-from study.fsutil import load_latest_checkpoint, save_checkpoint
+from study.store import LocalStore, load_latest_checkpoint, save_checkpoint
 
 
 class _Evil:
@@ -22,12 +22,12 @@ class _Evil:
 
 def test_a_checkpoint_with_pickled_code_is_refused_not_executed(tmp_path):
     folder = tmp_path / "ckpt"
-    save_checkpoint(folder, 1, {"epoch": 1, "w": torch.ones(2)})
+    save_checkpoint(LocalStore(folder), 1, {"epoch": 1, "w": torch.ones(2)})
     marker = tmp_path / "pwned"
     buf = io.BytesIO()
     pickle.dump({"epoch": 2, "payload": _Evil(str(marker))}, buf, protocol=2)
     (folder / "epoch-0002.pt").write_bytes(buf.getvalue())  # newest, no checksum sidecar
-    state, notes = load_latest_checkpoint(folder)
+    state, notes = load_latest_checkpoint(LocalStore(folder))
     assert not marker.exists()
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(2))
     assert notes and "epoch-0002.pt" in notes[0]

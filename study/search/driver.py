@@ -71,16 +71,18 @@ if TYPE_CHECKING:  # matplotlib's module: imported where the plots are drawn
 
 
 def _final_eval_task(
-    backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict, workers: int = 0
+    backbone: str, stage1_file: str, finals: dict[str, str], data, eval_cfg: dict, workers: int = 0, loaded=None
 ) -> dict:
-    """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``)."""
+    """In a Ray worker: test-set reports of every selected model of one seed (``evaluate_selected``).
+    ``loaded``: the weights of those files, loaded by the driver (when the node may not see its disk)."""
     from study.config.schema import EvalConfig
     from study.fsutil import safe_torch_load
     from study.training.final_eval import evaluate_selected
 
-    stage1 = safe_torch_load(stage1_file)
+    load = (lambda f: loaded[f]) if loaded is not None else safe_torch_load
+    stage1 = load(stage1_file)
     # the variant's own stage-1 model is the backbone of its heads: the same object, one feature pass
-    states = {key: stage1 if f == stage1_file else safe_torch_load(f) for key, f in finals.items()}
+    states = {key: stage1 if f == stage1_file else load(f) for key, f in finals.items()}
     return evaluate_selected(backbone, stage1, states, data, EvalConfig(**eval_cfg), workers=workers)
 
 
@@ -93,6 +95,7 @@ def run_final_evaluation(
     gpus: float,
     log: Callable[[str], None],
     in_driver: bool = False,
+    ship_weights: bool = False,
 ) -> None:
     """Evaluate each method's selected configuration once per seed on the test set (skipping those
     already written, so a resumed study never evaluates a configuration twice). One evaluation per
@@ -101,7 +104,8 @@ def run_final_evaluation(
 
     ``in_driver``: evaluate here, one after another, with all of this machine's cores and GPU (a
     local Ray runs nothing else by now, and a fresh Ray worker would first spend seconds importing
-    torch); otherwise one Ray task each, on the cluster's resources."""
+    torch); otherwise one Ray task each, on the cluster's resources, given the weights loaded here
+    when ``ship_weights`` (the nodes may not see the results folder)."""
     stage_of = {e.name: e for e in space.experiments()}
     todo = [
         (exp, method, marker.selection(method))
@@ -137,7 +141,10 @@ def run_final_evaluation(
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_final_eval_task)
         data_ref = ray.put(data)
         workers = loader_workers(data, cpus)
-        futures = {key: remote.remote(*job, data_ref, asdict(space.eval), workers) for key, job in jobs.items()}
+        futures = {
+            key: remote.remote(*job, data_ref, asdict(space.eval), workers, _loaded(job) if ship_weights else None)
+            for key, job in jobs.items()
+        }
         pause_point("final-eval", log, wait_unless_stopped)
         reports = {key: ray.get(f) for key, f in futures.items()}
     for variant, items in groups.items():
@@ -152,6 +159,14 @@ def run_final_evaluation(
                 split="test",
                 per_seed={str(s): reports[variant, s][f"{exp}--{method}"] for s in space.seeds},
             ).write(paths.final_file(exp, method))
+
+
+def _loaded(job: tuple) -> dict:
+    """The weight files of a final-evaluation job, loaded here, by path."""
+    from study.fsutil import safe_torch_load
+
+    _, stage1_file, finals = job
+    return {f: safe_torch_load(f) for f in {stage1_file, *finals.values()}}
 
 
 # --- the study ----------------------------------------------------------------------------------------
@@ -187,6 +202,42 @@ def study_header(space: StudySpace, name: str, data) -> StudyHeader:
         backbone=space.stage1.backbone,
         provenance=provenance(space.seeds, data, {"space_file": space.source}),
     )
+
+
+STORE_KEY = "store"
+"""study.yaml's provenance entry naming the study's store (``--store``; absent: the results folder)."""
+
+
+def _open_store(spec: str | None, name: str, paths: StudyPaths, fresh: bool):
+    """The study's store (``study.store``), checked by writing a probe there; None for the results folder.
+    A study keeps the store it started with: another one would not hold its trials' checkpoints."""
+    from study.store import check_store, parse_store
+
+    store = parse_store(spec, name) if spec is not None else None
+    recorded = current = store.uri if store is not None else ""
+    if paths.study_yaml.exists() and not fresh:
+        try:
+            recorded = str((read_yaml_file(paths.study_yaml).get("provenance") or {}).get(STORE_KEY) or "")
+        except Exception:  # noqa: BLE001 - an unreadable study.yaml is prepare_study_dir's to report
+            pass
+    if recorded.split("?", 1)[0] != current.split("?", 1)[0]:  # the options (an endpoint) may change
+        was = f"--store {recorded.split('?', 1)[0]}" if recorded else "the results folder (no --store)"
+        raise UserError(
+            f"{paths.root} keeps its trials' checkpoints and weights in {was}; run it with the same --store"
+        )
+    if store is not None:
+        check_store(store, spec)
+    return store
+
+
+def _share_with_trials(paths: StudyPaths, store) -> None:
+    """What trials read from the study folder (study.yaml's plug-in records, the plug-in files), into
+    the store, where trials on nodes without the results folder read it."""
+    store.put(paths.study_yaml.name, paths.study_yaml.read_bytes())
+    if paths.plugins.is_dir():
+        for f in sorted(paths.plugins.iterdir()):
+            if f.is_file():
+                store.put(f"{paths.plugins.name}/{f.name}", f.read_bytes())
 
 
 def copy_plugins(space: StudySpace, paths: StudyPaths) -> None:
@@ -261,11 +312,14 @@ def run_study(
     verbose: bool = False,
     log: Callable[[str], None] = print,
     ray_temp_dir: str | None = None,
+    store: str | None = None,
 ) -> Path:
     """Run or resume a whole study; returns its folder. Raises StudyInterrupted when stopped early.
 
-    Everything a user can get wrong is checked before anything is written: the name, the results
-    folder, the resources, the cluster address, a changed space, the dataset files."""
+    ``store``: where trials keep their checkpoints and weights (``study.store``; default: the results
+    folder, which every node must then mount). Everything a user can get wrong is checked before
+    anything is written: the name, the results folder, the resources, the cluster address, the store,
+    a changed space, the dataset files."""
     lock = stopping = finishing = None
     try:
         # Ctrl-C and SIGTERM stop the study cleanly from the very start (see study.search.ray_runtime).
@@ -285,6 +339,7 @@ def run_study(
                 raise UserError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
             if address:
                 check_address(address)
+            trial_store = _open_store(store, name, paths, fresh)
             lock = StudyLock(paths.root)
             lock.check()  # a live `study run` on this folder: refuse now, before touching anything
             state = prepare_study_dir(space, paths, fresh, log)
@@ -309,10 +364,15 @@ def run_study(
             paths.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(" ".join(sys.argv))
             if address:
-                check_nodes(paths.root, _files_trials_read(data))
+                check_nodes(paths.root, _files_trials_read(data), trial_store)
             if state == "new":
                 copy_plugins(space, paths)
-                study_header(space, name, data).write(paths.study_yaml)
+                header = study_header(space, name, data)
+                if trial_store is not None:
+                    header.provenance[STORE_KEY] = trial_store.uri
+                header.write(paths.study_yaml)
+            if trial_store is not None:
+                _share_with_trials(paths, trial_store)
             log(
                 f"study {name}: {space.data.dataset}, protocol {space.protocol} (selection on "
                 f"{data.selection_split}), seeds {list(space.seeds)} -> {paths.root}"
@@ -339,6 +399,7 @@ def run_study(
                 in_driver=not address,
                 on_stage2=finishing.start,
                 on_searched=searched,
+                store=trial_store,
             )
             check_stop()
             finishing.start()  # a no-op when stage 2 ran in this run
@@ -485,6 +546,7 @@ def _run_stages(
     in_driver: bool = False,
     on_stage2: Callable[[], None] | None = None,
     on_searched: Callable[[], None] | None = None,
+    store=None,
 ) -> None:
     """The search (every experiment not finished yet, in one Tuner), then the final evaluation on
     the test set. ``on_stage2`` runs at the first result of a stage-2 trial, ``on_searched`` once
@@ -496,7 +558,9 @@ def _run_stages(
         if not all(paths.stage_marker(e.name).exists() for e in experiments):
             from study.search.tuner import run_search
 
-            run_search(space, paths, data, cpus, gpus, view.log, on_stage2=on_stage2, start_ahead=in_driver)
+            run_search(
+                space, paths, data, cpus, gpus, view.log, on_stage2=on_stage2, start_ahead=in_driver, store=store
+            )
         check_stop()
         selections: dict[str, StageMarker] = {}
         for exp in experiments:
@@ -516,7 +580,9 @@ def _run_stages(
             selections[exp.name] = marker
         if on_searched is not None:
             on_searched()
-        run_final_evaluation(space, paths, data, selections, cpus, gpus, view.log, in_driver)
+        run_final_evaluation(
+            space, paths, data, selections, cpus, gpus, view.log, in_driver, ship_weights=store is not None
+        )
 
 
 def finish_study(paths: StudyPaths, view_log: Callable[[str], None] = print, plots: PlotProcess | None = None) -> None:

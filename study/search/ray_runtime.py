@@ -262,28 +262,37 @@ NODE_CHECK_TIMEOUT_S = 60.0
 take a while to start one more)."""
 
 
-def _node_sees(nonce_file: str, nonce: str, data_files: list[str]) -> dict:
-    """Runs on one node: does it see the driver's nonce file, and the dataset's files?"""
+def _node_sees(nonce_file: str, nonce: str, data_files: list[str], store=None) -> dict:
+    """Runs on one node: does it see the driver's nonce file (in the results folder, or in ``store``),
+    and the dataset's files?"""
     import os as _os
 
     import ray as _ray
 
     try:
-        with open(nonce_file) as f:
-            results = "ok" if f.read().strip() == nonce else "another folder at the same path (its check file differs)"
-    except OSError as e:
-        results = e.strerror or str(e)
+        if store is not None:
+            data = store.get(nonce_file)
+            text = data.decode() if data is not None else None
+            if text is None:
+                raise FileNotFoundError(2, "the check file is not there")
+        else:
+            with open(nonce_file) as f:
+                text = f.read()
+        results = "ok" if text.strip() == nonce else "another folder at the same path (its check file differs)"
+    except Exception as e:  # noqa: BLE001 - whatever the node cannot do, said in the one line
+        results = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] or type(e).__name__
     missing = [p for p in data_files if not _os.path.exists(p)]
     return {"node": _ray.get_runtime_context().get_node_id(), "results": results, "missing": missing}
 
 
-def check_nodes(results_root, data_files: list[str], timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
+def check_nodes(results_root, data_files: list[str], store=None, timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
     """Under ``--address``, before any trial: one tiny task pinned to every alive node (Ray's
     node-affinity strategy) reads a nonce file the driver has just written into the study's
-    folder, and checks that ``data_files`` (what trials read from ``--data-dir``) exist. A node that
-    cannot see them raises a :class:`UserError` naming the node (its IP and Ray node id) and what to
-    do. Trials write their checkpoints and records into the study folder, so on a node that does not
-    share it they would "complete" onto that node's own disk."""
+    folder — or, with a ``store`` apart from it (``study.store``), into the store — and checks that
+    ``data_files`` (what trials read from ``--data-dir``) exist. A node that cannot see them raises a
+    :class:`UserError` naming the node (its IP and Ray node id) and what to do. Without a store, trials
+    write their checkpoints and records into the study folder, so on a node that does not share it they
+    would "complete" onto that node's own disk."""
     import secrets
     from pathlib import Path
 
@@ -291,14 +300,19 @@ def check_nodes(results_root, data_files: list[str], timeout: float = NODE_CHECK
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nonce = secrets.token_hex(16)
-    nonce_file = Path(results_root) / f".node-check-{nonce[:8]}"
-    nonce_file.write_text(nonce)
+    name = f".node-check-{nonce[:8]}"
+    if store is not None:
+        store.put(name, nonce.encode())
+        nonce_file, where = name, f"the store {store.uri.split('?', 1)[0]}"
+    else:
+        nonce_file, where = str(Path(results_root) / name), f"the results folder {results_root}"
+        Path(nonce_file).write_text(nonce)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         task = ray.remote(num_cpus=0)(_node_sees)
         refs = {
             task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-                str(nonce_file), nonce, data_files
+                nonce_file, nonce, data_files, store
             ): n
             for n in nodes
         }
@@ -313,15 +327,18 @@ def check_nodes(results_root, data_files: list[str], timeout: float = NODE_CHECK
                     f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): the check failed ({type(e).__name__})"
                 )
                 continue
-            where = f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]})"
+            node_name = f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]})"
             if seen["results"] != "ok":
-                problems.append(
-                    f"{where} cannot see the results folder {results_root} ({seen['results']}); mount it "
-                    "at the same path on every node (trials write their checkpoints and records there)"
+                fix = (
+                    "check the store's address and that every node has its credentials in its environment"
+                    if store is not None
+                    else "mount it at the same path on every node (trials write their checkpoints and records "
+                    "there), or pass --store s3://BUCKET/PREFIX (or another store every node reaches)"
                 )
+                problems.append(f"{node_name} cannot see {where} ({seen['results']}); {fix}")
             elif seen["missing"]:
                 problems.append(
-                    f"{where} lacks the dataset's files under --data-dir (e.g. {seen['missing'][0]}); "
+                    f"{node_name} lacks the dataset's files under --data-dir (e.g. {seen['missing'][0]}); "
                     "put them at the same path on every node"
                 )
         for ref in pending:
@@ -335,4 +352,7 @@ def check_nodes(results_root, data_files: list[str], timeout: float = NODE_CHECK
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(problems[0] + more)
     finally:
-        nonce_file.unlink(missing_ok=True)
+        if store is not None:
+            store.delete(nonce_file)
+        else:
+            Path(nonce_file).unlink(missing_ok=True)

@@ -83,8 +83,8 @@ def set_aside_orphans(paths: StudyPaths, experiment: str, log: Callable[[str], N
                 claim.unlink()
 
 
-def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> TrialInfo | None:
-    """Reserve the most advanced waiting orphan of ``method`` for ``trial_id``; its trial.json."""
+def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> tuple[str, TrialInfo] | None:
+    """Reserve the most advanced waiting orphan of ``method`` for ``trial_id``; its folder name and trial.json."""
     pool = stage_dir / ADOPT_POOL
     if not pool.is_dir():
         return None
@@ -96,7 +96,7 @@ def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> TrialInfo | Non
         claim = entry / CLAIM_FILE
         if claim.exists():
             if claim.read_text().strip() == trial_id:
-                return info
+                return entry.name, info
             continue
         progress = (
             float("inf")
@@ -110,12 +110,13 @@ def claim_orphan(stage_dir: Path, method: str, trial_id: str) -> TrialInfo | Non
         return None
     _, _, entry, info = max(free, key=lambda f: (f[0], f[1]))
     atomic_write_text(entry / CLAIM_FILE, trial_id)
-    return info
+    return entry.name, info
 
 
 def adopt_claimed(stage_dir: Path, trial_id: str, tdir: Path) -> str | None:
-    """In the trainable: move the orphan claimed for ``trial_id`` (its checkpoints, events, record
-    and final weights) into the trial's own folder. Returns the orphan's folder name, if any."""
+    """In the trainable (with a store apart from the results folder: in the driver, at the trial's first
+    report): move the orphan claimed for ``trial_id`` (its checkpoints, events, record and final
+    weights) into the trial's own folder. Returns the orphan's folder name, if any."""
     pool = stage_dir / ADOPT_POOL
     if not pool.is_dir():
         return None

@@ -41,6 +41,7 @@ from study.layout import (
 )
 from study.results.records import experiment_trials, optuna_trial, read_tune_state, select_best
 from study.search import ray_runtime
+from study.search.mirror import TrialMirror
 from study.search.resume import claim_orphan
 
 OBJECTIVE = "objective"
@@ -148,6 +149,8 @@ class MethodSearcher:
         self.trial_method: dict[str, str] = {}
         self.pool = pool
         """The experiment's trial folder; orphaned trials waiting to be adopted are in its ``.adopt/``."""
+        self.claims: dict[str, str] = {}
+        """trial id -> the folder name of the orphan it continues (see :func:`claim_orphan`)."""
 
     def suggest(self, trial_id: str):
         """``{params..., "method": m}`` for a new (or the same) trial, or ``Searcher.FINISHED``."""
@@ -163,9 +166,12 @@ class MethodSearcher:
             # A trial that ran before a hard kill but is missing from Tune's snapshot takes this
             # slot: same method, same parameters (enqueued in the method's Optuna study), so the
             # new trial continues from its checkpoints (see claim_orphan / adopt_claimed).
-            orphan = claim_orphan(Path(self.pool), m, trial_id)
-            if orphan and sub is not None and orphan.params:
-                sub.enqueue(orphan.params)
+            claimed = claim_orphan(Path(self.pool), m, trial_id)
+            if claimed:
+                name, orphan = claimed
+                self.__dict__.setdefault("claims", {})[trial_id] = name  # absent from older snapshots
+                if sub is not None and orphan.params:
+                    sub.enqueue(orphan.params)
         params = {} if sub is None else sub.suggest(trial_id)
         self._count(trial_id, m)
         return {**params, "method": m}
@@ -250,6 +256,9 @@ class RunSettings:
     """How many trials of an experiment may start before it opens (:meth:`StudySearcher._may_start_ahead`)."""
     cpus_per_trial: float = 1.0
     """The CPUs each trial of this run has (its torch threads and decoding workers)."""
+    mirror: TrialMirror | None = None
+    """With a store apart from the results folder: writes what each report carries into the trial's
+    folder, before anything here reads it (``study.search.mirror``)."""
 
 
 class StudySearcher(Searcher):
@@ -280,9 +289,12 @@ class StudySearcher(Searcher):
         max_live: int | None = None,
         seeds: tuple[int, ...] = (),
         eval_cfg: dict | None = None,
+        store: str = "",
     ):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.root = str(paths.root)
+        self.store = store
+        """The study's store URI (``study.store``), empty for the results folder: in every trial's context."""
         self.seeds = list(seeds)
         self.eval = dict(eval_cfg or {})
         self.order = [e.name for e in experiments]
@@ -347,6 +359,10 @@ class StudySearcher(Searcher):
                 continue
             self._register(trial_id, e, self.count[e])
             self.live.add(trial_id)
+            if getattr(self, "store", ""):
+                # the trial writes nothing here (study.search.mirror): its folder exists from the start,
+                # where the terminal's line for a failed attempt names it
+                self.paths.trial_dir(e, self.index[trial_id], trial_id).mkdir(parents=True, exist_ok=True)
             return self._with_study(e, trial_id, cfg)
         return None if waiting else Searcher.FINISHED
 
@@ -395,6 +411,8 @@ class StudySearcher(Searcher):
             backbone=c["backbone"],
             stage1_dir=c.get("stage1_dir"),
             after=self.after[e],
+            store=getattr(self, "store", ""),
+            adopt=getattr(self.searchers[e], "claims", {}).get(trial_id, "") if getattr(self, "store", "") else "",
         )
         return {**cfg, TrialContext.KEY: context.to_dict()}
 
@@ -436,7 +454,13 @@ class StudySearcher(Searcher):
         ).write(self.paths.stage_marker(e))
         self.finished.add(e)
 
+    def _mirror(self, trial_id: str, result: dict | None) -> None:
+        e = self.trial_exp.get(trial_id)
+        if self.run.mirror is not None and e is not None and result:
+            self.run.mirror.take(self.paths.trial_dir(e, self.index[trial_id], trial_id), trial_id, result)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._mirror(trial_id, result)
         e = self.trial_exp.get(trial_id)
         if e is not None:
             self.searchers[e].on_trial_result(trial_id, result)
@@ -448,6 +472,7 @@ class StudySearcher(Searcher):
                     self.run.on_stage2()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._mirror(trial_id, result)
         e = self.trial_exp.get(trial_id)
         if e is None or trial_id in self.ended[e]:
             return

@@ -2,6 +2,7 @@
 (``study.training.trial``), in the study's trial folder. Tune is given no checkpoints: a trial resumes
 from its own, so restoring a trial just calls its function again."""
 
+import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ from ray import tune
 
 from study.fsutil import append_jsonl, disk_full, disk_full_line
 from study.layout import (
+    CLAIM_FILE,
     EVENTS_FILE,
     TRACEBACK_FILE,
     ExperimentOpened,
@@ -22,6 +24,7 @@ from study.layout import (
     trial_index_in_experiment,
 )
 from study.search.resume import adopt_claimed
+from study.store import Store, open_store
 from study.training.trial import TrialSpec, run_trial
 
 
@@ -45,7 +48,6 @@ def study_trainable(config: dict, data=None) -> None:
     ``config`` holds the searched parameters (flat, as Optuna names them), ``method``, and the
     trial's :class:`~study.layout.TrialContext` (its study, experiment, index, base configuration,
     seeds, evaluation and, in stage 2, the stage-1 folder it trains on)."""
-    import dataclasses
 
     import torch
 
@@ -54,7 +56,7 @@ def study_trainable(config: dict, data=None) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     st = TrialContext.of(config)
-    paths = StudyPaths(Path(st.root))
+    paths = StudyPaths(Path(st.root))  # the driver's: with a store, only names are taken from it
     if st.after and not st.stage1_dir:
         # Proposed before its experiment opened (StudySearcher._may_start_ahead): wait here, in the
         # worker the trial keeps, for the stage-1 selection to train on.
@@ -65,24 +67,20 @@ def study_trainable(config: dict, data=None) -> None:
     method = config["method"]
     params = searched_params(config)
     cls = Stage1Config if st.stage == "stage1" else Stage2Config
-    load_study_plugins(paths)  # before the names they register are validated
+    store = open_store(st.store) if st.store else None
+    load_study_plugins(paths, store)  # before the names they register are validated
     cfg = build(cls, {**st.config, **params})
     torch.set_num_threads(max(1, int(st.cpus_per_trial or 1)))
     tdir = paths.trial_dir(st.experiment, st.index, trial_id)
-    tdir.mkdir(parents=True, exist_ok=True)
-    adopted = adopt_claimed(paths.trials / st.experiment, trial_id, tdir)
-    if adopted:
-        append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": "adopted", "from": adopted})
-    if not (tdir / TrialInfo.FILE).exists():
-        TrialInfo(
-            experiment=st.experiment,
-            stage=st.stage,
-            method=method,
-            trial_id=trial_id,
-            trial_index=st.index,
-            params=params,
-            config=asdict(cfg),
-        ).write(tdir / TrialInfo.FILE)
+    info = TrialInfo(
+        experiment=st.experiment,
+        stage=st.stage,
+        method=method,
+        trial_id=trial_id,
+        trial_index=st.index,
+        params=params,
+        config=asdict(cfg),
+    )
     spec = TrialSpec(
         stage=st.stage,
         config=cfg,
@@ -98,18 +96,69 @@ def study_trainable(config: dict, data=None) -> None:
         workers=loader_workers(data, st.cpus_per_trial or 1),
         node=ray.get_runtime_context().get_node_id(),
     )
+    if store is None:
+        tdir.mkdir(parents=True, exist_ok=True)
+        adopted = adopt_claimed(paths.trials / st.experiment, trial_id, tdir)
+        if adopted:
+            append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": "adopted", "from": adopted})
+        if not (tdir / TrialInfo.FILE).exists():
+            info.write(tdir / TrialInfo.FILE)
+        keep = tdir
+    else:
+        spec, keep = _with_store(spec, paths, store, st, info), store.sub(_rel(paths, tdir))
     # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none,
     # and an older snapshot can never name a Tune checkpoint that no longer exists.
     try:
         run_trial(spec, data, report=tune.report)
     except OSError as e:
         if not disk_full(e):
-            _keep_traceback(tdir, trial_id)
+            _keep_traceback(keep, trial_id)
             raise
         _stop_for_full_disk(disk_full_line(e, f"trial {st.experiment}/{tdir.name}"))
     except Exception:
-        _keep_traceback(tdir, trial_id)
+        _keep_traceback(keep, trial_id)
         raise
+
+
+def _rel(paths: StudyPaths, path) -> str:
+    """A path of the study folder as a store key."""
+    return Path(path).relative_to(paths.root).as_posix()
+
+
+def _with_store(spec: TrialSpec, paths: StudyPaths, store: Store, st: TrialContext, info: TrialInfo) -> TrialSpec:
+    """The trial of ``spec`` with its files in ``store`` and its folder's in its reports: it writes
+    nothing into the results folder, which this node may not have (``study.store``)."""
+    from study.training.features import FeatureCache
+    from study.training.trial import Outbox
+
+    rel = _rel(paths, spec.trial_dir)
+    outbox = Outbox(info)
+    if not store.exists(f"{rel}/{TrialInfo.FILE}"):  # for the driver, should the trial fail before it reports
+        store.put(f"{rel}/{TrialInfo.FILE}", info.to_bytes())
+    if st.adopt:  # an orphan of a hard-killed driver: continue from its files in the store
+        orphan = f"{paths.trials.relative_to(paths.root).as_posix()}/{st.experiment}/{st.adopt}"
+        if store.copy_missing(orphan, rel, skip=(TrialInfo.FILE, CLAIM_FILE)):
+            outbox.events.append({"t": time.time(), "event": "adopted", "from": st.adopt})
+    scratch = scratch_folder(st.store) / rel
+    s1_rel = _rel(paths, spec.stage1_dir) if spec.stage1_dir else None
+    return dataclasses.replace(
+        spec,
+        trial_dir=scratch,
+        files=store.sub(rel),
+        stage1_files=store.sub(s1_rel) if s1_rel else None,
+        outbox=outbox,
+        feature_cache=FeatureCache(scratch_folder(st.store) / s1_rel, store.sub(s1_rel)) if s1_rel else None,
+    )
+
+
+def scratch_folder(store_uri: str) -> Path:
+    """This node's folder for a study with a store (its trials' feature caches and plug-ins): in the
+    system's temporary folder, one per store."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(store_uri.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"study-scratch-{digest}"
 
 
 DISK_FULL_KEY = "disk_full"
@@ -128,31 +177,48 @@ def _stop_for_full_disk(line: str, wait_s: float = 300.0) -> None:
     raise OSError(28, line)
 
 
-def _keep_traceback(tdir: Path, trial_id: str) -> None:
-    """The whole traceback stays with the trial; the driver's terminal gets one line (study.compat)."""
+def _keep_traceback(keep: Path | Store, trial_id: str) -> None:
+    """The whole traceback stays with the trial (its folder, or its folder in the store, from where the
+    driver copies it); the driver's terminal gets one line (study.compat)."""
     import traceback
 
+    block = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} trial {trial_id}\n{traceback.format_exc()}\n"
     try:
-        with open(tdir / TRACEBACK_FILE, "a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} trial {trial_id}\n{traceback.format_exc()}\n")
-    except OSError:  # the traceback is a convenience: the error itself still reaches the driver
+        if isinstance(keep, Store):
+            keep.put(TRACEBACK_FILE, (keep.get(TRACEBACK_FILE) or b"") + block.encode())
+            return
+        with open(keep / TRACEBACK_FILE, "a") as f:
+            f.write(block)
+    except Exception:  # noqa: BLE001 - the traceback is a convenience: the error itself still reaches the driver
         pass
 
 
 _PLUGINS_LOADED: set[Path] = set()
 
 
-def load_study_plugins(paths: StudyPaths) -> None:
+def load_study_plugins(paths: StudyPaths, store: Store | None = None) -> None:
     """Import the plug-ins the study recorded (``study.config.plugins``), once per worker process
-    (a worker runs many trials of the same study)."""
+    (a worker runs many trials of the same study). With a store, study.yaml and the plug-in files are
+    read from its copy there (``study.search.driver.copy_plugins``), through this node's scratch folder."""
     if paths.root in _PLUGINS_LOADED:
         return
-    from study.config.plugins import PLUGINS_KEY, load_recorded
-    from study.layout import read_yaml_file
+    import yaml
 
-    records = (read_yaml_file(paths.study_yaml).get("space") or {}).get(PLUGINS_KEY)
+    from study.config.plugins import PLUGINS_KEY, load_recorded
+
+    if store is None:
+        text, folder = paths.study_yaml.read_text(encoding="utf-8"), paths.plugins
+    else:
+        text = (store.get(paths.study_yaml.name) or b"").decode("utf-8")
+        folder = scratch_folder(store.uri) / paths.plugins.name
+        names = store.list(paths.plugins.name)
+        if names:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                (folder / name).write_bytes(store.get(f"{paths.plugins.name}/{name}") or b"")
+    records = ((yaml.safe_load(text) or {}).get("space") or {}).get(PLUGINS_KEY)
     if records:
-        load_recorded(records, paths.plugins)
+        load_recorded(records, folder)
     _PLUGINS_LOADED.add(paths.root)  # only once they imported: a failure is retried by the next trial
 
 

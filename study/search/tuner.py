@@ -35,10 +35,12 @@ from study.config.spaces import Experiment, StudySpace
 from study.fsutil import atomic_write_json
 from study.layout import FAILED, FAILED_FILE, TRACEBACK_FILE, StudyPaths, parse_trial_dirname, trial_experiment
 from study.results.records import error_reason, optuna_study_name
+from study.search.mirror import TrialMirror
 from study.search.ray_runtime import request_stop, trial_slots
 from study.search.resume import set_aside_orphans, usable_snapshot
 from study.search.searchers import OBJECTIVE, MethodSearcher, OptunaSearcher, RunSettings, StudySearcher
 from study.search.trainable import DISK_FULL_KEY, _index_of, study_trainable, tune_trial_dirname
+from study.store import Store
 
 _USER_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG" in os.environ  # set by the user: theirs to keep
 
@@ -128,14 +130,23 @@ class FailureRecorder(tune.Callback):
     """Writes ``failed.json`` into the study's trial folder when Tune gives up on a trial (after
     ``search.retries`` retries), with the exception's last line as the reason."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, store: str = ""):
         self.root = root
+        self.store = store
+        """The study's store URI when it is apart from the results folder: the trial's tracebacks (and
+        trial.json) are copied from there."""
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
             experiment = trial_experiment(trial.config)
-            tdir = StudyPaths(Path(self.root)).trial_dir(experiment, _index_of(trial), trial.trial_id)
+            paths = StudyPaths(Path(self.root))
+            tdir = paths.trial_dir(experiment, _index_of(trial), trial.trial_id)
             tdir.mkdir(parents=True, exist_ok=True)
+            if getattr(self, "store", ""):
+                from study.search.mirror import TrialMirror
+                from study.store import open_store
+
+                TrialMirror(paths, open_store(self.store)).fetch_failed(tdir)
             atomic_write_json(
                 tdir / FAILED_FILE,
                 {
@@ -194,7 +205,7 @@ def _method_searcher(exp: Experiment, space: StudySpace, paths: StudyPaths) -> M
     return MethodSearcher(subs, {p.method: p.budget for p in exp.plans}, str(paths.trials / exp.name))
 
 
-def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, slots: int):
+def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, slots: int, store: str = ""):
     experiments = space.experiments()
     searcher = StudySearcher(
         paths,
@@ -204,6 +215,7 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
         max_live=slots,
         seeds=space.seeds,
         eval_cfg=asdict(space.eval),
+        store=store,
     )
     # ASHA counts our epochs, not Tune's training_iteration (which restarts when a trial is restarted).
     asha = {
@@ -233,7 +245,7 @@ def _make_tuner(space: StudySpace, paths: StudyPaths, trainable, cpus: float, sl
         storage_path=str(paths.tune),
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=space.search.retries),
-        callbacks=[FailureRecorder(str(paths.root)), DiskFullStop()],
+        callbacks=[FailureRecorder(str(paths.root), store), DiskFullStop()],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -252,12 +264,16 @@ def run_search(
     log: Callable[[str], None],
     on_stage2: Callable[[], None] | None = None,
     start_ahead: bool = True,
+    store: Store | None = None,
 ) -> None:
     """Run or resume the study's Tune experiment until every experiment has ended (its stage marker
     written) or the study is stopped; the caller tells the two apart by the markers. ``on_stage2``
     runs once, in the driver, at the first result of a stage-2 trial. ``start_ahead``: stage-2 trials
     may start in the workers of the last stage-1 trials before stage 2 opens (not on a shared cluster,
-    whose resources can shrink under waiting trials)."""
+    whose resources can shrink under waiting trials, nor with a ``store`` apart from the results folder,
+    where the trials cannot wait for the folder's opening mark). ``store``: where trials keep their files
+    when not in the results folder (``study.store``; the driver then writes their folders,
+    ``study.search.mirror``)."""
     exp_dir = paths.tune_experiment
     trainable = _wrap_trainable(data, cpus, gpus)
     slots = trial_slots(cpus, gpus, space.search.max_concurrent)
@@ -267,7 +283,12 @@ def run_search(
     if not _USER_MAX_PENDING:
         os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
     StudySearcher.run = RunSettings(
-        log=log, on_stage2=on_stage2, slots=slots, ahead=max(0, slots - 1) if start_ahead else 0, cpus_per_trial=cpus
+        log=log,
+        on_stage2=on_stage2,
+        slots=slots,
+        ahead=max(0, slots - 1) if start_ahead and store is None else 0,
+        cpus_per_trial=cpus,
+        mirror=TrialMirror(paths, store) if store is not None else None,
     )
     unfinished = [e.name for e in space.experiments() if not paths.stage_marker(e.name).exists()]
     if exp_dir.exists() and usable_snapshot(exp_dir, log) and tune.Tuner.can_restore(str(exp_dir)):
@@ -287,7 +308,7 @@ def run_search(
             exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.unusable-{int(time.time())}"))
         for name in unfinished:
             set_aside_orphans(paths, name, log)
-        tuner = _make_tuner(space, paths, trainable, cpus, slots)
+        tuner = _make_tuner(space, paths, trainable, cpus, slots, store.uri if store is not None else "")
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with compat.one_line_trial_errors(lambda name, exc: _trial_error_line(paths, name, exc)):

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from study.training.evaluation import compute_features
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """Where the features of a stage-1 trial are cached when trials do not share the results folder:
+    ``local``, a folder on this node, and ``shared``, the stage-1 trial's folder in the study's store
+    (``study.store``), which every node can read: the first node to compute a split puts it there,
+    the others copy it instead of running the backbone again."""
+
+    local: Path
+    shared: Any = None
 
 
 def cached_features(backbone, split, plain, batch: int, amp: bool, cache_dir, name: str):
@@ -27,14 +42,23 @@ def cached_features(backbone, split, plain, batch: int, amp: bool, cache_dir, na
 
     from study.layout import features_file
 
-    path = features_file(cache_dir, name)
+    shared = cache_dir.shared if isinstance(cache_dir, FeatureCache) else None
+    local = cache_dir.local if isinstance(cache_dir, FeatureCache) else cache_dir
+    path = features_file(local, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not path.exists():
-            f = compute_features(backbone, split, plain, batch, amp=amp).half().cpu().numpy()
+            data = shared.get(path.name) if shared is not None else None
+            if data is None:
+                buf = io.BytesIO()
+                np.save(buf, compute_features(backbone, split, plain, batch, amp=amp).half().cpu().numpy())
+                data = buf.getvalue()
+                if shared is not None and not shared.exists(path.name):
+                    shared.put(path.name, data)  # a node that computed it too puts the same bytes
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "wb") as out:
-                np.save(out, f)
+                out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)

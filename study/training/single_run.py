@@ -16,9 +16,9 @@ import numpy as np
 
 from study.config.spaces import StudySpace
 from study.errors import UserError
-from study.fsutil import atomic_write_json, json_plain, read_json
-from study.layout import TrainPaths
-from study.training.trial import COMPLETED, TrialSpec, load_final_state, run_trial
+from study.fsutil import atomic_write_json, json_plain, read_json, safe_torch_load
+from study.layout import TrainPaths, final_weights
+from study.training.trial import COMPLETED, TrialSpec, run_trial
 
 
 def _mean_std(values: list) -> tuple[Any, Any]:
@@ -136,11 +136,11 @@ def train_once(
     has_val = data.selection_split == "val"
     runs = []
     for seed in seeds:
-        s1_state = load_final_state(paths.stage1, seed)
+        s1_state = safe_torch_load(final_weights(paths.stage1, seed))
         tests = evaluate_selected(
             backbone,
             s1_state,
-            {"stage1": s1_state, "stage2": load_final_state(paths.stage2(method), seed)},
+            {"stage1": s1_state, "stage2": safe_torch_load(final_weights(paths.stage2(method), seed))},
             data,
             space.eval,
             device,

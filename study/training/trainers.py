@@ -460,7 +460,7 @@ class Stage2Trainer(_Trainer):
         device="cpu",
         eval_cfg: EvalConfig | None = None,
         workers: int = 0,
-        feature_cache: str | None = None,
+        feature_cache=None,
     ):
         super().__init__(cfg, data, seed, device, eval_cfg or EvalConfig(), workers)
         self.feature_cache = feature_cache
@@ -627,7 +627,7 @@ def posthoc_result(
     device=None,
     eval_cfg: EvalConfig | None = None,
     workers: int = 0,
-    feature_cache: str | None = None,
+    feature_cache=None,
 ) -> dict:
     """A method that does not train (identity, L2/tau-norm, logit adjustment, NCM), on features of
     the frozen stage-1 backbone computed once (selection split; training split for NCM)."""

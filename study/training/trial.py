@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -29,25 +28,22 @@ from typing import Any
 import numpy as np
 
 from study.faults import maybe_raise
-from study.fsutil import (
-    append_jsonl,
-    atomic_write_json,
-    load_latest_checkpoint,
-    read_jsonl,
-    safe_torch_load,
-    save_checkpoint,
-)
+from study.fsutil import append_jsonl, json_bytes, read_jsonl
 from study.layout import (
+    ATTEMPTS_FILE,
     CHECKPOINTS,
     COMPLETED,
     DIVERGED,
     EVENTS_FILE,
     NORMS_FILE,
+    REPORT_FILES_KEY,
     RUNNING,
     SeedSummary,
+    TrialInfo,
     TrialRecord,
     final_weights,
 )
+from study.store import LocalStore, Store, load_latest_checkpoint, load_torch, save_checkpoint, torch_bytes
 
 
 @dataclass
@@ -73,6 +69,89 @@ class TrialSpec:
     node: str = ""
     """The Ray node id the trial runs on (recorded in its start events: every node of a cluster on one
     machine has the same host name); empty outside Ray."""
+    files: Store | None = None
+    """Where the trial keeps its checkpoints, weights and record (``study.store``); None: ``trial_dir``."""
+    stage1_files: Store | None = None
+    """Stage 2: where the selected stage-1 weights are; None: ``stage1_dir``."""
+    outbox: Outbox | None = None
+    """With a store apart from the results folder: what the driver writes for the trial (its events,
+    trial.json, record.json) goes with its reports instead, and ``trial_dir`` is this node's scratch
+    folder (the feature cache of a file dataset)."""
+    feature_cache: Any = None
+    """Stage 2 on a file dataset with an outbox: the :class:`~study.training.features.FeatureCache`."""
+
+
+class Outbox:
+    """What a trial that writes nothing into the results folder sends to the driver with each report
+    (one JSON string under :data:`~study.layout.REPORT_FILES_KEY`: Tune keeps numbers of nested results
+    as statistics, and keeps the last result in every snapshot): the events since the last report, its
+    ``trial.json`` with the first report of each start, its record with the last. ``attempt`` and
+    ``seq`` let the driver drop a report it has already taken."""
+
+    def __init__(self, info: TrialInfo | None = None):
+        self.info = info
+        self.events: list[dict] = []
+        self.record: TrialRecord | None = None
+        self.attempt = 0
+        self.seq = 0
+
+    def wrap(self, report: Callable[[dict], None]) -> Callable[[dict], None]:
+        def send(metrics: dict) -> None:
+            report({**metrics, REPORT_FILES_KEY: self.drain()})
+
+        return send
+
+    def drain(self) -> str:
+        import json
+
+        payload: dict[str, Any] = {"attempt": self.attempt, "seq": self.seq, "events": self.events}
+        if self.info is not None:
+            payload["info"] = self.info.to_dict()
+            self.info = None
+        if self.record is not None:
+            payload["record"] = self.record.to_dict()
+        self.events, self.seq = [], self.seq + 1
+        return json.dumps(json.loads(json_bytes(payload)))  # NaN as null, compact
+
+
+class _Files:
+    """A trial's files: all in its folder of the results folder, or (with an :class:`Outbox`) the
+    store's in the store and the rest sent to the driver."""
+
+    def __init__(self, spec: TrialSpec):
+        self.dir = Path(spec.trial_dir)
+        self.store = spec.files if spec.files is not None else LocalStore(self.dir)
+        self.outbox = spec.outbox
+
+    def event(self, event: dict) -> None:
+        if self.outbox is not None:
+            self.outbox.events.append(event)
+        else:
+            append_jsonl(self.dir / EVENTS_FILE, event)
+
+    def next_attempt(self) -> int:
+        """This start's number (1 for the first): counted in the store with an outbox, else from the events."""
+        if self.outbox is None:
+            return sum(1 for e in read_jsonl(self.dir / EVENTS_FILE) if e.get("event") == "start") + 1
+        n = int((self.store.get(ATTEMPTS_FILE) or b"0").decode().strip() or 0) + 1
+        self.store.put(ATTEMPTS_FILE, str(n).encode())
+        self.outbox.attempt = n
+        return n
+
+    def record(self) -> TrialRecord | None:
+        """The trial's record if it has ended before (an unreadable one is removed)."""
+        data = self.store.get(TrialRecord.FILE)
+        record = TrialRecord.from_bytes(data)
+        if data is not None and record is None:
+            self.store.delete(TrialRecord.FILE)
+        if record is not None and self.outbox is not None:
+            self.outbox.record = record  # the driver may not have it yet
+        return record
+
+    def write_record(self, record: TrialRecord) -> None:
+        self.store.put(TrialRecord.FILE, record.to_bytes())
+        if self.outbox is not None:
+            self.outbox.record = record
 
 
 def _start_event(spec: TrialSpec, start_epoch: int, attempt: int, device) -> dict:
@@ -99,7 +178,7 @@ def _make_trainer(spec: TrialSpec, data, seed: int, device):
         spec.config,
         data,
         seed,
-        load_final_state(spec.stage1_dir, seed),
+        load_final_state(spec, seed),
         spec.backbone,
         device,
         spec.eval_cfg,
@@ -113,7 +192,9 @@ def _feature_cache(spec: TrialSpec, data):
     features; None otherwise (in-memory features are recomputed, in well under a second)."""
     from study.data.longtail import FileLTData
 
-    return spec.stage1_dir if spec.stage == "stage2" and isinstance(data, FileLTData) else None
+    if spec.stage != "stage2" or not isinstance(data, FileLTData):
+        return None
+    return spec.feature_cache if spec.feature_cache is not None else spec.stage1_dir
 
 
 def _trains(spec: TrialSpec) -> bool:
@@ -170,16 +251,14 @@ def run_trial(
 
     report = report or (lambda m: None)
     log = log or (lambda s: None)
-    tdir = Path(spec.trial_dir)
-    tdir.mkdir(parents=True, exist_ok=True)
-    record_path = tdir / TrialRecord.FILE
-    events = tdir / EVENTS_FILE
-    if record_path.exists():
-        record = TrialRecord.read(record_path)
-        if record is not None:
-            report(final_metrics(record))
-            return record
-        record_path.unlink(missing_ok=True)
+    files = _Files(spec)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    if spec.outbox is not None:
+        report = spec.outbox.wrap(report)
+    record = files.record()
+    if record is not None:
+        report(final_metrics(record))
+        return record
 
     device = pick_device(device)
     seeds = list(spec.seeds)
@@ -188,14 +267,14 @@ def run_trial(
         # Closed-form methods: nothing to checkpoint or report per epoch.
         from study.training.trainers import posthoc_result
 
-        append_jsonl(events, _start_event(spec, 0, 1, device))
-        maybe_raise(spec.experiment, spec.trial_index, method, 1, tdir)
+        files.event(_start_event(spec, 0, files.next_attempt() if spec.outbox else 1, device))
+        maybe_raise(spec.experiment, spec.trial_index, method, 1, files.store)
         results = {
             s: posthoc_result(
                 spec.config,
                 data,
                 s,
-                load_final_state(spec.stage1_dir, s),
+                load_final_state(spec, s),
                 spec.backbone,
                 device,
                 spec.eval_cfg,
@@ -205,14 +284,15 @@ def run_trial(
             for s in seeds
         }
         per_seed = {s: {"rec": res["history"][-1], "best_all": res["selection"]["all"]} for s, res in results.items()}
-        append_jsonl(events, {"t": time.time(), "event": "epoch", **trial_metrics(per_seed, 1, 0)})
-        return _complete(spec, data, tdir, results, report)
+        files.event({"t": time.time(), "event": "epoch", **trial_metrics(per_seed, 1, 0)})
+        return _complete(spec, data, files, results, report)
 
     trainers = {s: _make_trainer(spec, data, s, device) for s in seeds}
-    state, notes = load_latest_checkpoint(tdir / CHECKPOINTS)
+    checkpoints = files.store.sub(CHECKPOINTS)
+    state, notes = load_latest_checkpoint(checkpoints)
     for note in notes:
         log(f"{spec.experiment} trial {spec.trial_index}: {note}; trying the previous one")
-        append_jsonl(events, {"t": time.time(), "event": "fallback", "note": note})
+        files.event({"t": time.time(), "event": "fallback", "note": note})
     start_epoch = 0
     if state is not None and set(state.get("seeds", {})) == {str(s) for s in seeds}:
         for s in seeds:
@@ -221,9 +301,8 @@ def run_trial(
     if notes:
         msg = f"resumed from epoch {start_epoch}" if start_epoch else "no usable checkpoint; restarted from epoch 0"
         log(f"{spec.experiment} trial {spec.trial_index}: {msg}")
-        append_jsonl(events, {"t": time.time(), "event": "fallback", "note": msg})
-    attempt = sum(1 for e in read_jsonl(events) if e.get("event") == "start") + 1
-    append_jsonl(events, _start_event(spec, start_epoch, attempt, device))
+        files.event({"t": time.time(), "event": "fallback", "note": msg})
+    files.event(_start_event(spec, start_epoch, files.next_attempt(), device))
     if start_epoch:
         log(f"{spec.experiment} trial {spec.trial_index}: resumed from epoch {start_epoch}")
 
@@ -232,17 +311,18 @@ def run_trial(
     try:
         while not trainers[seeds[0]].done:
             epoch = trainers[seeds[0]].epoch
-            maybe_raise(spec.experiment, spec.trial_index, method, epoch + 1, tdir)
+            maybe_raise(spec.experiment, spec.trial_index, method, epoch + 1, files.store)
             for s in seeds:
                 rec = trainers[s].run_epoch()
                 per_seed[s] = {"rec": rec, "best_all": trainers[s].best["report"]["all"]}
             metrics = trial_metrics(per_seed, epoch + 1, start_epoch)
+            # in the store before the report: a node lost after it costs at most the epoch in flight
             save_checkpoint(
-                tdir / CHECKPOINTS,
+                checkpoints,
                 epoch + 1,
                 {"epoch": epoch + 1, "seeds": {str(s): t.state_dict() for s, t in trainers.items()}},
             )
-            append_jsonl(events, {"t": time.time(), "event": "epoch", **metrics})
+            files.event({"t": time.time(), "event": "epoch", **metrics})
             if epoch + 1 < epochs:
                 report(metrics)
     except Diverged as e:
@@ -259,25 +339,20 @@ def run_trial(
             config=_config_dict(spec.config),
             per_seed={},
         )
-        record.write(record_path)
-        append_jsonl(events, {"t": time.time(), "event": DIVERGED, "reason": str(e)})
-        shutil.rmtree(tdir / CHECKPOINTS, ignore_errors=True)
+        files.write_record(record)
+        files.event({"t": time.time(), "event": DIVERGED, "reason": str(e)})
+        files.store.delete_folder(CHECKPOINTS)
         report(final_metrics(record))
         return record
-    return _complete(spec, data, tdir, {s: trainers[s].result() for s in seeds}, report)
+    return _complete(spec, data, files, {s: trainers[s].result() for s in seeds}, report)
 
 
-def _complete(spec: TrialSpec, data, tdir: Path, results: dict[int, dict], report) -> TrialRecord:
+def _complete(spec: TrialSpec, data, files: _Files, results: dict[int, dict], report) -> TrialRecord:
     """Write the selected weights and the record of a trial whose every seed finished."""
-    import torch
-
     for s, res in results.items():
-        path = final_weights(tdir, s)
-        tmp = path.with_suffix(".tmp")
-        torch.save(res["state"], tmp)
-        os.replace(tmp, path)
+        files.store.put(final_weights("", s).name, torch_bytes(res["state"]))
     if any(res.get("norm_history") for res in results.values()):
-        atomic_write_json(tdir / NORMS_FILE, {str(s): res.get("norm_history") or [] for s, res in results.items()})
+        files.store.put(NORMS_FILE, json_bytes({str(s): res.get("norm_history") or [] for s, res in results.items()}))
     objective = float(np.mean([res["selection"]["all"] for res in results.values()]))
     record = TrialRecord(
         status=COMPLETED,
@@ -293,9 +368,10 @@ def _complete(spec: TrialSpec, data, tdir: Path, results: dict[int, dict], repor
         selection_split=data.selection_split,
         per_seed={str(s): _seed_summary(res) for s, res in results.items()},
     )
-    record.write(tdir / TrialRecord.FILE)
-    append_jsonl(tdir / EVENTS_FILE, {"t": time.time(), "event": COMPLETED, "objective": objective})
-    shutil.rmtree(tdir / CHECKPOINTS, ignore_errors=True)
+    files.write_record(record)
+    files.event({"t": time.time(), "event": COMPLETED, "objective": objective})
+    # only now: the record is safe, in the store (and with the report below, at the driver)
+    files.store.delete_folder(CHECKPOINTS)
     report(final_metrics(record))
     return record
 
@@ -320,9 +396,10 @@ def _config_dict(cfg) -> dict:
     return asdict(cfg)
 
 
-def load_final_state(trial_dir: Path, seed: int) -> dict:
-    """A finished trial's selected weights for ``seed``."""
-    return safe_torch_load(final_weights(trial_dir, seed))
+def load_final_state(spec: TrialSpec, seed: int) -> dict:
+    """The selected stage-1 weights for ``seed`` that a stage-2 trial trains on."""
+    store = spec.stage1_files if spec.stage1_files is not None else LocalStore(spec.stage1_dir)
+    return load_torch(store, final_weights("", seed).name)
 
 
 def resumed_from(trial_dir: Path) -> int:

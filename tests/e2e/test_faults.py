@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from study.testing.s3 import S3_ENV
 from study.testing.studyrun import (
     TOY_STAGE2,
     TOY_VARIANT,
@@ -191,16 +192,27 @@ def _mid_trial(root: Path, stage: str, lo: int, hi: int, since: float):
 
 
 @pytest.mark.parametrize(
-    "seed, n_kills", [pytest.param(1, 2, id="2-kills"), pytest.param(20241123, 6, id="6-kills", marks=pytest.mark.slow)]
+    "seed, n_kills, store",
+    [
+        pytest.param(1, 2, "", id="2-kills"),
+        pytest.param(20241123, 6, "", id="6-kills", marks=pytest.mark.slow),
+        pytest.param(1, 2, "s3", id="2-kills-s3-store", marks=pytest.mark.slow),
+        pytest.param(20241123, 6, "s3", id="6-kills-s3-store", marks=pytest.mark.slow),
+    ],
 )
-def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
+def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills, store, request):
     """Seeded random phases, moments inside them and signals: each kill lands in the phase it aimed
     at (read from the study folder and the driver's output at the moment of the signal), every trial
     killed mid-way later resumes from its checkpoint, and the study still ends exactly as an
-    uninterrupted one."""
+    uninterrupted one. Also with the trials' files in an S3 store (``--store``), where the driver alone
+    writes the results folder."""
     draws = random_draws(seed, n_kills)
     space = toy_space(tmp_path, e1=RANDOM_E1, e2=RANDOM_E2)
     args = ("run", str(space), "--results-dir", str(tmp_path / "res"), "--name", "toy")
+    env_extra: dict = {}
+    if store:
+        args += ("--store", request.getfixturevalue("s3").uri("study-test", f"kills-{seed}-{n_kills}"))
+        env_extra = S3_ENV
     root = tmp_path / "res" / "toy"
     log = tmp_path / "driver.log"
     aimed, hit, victims = [], [], []
@@ -213,10 +225,10 @@ def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
 
         t0 = time.time()
         if phase in PAUSED:
-            p = start(*args, log=log, env_extra={"STUDY_FAULT": f"pause:{phase}:60"})
+            p = start(*args, log=log, env_extra={**env_extra, "STUDY_FAULT": f"pause:{phase}:60"})
             wait_for(lambda phase=phase: f"pausing at {phase}" in output(), 300, f"the pause at {phase}", p, log)
         else:
-            p = start(*args, log=log)
+            p = start(*args, log=log, env_extra=env_extra)
             victim, epoch = wait_for(
                 lambda phase=phase, draw=draw, t0=t0: _mid_trial(root, phase, draw["epoch"], WINDOW_HI[phase], t0),
                 300,
@@ -239,7 +251,7 @@ def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
         assert phase_on_disk(root) == phase, draw  # the killed run wrote nothing of the next phase
     assert hit == aimed, draws
 
-    r = study(*args, timeout=400)
+    r = study(*args, timeout=400, env_extra=env_extra)
     assert r.returncode == 0, log.read_text()[-3000:] + r.stdout + r.stderr
     rows = assert_complete(root, toy_budgets())
     # every trial killed mid-way resumed from a checkpoint at least as new as the epoch it had reached,
@@ -258,9 +270,11 @@ def test_kills_at_random_moments(tmp_path, toy_study, seed, n_kills):
     _same_tables(root, toy_study)
 
 
-def test_diverging_and_raising_trials(tmp_path):
+@pytest.mark.parametrize("store", ["", pytest.param("s3", id="s3-store", marks=pytest.mark.slow)])
+def test_diverging_and_raising_trials(tmp_path, store, request):
     """NaN trials are recorded as diverged (never a number Optuna could pick); a trial that raises is
-    retried from its checkpoint; one that keeps raising is recorded as failed; the study finishes."""
+    retried from its checkpoint; one that keeps raising is recorded as failed; the study finishes. Also
+    with the trials' files in an S3 store: the driver copies the tracebacks into the trials' folders."""
     extra = """\
     cb-wd:
       weight_decay: 1.0e+6
@@ -270,6 +284,11 @@ def test_diverging_and_raising_trials(tmp_path):
 """
     space = toy_space(tmp_path, e1=4, e2=3, extra=extra)
     faults = f"raise:stage1:{TOY_VARIANT}:2:1,raise:{TOY_STAGE2}:ncm:1:5"
+    store_args: tuple = ()
+    env_extra = {"STUDY_FAULT": faults}
+    if store:
+        store_args = ("--store", request.getfixturevalue("s3").uri("study-test", f"faults-{tmp_path.name}"))
+        env_extra.update(S3_ENV)
     r = study(
         "run",
         str(space),
@@ -277,8 +296,9 @@ def test_diverging_and_raising_trials(tmp_path):
         str(tmp_path / "res"),
         "--name",
         "f",
+        *store_args,
         timeout=400,
-        env_extra={"STUDY_FAULT": faults},
+        env_extra=env_extra,
     )
     root = tmp_path / "res" / "f"
     assert r.returncode == 0, r.stdout + r.stderr

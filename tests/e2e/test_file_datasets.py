@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from study.testing.imagefolder_files import make_lt_tree
+from study.testing.s3 import S3_ENV
 from study.testing.studyrun import assert_complete, kill_hard, start, study, trial_in_flight, wait_for
 
 SPACE = """\
@@ -106,18 +107,25 @@ def test_study_train_streams_both_stages_for_every_kind_of_method(tmp_path, tree
 
 
 @pytest.mark.slow  # about 80 s on 2 cores; the default run kills and resumes studies in test_faults and test_variants
-def test_toy_study_with_two_variants_resumes_after_sigkill_with_exact_budgets(tmp_path, tree):
+@pytest.mark.parametrize("store", ["", "s3"])
+def test_toy_study_with_two_variants_resumes_after_sigkill_with_exact_budgets(tmp_path, tree, store, request):
     """A real `study run` over the file dataset, SIGKILLed while a stage-1 trial is mid-way, then
-    the same command: every (variant, method) has exactly its budget, completed, once per seed."""
+    the same command: every (variant, method) has exactly its budget, completed, once per seed. Also
+    with an S3 store, which then holds the cached stage-2 features every node can copy."""
     space = _space(tmp_path, e1=10, e2=2, text=RUN_SPACE)  # a kill at epoch 2 leaves 8 epochs (~6 s) of margin
     args = ("run", str(space), "--data-dir", str(tree), "--results-dir", str(tmp_path / "res"), "--name", "files")
+    env = {}
+    if store:
+        s3 = request.getfixturevalue("s3")
+        args += ("--store", s3.uri("study-test", f"files-{tmp_path.name}"))
+        env = S3_ENV
     root = tmp_path / "res" / "files"
     log = tmp_path / "driver.log"
     t0 = time.time()
-    p = start(*args, log=log)
+    p = start(*args, log=log, env_extra=env)
     wait_for(lambda: trial_in_flight(root, "stage1", 2, since=t0), 400, "a stage-1 trial at epoch 2", p, log)
     kill_hard(p, signal.SIGKILL)
-    p = start(*args, log=log)
+    p = start(*args, log=log, env_extra=env)
     assert p.wait(timeout=900) == 0, log.read_text()[-3000:]
     budgets = {("stage1", "instance"): 2, ("stage1", "class-balanced"): 1}
     budgets.update({("stage2-instance", m): n for m, n in {"none": 1, "ncm": 1, "crt": 2}.items()})
@@ -125,6 +133,12 @@ def test_toy_study_with_two_variants_resumes_after_sigkill_with_exact_budgets(tm
     assert any(int(r["resumed_from_epoch"] or 0) > 0 for r in rows if r["stage"] == "stage1")
     header = (root / "study.yaml").read_text()
     assert "official_files: false" in header
+    if store:  # the selected stage-1 trial's features, computed once, shared through the store
+        keys = s3.keys("study-test")
+        assert any(
+            k.startswith(f"files-{tmp_path.name}/files/trials/stage1/") and "/features-train-seed0.npy" in k
+            for k in keys
+        )
 
 
 def _bad(tmp_path: Path, tree: Path, *args: str) -> tuple[int, str]:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from study.testing.s3 import S3_ENV
 from study.testing.studyrun import REPO, assert_complete, study
 
 pytestmark = pytest.mark.timeout(600)
@@ -61,9 +62,15 @@ def _env(folder: Path) -> dict:
     return {"PYTHONPATH": str(folder / "pkgs")}
 
 
-def test_a_study_with_plugin_backbone_loss_and_methods_runs_on_ray_workers_and_records_them(outside):
+@pytest.mark.parametrize("store", ["", pytest.param("s3", id="s3-store", marks=pytest.mark.slow)])
+def test_a_study_with_plugin_backbone_loss_and_methods_runs_on_ray_workers_and_records_them(outside, store, request):
+    """Also with an S3 store, where the trials read the study's plug-in records and files from the store."""
     res = outside / "res"
-    r = study("run", str(outside / "space.yaml"), "--results-dir", str(res), "--name", "p", env_extra=_env(outside))
+    store_args, env = (), _env(outside)
+    if store:
+        store_args = ("--store", request.getfixturevalue("s3").uri("study-test", f"plugins-{outside.name}"))
+        env.update(S3_ENV)
+    r = study("run", str(outside / "space.yaml"), "--results-dir", str(res), "--name", "p", *store_args, env_extra=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     root = res / "p"
     budgets = {
@@ -91,7 +98,7 @@ def test_a_study_with_plugin_backbone_loss_and_methods_runs_on_ray_workers_and_r
     # a changed plug-in is refused on resume, with the difference, as a changed space is
     with open(outside / "my_losses.py", "a") as f:
         f.write("\nEPSILON = 2.0\n")
-    r = study("run", str(outside / "space.yaml"), "--results-dir", str(res), "--name", "p", env_extra=_env(outside))
+    r = study("run", str(outside / "space.yaml"), "--results-dir", str(res), "--name", "p", *store_args, env_extra=env)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "different search space" in err[0] and "my_losses.py.sha256" in err[0], r.stderr

@@ -1,6 +1,8 @@
 """The trainable Ray Tune runs in its workers: one configuration of one method, every seed
-(``study.training.trial``), in the study's trial folder. Tune is given no checkpoints: a trial resumes
-from its own, so restoring a trial just calls its function again."""
+(``study.training.trial``), in the study's trial folder — or, with a store apart from the results
+folder (``study.store``), with its files in the store and its folder's contents sent to the driver
+in its reports. Tune is given no checkpoints: a trial resumes from its own, so restoring a trial just
+calls its function again."""
 
 import dataclasses
 import time

@@ -95,3 +95,49 @@ def test_stale_claims_are_released_on_the_next_restore(tmp_path):
     _snapshot(paths, "stage1", ["eeee4444"])
     set_aside_orphans(paths, "stage1", log=lambda s: None)
     assert not (orphan / "claimed_by").exists()
+
+
+def test_with_a_store_the_claim_travels_and_the_driver_moves_the_orphan_at_the_first_report(tmp_path):
+    """With a store apart from the results folder the trial cannot reach ``.adopt/``: the searcher keeps
+    the claimed orphan's name (it goes into the trial's context, and the trial copies the orphan's store
+    files), and the driver's mirror moves the orphan's local files in at the trial's first report."""
+    from study.layout import REPORT_FILES_KEY
+    from study.search.mirror import TrialMirror
+    from study.store import LocalStore
+
+    paths = StudyPaths(tmp_path / "study")
+    stage = paths.trials / "stage1"
+    _trial(stage / ".adopt", "trial-0001-bbbb1111", "tuned", {}, epoch=3)
+    searcher = MethodSearcher({"tuned": None}, {"tuned": 1}, pool=str(stage))
+    searcher.suggest("new1")
+    assert searcher.claims == {"new1": "trial-0001-bbbb1111"}
+
+    mirror = TrialMirror(paths, LocalStore(tmp_path / "store"))
+    tdir = stage / "trial-0002-new1"
+    report = {
+        REPORT_FILES_KEY: json.dumps(
+            {"attempt": 1, "seq": 0, "events": [{"event": "adopted", "from": "trial-0001-bbbb1111"}]}
+        )
+    }
+    mirror.take(tdir, "new1", report)
+    mirror.take(tdir, "new1", report)  # the same report again (as a result, then as the final one): once
+    lines = [json.loads(ln) for ln in (tdir / "events.jsonl").read_text().splitlines()]
+    assert [e.get("epoch", e["event"]) for e in lines] == [1, 2, 3, "adopted"]
+    assert (tdir / "ckpt" / "epoch-0003.pt").exists() and not (stage / ".adopt" / "trial-0001-bbbb1111").exists()
+
+
+def test_the_mirror_writes_the_record_after_the_weights_it_copies_from_the_store(tmp_path):
+    from study.layout import REPORT_FILES_KEY, TrialRecord
+    from study.search.mirror import TrialMirror
+    from study.store import LocalStore
+
+    paths = StudyPaths(tmp_path / "study")
+    tdir = paths.trials / "stage1" / "trial-0000-aaaa0000"
+    store = LocalStore(tmp_path / "store")
+    store.put("trials/stage1/trial-0000-aaaa0000/final-seed0.pt", b"weights")
+    store.put("trials/stage1/trial-0000-aaaa0000/weight_norms.json", b"{}")
+    record = TrialRecord(seeds=[0], objective=0.5)
+    payload = {"attempt": 1, "seq": 3, "events": [{"event": "completed"}], "record": record.to_dict()}
+    TrialMirror(paths, store).take(tdir, "aaaa0000", {REPORT_FILES_KEY: json.dumps(payload)})
+    assert (tdir / "final-seed0.pt").read_bytes() == b"weights" and (tdir / "weight_norms.json").exists()
+    assert TrialRecord.read(tdir / "record.json") == record

@@ -294,7 +294,6 @@ class StudySearcher(Searcher):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.root = str(paths.root)
         self.store = store
-        """The study's store URI (``study.store``), empty for the results folder: in every trial's context."""
         self.seeds = list(seeds)
         self.eval = dict(eval_cfg or {})
         self.order = [e.name for e in experiments]
@@ -319,6 +318,10 @@ class StudySearcher(Searcher):
 
     run = RunSettings()
     """This process's run settings (a class attribute, so never pickled: ``run_search`` sets them)."""
+
+    store = ""
+    """The study's store URI (``study.store``), empty for the results folder: in every trial's context.
+    (Also a class attribute: the value of searchers pickled before stores existed.)"""
 
     @property
     def paths(self) -> StudyPaths:
@@ -359,7 +362,7 @@ class StudySearcher(Searcher):
                 continue
             self._register(trial_id, e, self.count[e])
             self.live.add(trial_id)
-            if getattr(self, "store", ""):
+            if self.store:
                 # the trial writes nothing here (study.search.mirror): its folder exists from the start,
                 # where the terminal's line for a failed attempt names it
                 self.paths.trial_dir(e, self.index[trial_id], trial_id).mkdir(parents=True, exist_ok=True)
@@ -411,8 +414,8 @@ class StudySearcher(Searcher):
             backbone=c["backbone"],
             stage1_dir=c.get("stage1_dir"),
             after=self.after[e],
-            store=getattr(self, "store", ""),
-            adopt=getattr(self.searchers[e], "claims", {}).get(trial_id, "") if getattr(self, "store", "") else "",
+            store=self.store,
+            adopt=getattr(self.searchers[e], "claims", {}).get(trial_id, "") if self.store else "",
         )
         return {**cfg, TrialContext.KEY: context.to_dict()}
 

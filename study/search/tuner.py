@@ -130,11 +130,14 @@ class FailureRecorder(tune.Callback):
     """Writes ``failed.json`` into the study's trial folder when Tune gives up on a trial (after
     ``search.retries`` retries), with the exception's last line as the reason."""
 
+    store = ""
+    """The study's store URI when it is apart from the results folder: the trial's tracebacks (and
+    trial.json) are copied from there. (Also a class attribute: the value of callbacks pickled before
+    stores existed.)"""
+
     def __init__(self, root: str, store: str = ""):
         self.root = root
         self.store = store
-        """The study's store URI when it is apart from the results folder: the trial's tracebacks (and
-        trial.json) are copied from there."""
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
@@ -142,7 +145,7 @@ class FailureRecorder(tune.Callback):
             paths = StudyPaths(Path(self.root))
             tdir = paths.trial_dir(experiment, _index_of(trial), trial.trial_id)
             tdir.mkdir(parents=True, exist_ok=True)
-            if getattr(self, "store", ""):
+            if self.store:
                 from study.search.mirror import TrialMirror
                 from study.store import open_store
 

@@ -267,7 +267,7 @@ def run_trial(
         # Closed-form methods: nothing to checkpoint or report per epoch.
         from study.training.trainers import posthoc_result
 
-        files.event(_start_event(spec, 0, files.next_attempt() if spec.outbox else 1, device))
+        files.event(_start_event(spec, 0, files.next_attempt(), device))
         maybe_raise(spec.experiment, spec.trial_index, method, 1, files.store)
         results = {
             s: posthoc_result(

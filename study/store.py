@@ -236,7 +236,8 @@ def _not_found(e: OSError) -> bool:
 def parse_store(spec: str, study: str) -> Store:
     """The store ``--store SPEC`` names, one folder down for study ``study`` (several studies share a
     store). A URI with a scheme goes through ``pyarrow.fs``; a plain path or ``file://`` is local.
-    Raises a one-line :class:`UserError` for what cannot be a store; nothing is contacted."""
+    Raises a one-line :class:`UserError` for what cannot be a store; nothing is contacted (pyarrow reads
+    the URI's options in :func:`check_store`)."""
     spec = spec.strip()
     if not spec:
         raise UserError("--store: empty; give a folder, s3://bucket/prefix or gs://bucket/prefix")
@@ -259,12 +260,8 @@ def parse_store(spec: str, study: str) -> Store:
         raise UserError(f"--store {spec}: no bucket; write {scheme}://BUCKET/PREFIX")
     path = _join(parts.path, study)
     uri = f"{scheme}://{parts.netloc}/{path}" + (f"?{parts.query}" if parts.query else "")
-    try:
-        import pyarrow.fs
-
-        pyarrow.fs.FileSystem.from_uri(uri)  # parses the options; an S3 filesystem contacts nothing yet
-    except Exception as e:  # noqa: BLE001 - pyarrow's own error types vary by scheme: one line for all
-        raise UserError(f"--store {spec}: not a usable URI ({_first_line(e)})") from None
+    # pyarrow parses the options when the store is first opened (check_store): an S3 URI without
+    # region= asks AWS for the bucket's region then, so it is not done here
     return ArrowStore(uri)
 
 
@@ -344,6 +341,13 @@ def check_store(store: Store, spec: str, timeout: float = 30.0) -> None:
 def _why_not(e: BaseException) -> str:
     """A failed probe in words, with what to do."""
     text = str(e)
+    if "query parameter" in text or "Invalid" in type(e).__name__:
+        return f"not a usable URI ({_first_line(e)})"
+    if "resolving region" in text:
+        return (
+            "cannot look up the bucket's region (the URI has no region=, and the lookup failed); "
+            "add ?region=REGION, and check endpoint_override and the network"
+        )
     if "NETWORK_CONNECTION" in text or "Could not conne" in text or "Couldn't connect" in text:
         return "cannot reach the server (connection failed); check endpoint_override, scheme and the network"
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():

@@ -130,9 +130,9 @@ def test_local_store_files_get_the_umask_mode(tmp_path):
         ("s3://bucket/p?colour=blue", "not a usable URI"),
     ],
 )
-def test_unusable_store_uris_are_refused_in_one_line(spec, says):
+def test_unusable_store_uris_are_refused_in_one_line(spec, says, s3_env):
     with pytest.raises(UserError) as e:
-        parse_store(spec, "study")
+        check_store(parse_store(spec, "study"), spec)
     assert says in str(e.value) and "\n" not in str(e.value)
     assert "hunter2" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
 

@@ -214,6 +214,10 @@ class StudyPaths:
     def trial_dir(self, experiment: str, index: int, trial_id: str) -> Path:
         return self.trials / experiment / trial_dirname(index, trial_id)
 
+    def key(self, path: str | os.PathLike) -> str:
+        """A path inside the study folder as a store key (``study.store``): relative, ``/``-separated."""
+        return Path(path).relative_to(self.root).as_posix()
+
     def adopt_pool(self, experiment: str) -> Path:
         """Trials missing from Tune's last snapshot wait here to be continued."""
         return self.trials / experiment / ADOPT_POOL

@@ -311,7 +311,7 @@ def check_store(store: Store, spec: str, timeout: float = 30.0) -> None:
 
     lack = missing_credentials(spec)
     if lack:
-        raise UserError(f"--store {_display(spec)}: {lack}")
+        raise UserError(f"--store {without_options(spec)}: {lack}")
     key = f".store-probe-{secrets.token_hex(6)}"
     nonce = secrets.token_bytes(16)
     outcome: dict[str, Any] = {}
@@ -329,13 +329,15 @@ def check_store(store: Store, spec: str, timeout: float = 30.0) -> None:
     t.join(timeout)
     if t.is_alive():
         raise UserError(
-            f"--store {_display(spec)}: no answer within {timeout:.0f} s; check the address (endpoint_override, "
+            f"--store {without_options(spec)}: no answer within {timeout:.0f} s; check the address (endpoint_override, "
             "network) and try again"
         )
     if "error" in outcome:
-        raise UserError(f"--store {_display(spec)}: {_why_not(outcome['error'])}")
+        raise UserError(f"--store {without_options(spec)}: {_why_not(outcome['error'])}")
     if outcome.get("read") != nonce:
-        raise UserError(f"--store {_display(spec)}: a file written there read back differently; use another store")
+        raise UserError(
+            f"--store {without_options(spec)}: a file written there read back differently; use another store"
+        )
 
 
 def _why_not(e: BaseException) -> str:
@@ -359,9 +361,9 @@ def _why_not(e: BaseException) -> str:
     return f"cannot write there ({_first_line(e)}); check the address, the credentials and the permissions"
 
 
-def _display(spec: str) -> str:
-    """The store URI without its query (the options) for messages."""
-    return spec.split("?", 1)[0]
+def without_options(uri: str) -> str:
+    """A store URI without its query (the options, such as an endpoint): where the files are."""
+    return uri.split("?", 1)[0]
 
 
 # --- checkpoints in a store ---------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ STORE_KEY = "store"
 def _open_store(spec: str | None, name: str, paths: StudyPaths, fresh: bool):
     """The study's store (``study.store``), checked by writing a probe there; None for the results folder.
     A study keeps the store it started with: another one would not hold its trials' checkpoints."""
-    from study.store import check_store, parse_store
+    from study.store import check_store, parse_store, without_options
 
     store = parse_store(spec, name) if spec is not None else None
     recorded = current = store.uri if store is not None else ""
@@ -220,8 +220,8 @@ def _open_store(spec: str | None, name: str, paths: StudyPaths, fresh: bool):
             recorded = str((read_yaml_file(paths.study_yaml).get("provenance") or {}).get(STORE_KEY) or "")
         except Exception:  # noqa: BLE001 - an unreadable study.yaml is prepare_study_dir's to report
             pass
-    if recorded.split("?", 1)[0] != current.split("?", 1)[0]:  # the options (an endpoint) may change
-        was = f"--store {recorded.split('?', 1)[0]}" if recorded else "the results folder (no --store)"
+    if without_options(recorded) != without_options(current):  # the options (an endpoint) may change
+        was = f"--store {without_options(recorded)}" if recorded else "the results folder (no --store)"
         raise UserError(
             f"{paths.root} keeps its trials' checkpoints and weights in {was}; run it with the same --store"
         )

@@ -76,6 +76,6 @@ class TrialMirror:
             self._fetch(tdir, TrialInfo.FILE)
 
     def _fetch(self, tdir: Path, name: str) -> None:
-        data = self.store.sub(tdir.relative_to(self.paths.root).as_posix()).get(name)
+        data = self.store.sub(self.paths.key(tdir)).get(name)
         if data is not None:
             atomic_write_bytes(tdir / name, data)

@@ -303,7 +303,9 @@ def check_nodes(results_root, data_files: list[str], store=None, timeout: float 
     name = f".node-check-{nonce[:8]}"
     if store is not None:
         store.put(name, nonce.encode())
-        nonce_file, where = name, f"the store {store.uri.split('?', 1)[0]}"
+        from study.store import without_options
+
+        nonce_file, where = name, f"the store {without_options(store.uri)}"
     else:
         nonce_file, where = str(Path(results_root) / name), f"the results folder {results_root}"
         Path(nonce_file).write_text(nonce)

@@ -107,7 +107,7 @@ def study_trainable(config: dict, data=None) -> None:
             info.write(tdir / TrialInfo.FILE)
         keep = tdir
     else:
-        spec, keep = _with_store(spec, paths, store, st, info), store.sub(_rel(paths, tdir))
+        spec, keep = _with_store(spec, paths, store, st, info), store.sub(paths.key(tdir))
     # No Tune checkpoints: the trial resumes from its own (study.training.trial), so Tune needs none,
     # and an older snapshot can never name a Tune checkpoint that no longer exists.
     try:
@@ -122,34 +122,29 @@ def study_trainable(config: dict, data=None) -> None:
         raise
 
 
-def _rel(paths: StudyPaths, path) -> str:
-    """A path of the study folder as a store key."""
-    return Path(path).relative_to(paths.root).as_posix()
-
-
 def _with_store(spec: TrialSpec, paths: StudyPaths, store: Store, st: TrialContext, info: TrialInfo) -> TrialSpec:
     """The trial of ``spec`` with its files in ``store`` and its folder's in its reports: it writes
     nothing into the results folder, which this node may not have (``study.store``)."""
     from study.training.features import FeatureCache
     from study.training.trial import Outbox
 
-    rel = _rel(paths, spec.trial_dir)
+    rel = paths.key(spec.trial_dir)
     outbox = Outbox(info)
     if not store.exists(f"{rel}/{TrialInfo.FILE}"):  # for the driver, should the trial fail before it reports
         store.put(f"{rel}/{TrialInfo.FILE}", info.to_bytes())
     if st.adopt:  # an orphan of a hard-killed driver: continue from its files in the store
-        orphan = f"{paths.trials.relative_to(paths.root).as_posix()}/{st.experiment}/{st.adopt}"
+        orphan = paths.key(paths.trials / st.experiment / st.adopt)
         if store.copy_missing(orphan, rel, skip=(TrialInfo.FILE, CLAIM_FILE)):
             outbox.events.append({"t": time.time(), "event": "adopted", "from": st.adopt})
-    scratch = scratch_folder(st.store) / rel
-    s1_rel = _rel(paths, spec.stage1_dir) if spec.stage1_dir else None
+    scratch = scratch_folder(st.store)
+    s1_rel = paths.key(spec.stage1_dir) if spec.stage1_dir else None
     return dataclasses.replace(
         spec,
-        trial_dir=scratch,
+        trial_dir=scratch / rel,
         files=store.sub(rel),
         stage1_files=store.sub(s1_rel) if s1_rel else None,
         outbox=outbox,
-        feature_cache=FeatureCache(scratch_folder(st.store) / s1_rel, store.sub(s1_rel)) if s1_rel else None,
+        feature_cache=FeatureCache(scratch / s1_rel, store.sub(s1_rel)) if s1_rel else None,
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from study.faults import maybe_raise
-from study.fsutil import append_jsonl, json_bytes, read_jsonl
+from study.fsutil import append_jsonl, clean_json, json_bytes, read_jsonl
 from study.layout import (
     ATTEMPTS_FILE,
     CHECKPOINTS,
@@ -111,7 +111,7 @@ class Outbox:
         if self.record is not None:
             payload["record"] = self.record.to_dict()
         self.events, self.seq = [], self.seq + 1
-        return json.dumps(json.loads(json_bytes(payload)))  # NaN as null, compact
+        return json.dumps(clean_json(payload))  # NaN as null: standard JSON
 
 
 class _Files:

@@ -285,6 +285,11 @@ def _node_sees(nonce_file: str, nonce: str, data_files: list[str], store=None) -
     return {"node": _ray.get_runtime_context().get_node_id(), "results": results, "missing": missing}
 
 
+def _node_name(node: dict) -> str:
+    """A node of ``ray.nodes()`` in a message: its IP and the start of its Ray node id."""
+    return f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]})"
+
+
 def check_nodes(results_root, data_files: list[str], store=None, timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
     """Under ``--address``, before any trial: one tiny task pinned to every alive node (Ray's
     node-affinity strategy) reads a nonce file the driver has just written into the study's
@@ -325,11 +330,9 @@ def check_nodes(results_root, data_files: list[str], store=None, timeout: float 
             try:
                 seen = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the node died meanwhile, or the task could not run
-                problems.append(
-                    f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): the check failed ({type(e).__name__})"
-                )
+                problems.append(f"{_node_name(node)}: the check failed ({type(e).__name__})")
                 continue
-            node_name = f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]})"
+            node_name = _node_name(node)
             if seen["results"] != "ok":
                 fix = (
                     "check the store's address and that every node has its credentials in its environment"
@@ -346,10 +349,7 @@ def check_nodes(results_root, data_files: list[str], store=None, timeout: float 
         for ref in pending:
             ray.cancel(ref, force=False)
             node = refs[ref]
-            problems.append(
-                f"node {node['NodeManagerAddress']} (Ray node {node['NodeID'][:8]}) did not answer the "
-                f"folder check within {timeout:.0f} s"
-            )
+            problems.append(f"{_node_name(node)} did not answer the folder check within {timeout:.0f} s")
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(problems[0] + more)
